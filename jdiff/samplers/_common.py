@@ -1,0 +1,135 @@
+"""Shared pieces of the samplers: the registry, timestep spacing, x0 clipping/thresholding, and the
+per-step loop driver.
+
+Every sampler is a pure function ``(model_fn, schedule, x_T, *, num_steps, key, **options) -> x_0``
+whose loop is one ``lax.scan``; the timestep grid depends only on static options (ints and
+strings), so it is computed with numpy at trace time and baked into the program.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdiff import diffusion
+
+__all__ = [
+    "register",
+    "get",
+    "available",
+    "spaced_timesteps",
+    "threshold_sample",
+    "process_x0",
+    "call_model",
+    "step_noise",
+    "prepare",
+]
+
+SPACINGS = ("leading", "trailing", "linspace")
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+
+
+def register(name: str):
+  """Decorator that registers a sampler function under ``name`` for :func:`jdiff.samplers.sample`."""
+
+  def wrap(fn):
+    if name in _REGISTRY:
+      raise ValueError(f"sampler {name!r} registered twice")
+    _REGISTRY[name] = fn
+    return fn
+
+  return wrap
+
+
+def get(name: str) -> Callable[..., Any]:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown sampler {name!r}; available: {sorted(_REGISTRY)}")
+  return _REGISTRY[name]
+
+
+def available() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "leading",
+                     steps_offset: int = 0) -> np.ndarray:
+  """The descending integer timesteps a sampler visits, with diffusers' ``timestep_spacing``.
+
+  * ``"leading"``: 0, r, 2r, ... (r = T // n), reversed, plus ``steps_offset``;
+  * ``"trailing"``: round(T, T - T/n, ...) - 1, so the first step is exactly T - 1;
+  * ``"linspace"``: round(linspace(0, T - 1, n)), reversed.
+  """
+  n, big_t = int(num_steps), int(num_train_timesteps)
+  if n < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  if n > big_t:
+    raise ValueError(f"num_steps={n} exceeds the schedule's {big_t} training timesteps")
+  if spacing == "linspace":
+    ts = np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
+  elif spacing == "leading":
+    ratio = big_t // n
+    ts = (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + int(steps_offset)
+  elif spacing == "trailing":
+    ratio = big_t / n
+    ts = np.round(np.arange(big_t, 0, -ratio)).astype(np.int64) - 1
+  else:
+    raise ValueError(f"unknown timestep_spacing {spacing!r}; expected one of {SPACINGS}")
+  if ts.max() >= big_t or ts.min() < 0:
+    raise ValueError(f"timesteps {ts.min()}..{ts.max()} fall outside [0, {big_t}) "
+                     f"(timestep_spacing={spacing!r}, steps_offset={steps_offset})")
+  return ts.copy()
+
+
+def threshold_sample(x0: jax.Array, ratio: float = 0.995, max_value: float = 1.0) -> jax.Array:
+  """Dynamic thresholding (Saharia et al., 2022): per example, s = clip(quantile(|x0|, ratio), 1,
+  max_value); x0 <- clip(x0, -s, s) / s. The quantile is over all of an example's elements."""
+  b = x0.shape[0]
+  flat = x0.reshape(b, -1).astype(jnp.float32)
+  s = jnp.quantile(jnp.abs(flat), ratio, axis=1, keepdims=True)
+  s = jnp.clip(s, 1.0, max_value)
+  return (jnp.clip(flat, -s, s) / s).reshape(x0.shape).astype(x0.dtype)
+
+
+def process_x0(x0: jax.Array, *, clip_sample: bool = False, clip_sample_range: float = 1.0,
+               thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+               sample_max_value: float = 1.0) -> jax.Array:
+  """Applies diffusers' x0 post-processing: dynamic thresholding if enabled, else clipping."""
+  if thresholding:
+    return threshold_sample(x0, dynamic_thresholding_ratio, sample_max_value)
+  if clip_sample:
+    return jnp.clip(x0, -clip_sample_range, clip_sample_range)
+  return x0
+
+
+def call_model(model_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, t,
+               t_dtype=jnp.int32) -> jax.Array:
+  """Calls ``model_fn(x, t [B])`` and returns its output in float32 (sampler state stays float32)."""
+  tb = jnp.broadcast_to(jnp.asarray(t, t_dtype), (x.shape[0],))
+  out = model_fn(x, tb)
+  if out.shape[0] != x.shape[0] or out.shape[1:-1] != x.shape[1:-1]:
+    raise ValueError(f"model output shape {out.shape} does not match sample shape {x.shape}")
+  return out.astype(jnp.float32)
+
+
+def step_noise(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """The standard-normal noise a stochastic sampler draws from one step's key."""
+  return jax.random.normal(key, shape, dtype)
+
+
+def prepare(x_T: jax.Array, prediction: str, key: jax.Array | None, num_steps: int,
+            needs_key: bool) -> tuple[jax.Array, str, jax.Array]:
+  """Validates common arguments; returns float32 x_T, the canonical prediction and per-step keys."""
+  x_T = jnp.asarray(x_T)
+  if x_T.ndim < 2:
+    raise ValueError(f"x_T must have a batch axis and at least one data axis, got shape {x_T.shape}")
+  prediction = diffusion.check_prediction(prediction)
+  if needs_key:
+    if key is None:
+      raise ValueError("this sampler configuration is stochastic: pass key=jax.random.key(...)")
+    keys = jax.random.split(key, num_steps)
+  else:
+    keys = jnp.zeros((num_steps,), jnp.uint32)  # unused placeholder carried through the scan
+  return x_T.astype(jnp.float32), prediction, keys
