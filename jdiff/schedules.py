@@ -92,31 +92,36 @@ def from_betas(betas) -> Schedule:
   Returns:
     The schedule, all fields float32 of shape [T].
   """
+  traced = isinstance(betas, jax.core.Tracer)
   betas = jnp.asarray(betas, jnp.float32)
   if betas.ndim != 1 or betas.shape[0] < 1:
     raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-  if not isinstance(betas, jax.core.Tracer):
-    b = np.asarray(betas)
-    if not (np.all(b >= 0) and np.all(b <= 1)):
-      raise ValueError("betas must lie in [0, 1]")
-  alphas = 1.0 - betas
-  abar = _cumprod_f32(alphas)
-  abar_prev = jnp.concatenate([jnp.ones((1,), jnp.float32), abar[:-1]])
-  post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+  # Concrete betas: derive everything in float64 and round once (1 - abar_{t-1} cancels badly in
+  # float32 near t = 0). Traced betas: float32 throughout.
+  xp = jnp if traced else np
+  b = betas if traced else np.asarray(betas, np.float64)
+  if not traced and not (np.all(b >= 0) and np.all(b <= 1)):
+    raise ValueError("betas must lie in [0, 1]")
+  alphas = 1.0 - b
+  abar = _cumprod_f32(alphas) if traced else np.cumprod(alphas)
+  abar_prev = xp.concatenate([xp.ones((1,), abar.dtype), abar[:-1]])
+  post_var = b * (1.0 - abar_prev) / (1.0 - abar)
   # log of the posterior variance, clipped because it is 0 at t = 0 (as in Ho et al.'s code).
-  clipped = jnp.concatenate([post_var[1:2], post_var[1:]]) if betas.shape[0] > 1 else post_var
-  return Schedule(
-      betas=betas,
-      alphas=alphas,
-      alphas_cumprod=abar,
-      alphas_cumprod_prev=abar_prev,
-      sqrt_alphas_cumprod=jnp.sqrt(abar),
-      sqrt_one_minus_alphas_cumprod=jnp.sqrt(1.0 - abar),
-      posterior_variance=post_var,
-      posterior_log_variance_clipped=jnp.log(clipped),
-      posterior_mean_coef1=betas * jnp.sqrt(abar_prev) / (1.0 - abar),
-      posterior_mean_coef2=(1.0 - abar_prev) * jnp.sqrt(alphas) / (1.0 - abar),
-  )
+  clipped = xp.concatenate([post_var[1:2], post_var[1:]]) if b.shape[0] > 1 else post_var
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return Schedule(
+        betas=betas,
+        alphas=f32(alphas),
+        alphas_cumprod=f32(abar),
+        alphas_cumprod_prev=f32(abar_prev),
+        sqrt_alphas_cumprod=f32(xp.sqrt(abar)),
+        sqrt_one_minus_alphas_cumprod=f32(xp.sqrt(1.0 - abar)),
+        posterior_variance=f32(post_var),
+        posterior_log_variance_clipped=f32(xp.log(clipped)),
+        posterior_mean_coef1=f32(b * xp.sqrt(abar_prev) / (1.0 - abar)),
+        posterior_mean_coef2=f32((1.0 - abar_prev) * xp.sqrt(alphas) / (1.0 - abar)),
+    )
 
 
 def _sqrt(x):
@@ -236,25 +241,34 @@ def make(name: str, num_timesteps: int = 1000, *, beta_start: float = 1e-4, beta
   return _BY_NAME[name](num_timesteps, beta_start, beta_end, rescale_zero_snr=rescale_zero_snr)
 
 
+def _alpha_sigma(schedule: Schedule, t):
+  a = schedule.sqrt_alphas_cumprod if t is None else schedule.sqrt_alphas_cumprod[t]
+  s = schedule.sqrt_one_minus_alphas_cumprod if t is None else schedule.sqrt_one_minus_alphas_cumprod[t]
+  return a, s
+
+
+# The helpers below use the stored sqrt(abar) and sqrt(1 - abar) (derived in float64), which keeps
+# them accurate where 1 - abar cancels in float32 (small t).
+
+
 def snr(schedule: Schedule, t=None) -> jax.Array:
   """Signal-to-noise ratio alpha-bar / (1 - alpha-bar), at ``t`` or for every timestep."""
-  abar = schedule.alphas_cumprod if t is None else schedule.alphas_cumprod[t]
-  return abar / (1.0 - abar)
+  a, s = _alpha_sigma(schedule, t)
+  return (a / s) ** 2
 
 
 def log_snr(schedule: Schedule, t=None) -> jax.Array:
   """log SNR = log(alpha-bar) - log(1 - alpha-bar)."""
-  abar = schedule.alphas_cumprod if t is None else schedule.alphas_cumprod[t]
-  return jnp.log(abar) - jnp.log1p(-abar)
+  return 2.0 * lambdas(schedule, t)
 
 
 def sigmas(schedule: Schedule, t=None) -> jax.Array:
   """Variance-exploding noise level sigma = sqrt((1 - alpha-bar) / alpha-bar) (Karras et al.'s sigma)."""
-  abar = schedule.alphas_cumprod if t is None else schedule.alphas_cumprod[t]
-  return ((1.0 - abar) / abar) ** 0.5
+  a, s = _alpha_sigma(schedule, t)
+  return s / a
 
 
 def lambdas(schedule: Schedule, t=None) -> jax.Array:
   """Half log-SNR lambda = log(alpha_t) - log(sigma_t), the time variable of DPM-Solver."""
-  abar = schedule.alphas_cumprod if t is None else schedule.alphas_cumprod[t]
-  return jnp.log(abar ** 0.5) - jnp.log((1.0 - abar) ** 0.5)
+  a, s = _alpha_sigma(schedule, t)
+  return jnp.log(a) - jnp.log(s)

@@ -15,8 +15,9 @@ import jax
 from jdiff.samplers._common import available, get, register, spaced_timesteps
 from jdiff.samplers.ddim import ddim
 from jdiff.samplers.ddpm import ddpm
+from jdiff.samplers.dpm_solver import dpm_solver
 
-__all__ = ["sample", "available", "register", "spaced_timesteps", "ddim", "ddpm"]
+__all__ = ["sample", "available", "register", "spaced_timesteps", "ddim", "ddpm", "dpm_solver"]
 
 
 def sample(method: str, model_fn, schedule, x_T: jax.Array, *, num_steps: int | None = None,

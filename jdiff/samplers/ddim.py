@@ -26,7 +26,8 @@ def ddim(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, eta: f
          steps_offset: int = 0, set_alpha_to_one: bool = True, clip_sample: bool = False,
          clip_sample_range: float = 1.0, thresholding: bool = False,
          dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-         use_clipped_model_output: bool = False, return_trajectory: bool = False):
+         use_clipped_model_output: bool = False, prev_from_grid: bool = False,
+         return_trajectory: bool = False):
   """Samples with DDIM.
 
   Args:
@@ -40,6 +41,10 @@ def ddim(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, eta: f
     timestep_spacing, steps_offset, set_alpha_to_one, clip_sample, clip_sample_range,
     thresholding, dynamic_thresholding_ratio, sample_max_value, use_clipped_model_output:
       as in diffusers' DDIMScheduler (note: jdiff defaults ``clip_sample`` to False).
+    prev_from_grid: step to the next timestep of the grid. diffusers' DDIMScheduler always steps to
+      ``t - T // num_steps``, which is off the grid when the spacing is "trailing"/"linspace" and
+      ``num_steps`` does not divide T (the sample is then labelled with the wrong noise level).
+      False (default) reproduces diffusers; True follows the DDIM paper's subsequence.
     return_trajectory: also return the state after every step, [num_steps, B, ...].
 
   Returns:
@@ -50,7 +55,7 @@ def ddim(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, eta: f
   """
   num_t = schedule.num_timesteps
   ts = _common.spaced_timesteps(num_t, num_steps, timestep_spacing, steps_offset)
-  prev = ts - num_t // num_steps
+  prev = np.concatenate([ts[1:], [-1]]) if prev_from_grid else ts - num_t // num_steps
   stochastic = not (isinstance(eta, (int, float)) and eta == 0)
   x, prediction, keys = _common.prepare(x_T, prediction, key, num_steps, stochastic)
 

@@ -1,0 +1,53 @@
+"""AutoencoderKL on the bundled 32x32 digits: 8x8x4 latents (``python -m train.vae``)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """The data section shared by the digits configs."""
+  return ml_collections.ConfigDict(dict(
+      kind="tfds",              # "tfds" (name + data_dir) or "folder" (path)
+      name="jdiff_digits",
+      data_dir="~/tensorflow_datasets",
+      split="train",
+      path="",                  # image folder for kind="folder"
+      image_key="image",
+      label_key="label",
+      caption_key="caption",
+      image_size=32,
+      channels=1,
+      batch_size=64,            # global batch
+      seed=0,
+  ))
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """Optimizer / loop settings shared by the configs."""
+  base = dict(steps=1000, learning_rate=1e-3, warmup_steps=50, lr_schedule="cosine", clip_norm=1.0,
+              weight_decay=0.0, ema_decay=0.999, ema_warmup=True, max_bad_steps=10, log_every=50,
+              checkpoint_every=500, sample_every=0, keep_checkpoints=2, fsdp=1, stop_at=0)
+  base.update(overrides)
+  return ml_collections.ConfigDict(base)
+
+
+def vae_model_config() -> ml_collections.ConfigDict:
+  """The digits AutoencoderKL: VAEConfig.digits with these overrides (any VAEConfig field may be set)."""
+  return ml_collections.ConfigDict(dict(
+      preset="digits",
+      block_out_channels=(32, 32, 32),
+      norm_num_groups=8,
+      mid_block_add_attention=False,
+      kl_weight=1e-3,           # weight of the KL term (per latent element) vs the per-pixel MSE
+      scaling_factor=0.0,       # 0: measure 1/std of the latents after training
+  ))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = data_config()
+  config.vae = vae_model_config()
+  config.train = train_config(steps=600, learning_rate=2e-3, sample_every=0, checkpoint_every=300)
+  return config

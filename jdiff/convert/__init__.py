@@ -1,0 +1,16 @@
+"""diffusers/transformers checkpoint folders (config.json + safetensors) <-> jdiff modules and params.
+
+Never unpickles anything; sharded safetensors (index json) load transparently.
+
+Example:
+  >>> from jdiff import convert
+  >>> unet, params = convert.load_unet("sd15/unet")  # doctest: +SKIP
+  >>> convert.save_unet(unet, params, "out/unet")  # doctest: +SKIP
+"""
+
+from jdiff.convert.text import load_text_encoder, save_text_encoder
+from jdiff.convert.unet import load_unet, save_unet, unet_param_shapes
+from jdiff.convert.vae import load_vae, save_vae, vae_param_shapes
+
+__all__ = ["load_unet", "save_unet", "load_vae", "save_vae", "load_text_encoder",
+           "save_text_encoder", "unet_param_shapes", "vae_param_shapes"]

@@ -1,0 +1,316 @@
+"""Tokenizers: CLIP's byte-level BPE (read from a checkpoint's vocab.json / merges.txt) and a byte tokenizer.
+
+:class:`CLIPTokenizer` reproduces transformers' ``CLIPTokenizer`` (v5, tokenizers-backed): special tokens are
+cut out of the raw text first; each remaining segment is NFC-normalised, runs of whitespace become one space,
+and it is lower-cased; the CLIP regex splits it into words (letter runs, single digits, punctuation runs,
+English contractions); each word's UTF-8 bytes are mapped to printable characters (GPT-2's byte-to-unicode
+table), ``</w>`` is attached to its last character, and BPE merges are applied in rank order. Sequences are
+``[bos] + tokens + [eos]``, truncated to ``max_length`` (the eos is kept) and padded with the pad token.
+
+:class:`ByteTokenizer` is the vocabulary-free tokenizer for text encoders trained from scratch here: one token
+per UTF-8 byte, plus pad/bos/eos.
+
+Example:
+  >>> tok = CLIPTokenizer.from_pretrained("sd15/tokenizer")  # doctest: +SKIP
+  >>> tok(["a red fox in snow"]).shape  # doctest: +SKIP
+  (1, 77)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import unicodedata
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import regex
+
+__all__ = ["CLIPTokenizer", "ByteTokenizer", "bytes_to_unicode"]
+
+_WORDS = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+_SPACES = regex.compile(r"\s+")
+_SUFFIX = "</w>"
+
+
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible map from the 256 byte values to printable unicode characters.
+
+  Printable Latin-1 bytes map to themselves; the others (controls, space, ...) to code points from 256 up.
+
+  Example:
+    >>> bytes_to_unicode()[ord("a")], bytes_to_unicode()[ord(" ")]
+    ('a', 'Ġ')
+  """
+  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  table, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      table[b] = chr(b)
+    else:
+      table[b] = chr(256 + extra)
+      extra += 1
+  return table
+
+
+def _token_text(value: Any) -> str | None:
+  """A special token from a tokenizer_config.json entry: a string or ``{"content": ...}``."""
+  if isinstance(value, Mapping):
+    return value.get("content")
+  return value
+
+
+class CLIPTokenizer:
+  """CLIP byte-level BPE tokenizer with fixed-length padding, equal to transformers' ``CLIPTokenizer``.
+
+  Args:
+    vocab: token string -> id (``vocab.json``).
+    merges: BPE merges in rank order, each ``(left, right)``.
+    max_length: padded/truncated sequence length (``model_max_length``; 77 for CLIP).
+    bos_token / eos_token / pad_token / unk_token: special token strings (must be in ``vocab``).
+
+  Example:
+    >>> tok = CLIPTokenizer.from_files("vocab.json", "merges.txt")  # doctest: +SKIP
+    >>> ids = tok(["a photo of a cat", "a dog"])  # [2, 77] int32  # doctest: +SKIP
+  """
+
+  def __init__(self, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], *, max_length: int = 77,
+               bos_token: str = "<|startoftext|>", eos_token: str = "<|endoftext|>",
+               pad_token: str = "<|endoftext|>", unk_token: str = "<|endoftext|>"):
+    self.vocab = dict(vocab)
+    self.inverse = {i: s for s, i in self.vocab.items()}
+    self.ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
+    for name, token in [("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token),
+                        ("unk_token", unk_token)]:
+      if token not in self.vocab:
+        raise ValueError(f"{name} {token!r} is not in the vocabulary")
+    if max_length < 2:
+      raise ValueError(f"max_length must be >= 2 (room for bos and eos), got {max_length}")
+    self.max_length = int(max_length)
+    self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+    self.bos_token_id = self.vocab[bos_token]
+    self.eos_token_id = self.vocab[eos_token]
+    self.pad_token_id = self.vocab[pad_token]
+    self.unk_token_id = self.vocab[unk_token]
+    # Special tokens are cut out of the raw text before normalisation, as transformers does: with SD 2's
+    # pad token "!", every "!" in a prompt becomes that token.
+    self.specials = sorted({bos_token, eos_token, pad_token, unk_token}, key=len, reverse=True)
+    self._special_re = regex.compile("(" + "|".join(regex.escape(s) for s in self.specials) + ")")
+    self._byte = bytes_to_unicode()
+    self._unbyte = {c: b for b, c in self._byte.items()}
+    self._bpe = functools.lru_cache(maxsize=65536)(self._bpe_uncached)
+
+  @classmethod
+  def from_files(cls, vocab_file: str | os.PathLike, merges_file: str | os.PathLike,
+                 **kwargs: Any) -> CLIPTokenizer:
+    """Reads ``vocab.json`` and ``merges.txt`` (first line ``#version: ...`` skipped if present).
+
+    Raises:
+      FileNotFoundError: a file is missing.
+      ValueError: a file is malformed (the message names it and the bad line).
+    """
+    vocab_path, merges_path = Path(vocab_file), Path(merges_file)
+    for path in (vocab_path, merges_path):
+      if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+    try:
+      vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+      raise ValueError(f"{str(vocab_path)!r} is not valid JSON: {err}") from None
+    if not isinstance(vocab, dict):
+      raise ValueError(f"{str(vocab_path)!r} must map token strings to ids")
+    merges = []
+    for lineno, line in enumerate(merges_path.read_text(encoding="utf-8").splitlines(), 1):
+      if (lineno == 1 and line.startswith("#version")) or not line.strip():
+        continue
+      parts = line.split()
+      if len(parts) != 2:
+        raise ValueError(f"{str(merges_path)!r} line {lineno}: expected two symbols, got {line!r}")
+      merges.append((parts[0], parts[1]))
+    return cls(vocab, merges, **kwargs)
+
+  @classmethod
+  def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> CLIPTokenizer:
+    """Loads a tokenizer folder (``vocab.json``, ``merges.txt`` and optionally ``tokenizer_config.json`` /
+    ``special_tokens_map.json`` for special tokens and ``model_max_length``), e.g. ``sd15/tokenizer``.
+
+    Example:
+      >>> tok = CLIPTokenizer.from_pretrained("sd21/tokenizer")  # pad token "!"  # doctest: +SKIP
+    """
+    path = Path(folder)
+    if not path.is_dir():
+      raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist")
+    kwargs: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+      file = path / name
+      if not file.is_file():
+        continue
+      try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+      except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(file)!r} is not valid JSON: {err}") from None
+      for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if _token_text(config.get(key)) is not None:
+          kwargs[key] = _token_text(config[key])
+      length = config.get("model_max_length")
+      if isinstance(length, int) and length < 10**6:  # transformers writes a huge int for "no limit"
+        kwargs["max_length"] = length
+    kwargs.update(overrides)
+    if not (path / "vocab.json").is_file() and (path / "tokenizer.json").is_file():
+      return cls._from_tokenizer_json(path / "tokenizer.json", **kwargs)
+    return cls.from_files(path / "vocab.json", path / "merges.txt", **kwargs)
+
+  @classmethod
+  def _from_tokenizer_json(cls, file: Path, **kwargs: Any) -> CLIPTokenizer:
+    """Vocabulary and merges from a tokenizers-library ``tokenizer.json`` (BPE model)."""
+    try:
+      model = json.loads(file.read_text(encoding="utf-8"))["model"]
+      vocab, raw = model["vocab"], model["merges"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+      raise ValueError(f"{str(file)!r} is not a BPE tokenizer.json: {err}") from None
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in raw]
+    return cls(vocab, merges, **kwargs)
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.vocab)
+
+  def _bpe_uncached(self, word: str) -> tuple[str, ...]:
+    symbols = list(word[:-1]) + [word[-1] + _SUFFIX]
+    while len(symbols) > 1:
+      pairs = [(self.ranks.get((a, b), None), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+      ranked = [(r, i) for r, i in pairs if r is not None]
+      if not ranked:
+        break
+      best = min(ranked)[0]
+      a, b = next((symbols[i], symbols[i + 1]) for r, i in ranked if r == best)
+      merged, i = [], 0
+      while i < len(symbols):  # merge every non-overlapping occurrence, left to right
+        if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+          merged.append(a + b)
+          i += 2
+        else:
+          merged.append(symbols[i])
+          i += 1
+      symbols = merged
+    return tuple(symbols)
+
+  def normalize(self, text: str) -> str:
+    """NFC, whitespace runs -> one space, lower case (the normalisation applied between special tokens).
+
+    Lower-casing is per character, as the tokenizers library does it (no Greek final-sigma rule).
+    """
+    text = _SPACES.sub(" ", unicodedata.normalize("NFC", text))
+    return "".join(map(str.lower, text)) if "\u03a3" in text else text.lower()
+
+  def tokenize(self, text: str) -> list[str]:
+    """The BPE token strings of ``text`` (no bos/eos)."""
+    tokens: list[str] = []
+    for segment in self._special_re.split(text) if self.specials else [text]:
+      if not segment:
+        continue
+      if segment in self.specials:
+        tokens.append(segment)
+        continue
+      for word in _WORDS.findall(self.normalize(segment)):
+        tokens.extend(self._bpe("".join(self._byte[b] for b in word.encode("utf-8"))))
+    return tokens
+
+  def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of one string, untruncated and unpadded (bos/eos added unless disabled).
+
+    Example:
+      >>> tok.encode("a cat")  # [bos, id("a</w>"), id("cat</w>"), eos]  # doctest: +SKIP
+    """
+    ids = [self.vocab.get(tok, self.unk_token_id) for tok in self.tokenize(text)]
+    return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
+
+  def __call__(self, texts: str | Sequence[str], *, max_length: int | None = None,
+               return_attention_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Ids ``[B, max_length]`` int32: bos + tokens + eos, truncated (keeping eos) and padded.
+
+    Args:
+      texts: one string or a list of strings.
+      max_length: sequence length; defaults to the tokenizer's ``max_length``.
+      return_attention_mask: also return the ``[B, max_length]`` int32 mask (1 on real tokens).
+
+    Example:
+      >>> ids = tok(["a photo of a cat"])  # doctest: +SKIP
+    """
+    if isinstance(texts, str):
+      texts = [texts]
+    length = self.max_length if max_length is None else int(max_length)
+    if length < 2:
+      raise ValueError(f"max_length must be >= 2, got {length}")
+    ids = np.full((len(texts), length), self.pad_token_id, np.int32)
+    mask = np.zeros((len(texts), length), np.int32)
+    for row, text in enumerate(texts):
+      if not isinstance(text, str):
+        raise TypeError(f"texts[{row}] is {type(text).__name__}, expected str")
+      body = self.encode(text, add_special_tokens=False)[: length - 2]
+      seq = [self.bos_token_id, *body, self.eos_token_id]
+      ids[row, : len(seq)] = seq
+      mask[row, : len(seq)] = 1
+    return (ids, mask) if return_attention_mask else ids
+
+  def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    """Text of token ids (word boundaries from ``</w>``); lossy only in case and whitespace."""
+    skip = {self.bos_token_id, self.eos_token_id, self.pad_token_id} if skip_special_tokens else set()
+    pieces = [self.inverse.get(int(i), self.unk_token) for i in ids if int(i) not in skip]
+    text = "".join(pieces)
+    raw = bytearray()
+    for ch in text.replace(_SUFFIX, " "):
+      raw.extend(bytes([self._unbyte[ch]]) if ch in self._unbyte else ch.encode("utf-8"))
+    return raw.decode("utf-8", errors="replace").strip()
+
+
+class ByteTokenizer:
+  """One token per UTF-8 byte (ids 0..255) plus pad=256, bos=257, eos=258; fixed ``max_length``.
+
+  For text encoders trained from scratch in jdiff (no vocabulary files). Rows are
+  ``[bos] + bytes + [eos]`` truncated to ``max_length`` (eos kept) and padded with ``pad``.
+
+  Example:
+    >>> tok = ByteTokenizer(max_length=8)
+    >>> tok(["hi"]).tolist()
+    [[257, 104, 105, 258, 256, 256, 256, 256]]
+  """
+  pad_token_id = 256
+  bos_token_id = 257
+  eos_token_id = 258
+  vocab_size = 259
+
+  def __init__(self, max_length: int = 77, *, lowercase: bool = False):
+    if max_length < 2:
+      raise ValueError(f"max_length must be >= 2 (room for bos and eos), got {max_length}")
+    self.max_length = int(max_length)
+    self.lowercase = lowercase
+
+  def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    if self.lowercase:
+      text = text.lower()
+    ids = list(unicodedata.normalize("NFC", text).encode("utf-8"))
+    return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
+
+  def __call__(self, texts: str | Sequence[str], *, max_length: int | None = None,
+               return_attention_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Ids ``[B, max_length]`` int32 (and the attention mask when asked)."""
+    if isinstance(texts, str):
+      texts = [texts]
+    length = self.max_length if max_length is None else int(max_length)
+    ids = np.full((len(texts), length), self.pad_token_id, np.int32)
+    mask = np.zeros((len(texts), length), np.int32)
+    for row, text in enumerate(texts):
+      body = self.encode(text, add_special_tokens=False)[: length - 2]
+      seq = [self.bos_token_id, *body, self.eos_token_id]
+      ids[row, : len(seq)] = seq
+      mask[row, : len(seq)] = 1
+    return (ids, mask) if return_attention_mask else ids
+
+  def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    data = bytes(int(i) for i in ids if int(i) < 256)
+    return data.decode("utf-8", errors="replace")

@@ -1,0 +1,258 @@
+"""Train state, optimizer and the jitted, sharded train step.
+
+A :class:`TrainState` is a plain pytree (params, EMA params, optimizer state, step, rng and two
+non-finite counters). :func:`make_train_step` turns a loss function into ONE pure function
+``(state, batch) -> (state, metrics)`` compiled with ``jax.jit`` over a ("data", "fsdp") mesh with
+explicit in/out shardings and the state donated. Inside the step:
+
+* the step's key is ``fold_in(state.rng, state.step)``, so a restored run continues bit-for-bit;
+* gradients are clipped by global norm (in the optimizer, :func:`make_optimizer`);
+* a step whose loss or gradients are not finite is skipped (params, EMA and optimizer state are
+  left unchanged) and counted in ``bad_steps`` (consecutive) and ``skipped_steps`` (total); the
+  loop stops with :class:`NonFiniteError` after ``max_bad_steps`` consecutive ones, so NaN never
+  reaches the parameters, nor a checkpoint;
+* EMA parameters follow ``optax.incremental_update`` with an optional warmup of the decay.
+
+Example:
+  >>> tx = make_optimizer(learning_rate=1e-3, clip_norm=1.0)
+  >>> state = create_train_state(lambda k: model.init(k, x)["params"], tx, key, mesh=mesh)
+  >>> step = make_train_step(loss_fn, tx, mesh=mesh, state_sharding=state_shardings(state, mesh))
+  >>> state, metrics = step(state, batch)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jdiff import parallel
+
+__all__ = [
+    "TrainState",
+    "NonFiniteError",
+    "make_optimizer",
+    "create_train_state",
+    "state_shardings",
+    "ema_decay_at",
+    "make_train_step",
+    "TrainStep",
+    "check_finite",
+]
+
+# loss_fn(params, batch, key, frozen) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised when training produced too many consecutive steps with NaN/inf loss or gradients."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue: a pytree of arrays.
+
+  Attributes:
+    step: int32 scalar, the number of steps taken (skipped ones included).
+    params: the trained parameters.
+    ema_params: exponential moving average of ``params`` (sample from these).
+    opt_state: optax state.
+    rng: uint32 raw key data [2] (``jax.random.key_data``); each step uses
+      ``fold_in(wrap_key_data(rng), step)``. Raw data keeps checkpoints plain.
+    bad_steps: int32, consecutive non-finite steps so far.
+    skipped_steps: int32, total non-finite (skipped) steps.
+  """
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+  bad_steps: jax.Array
+  skipped_steps: jax.Array
+
+
+def make_optimizer(*, learning_rate: float = 1e-4, warmup_steps: int = 0, total_steps: int | None = None,
+                   schedule: str = "constant", clip_norm: float | None = 1.0, b1: float = 0.9,
+                   b2: float = 0.999, weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """AdamW with global-norm gradient clipping and a constant or cosine learning-rate schedule.
+
+  Args:
+    learning_rate: peak learning rate.
+    warmup_steps: linear warmup from 0.
+    total_steps: needed by ``schedule="cosine"`` (decay to 0 at ``total_steps``).
+    schedule: "constant" or "cosine".
+    clip_norm: clip gradients to this global norm (None disables clipping).
+    b1, b2, weight_decay: AdamW hyper-parameters.
+
+  Example:
+    >>> tx = make_optimizer(learning_rate=2e-4, warmup_steps=100, clip_norm=1.0)
+  """
+  if schedule == "constant":
+    lr = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else learning_rate)
+    if warmup_steps:
+      lr = optax.join_schedules([lr, optax.constant_schedule(learning_rate)], [warmup_steps])
+  elif schedule == "cosine":
+    if not total_steps:
+      raise ValueError("schedule='cosine' needs total_steps")
+    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 0),
+                                            max(total_steps, warmup_steps + 1))
+  else:
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected 'constant' or 'cosine'")
+  parts = []
+  if clip_norm is not None:
+    parts.append(optax.clip_by_global_norm(clip_norm))
+  parts.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
+  return optax.chain(*parts)
+
+
+def _zero_int() -> jax.Array:
+  return jnp.zeros((), jnp.int32)
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh, *, fsdp: bool = False,
+                    min_size: int = 0) -> TrainState:
+  """NamedShardings for every leaf of a TrainState: params/EMA/opt state replicated or FSDP."""
+  return parallel.param_shardings(abstract_state, mesh, fsdp=fsdp, min_size=min_size)
+
+
+def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                       key: jax.Array, *, mesh: Mesh | None = None, fsdp: bool = False,
+                       min_size: int = 0) -> TrainState:
+  """Initialises a TrainState directly into its shardings (``jit`` with ``out_shardings``).
+
+  Args:
+    init_fn: ``key -> params``.
+    tx: the optimizer.
+    key: a PRNG key; split once into the init key and the state's rng.
+    mesh: the device mesh (default: all devices, data parallel).
+    fsdp: FSDP-shard parameters, EMA and optimizer state over "fsdp".
+    min_size: leaves smaller than this stay replicated.
+
+  Example:
+    >>> state = create_train_state(lambda k: model.init(k, x)["params"], tx, jax.random.key(0))
+  """
+  mesh = mesh or parallel.make_mesh()
+  k_init, k_rng = jax.random.split(key)
+  rng = jax.random.key_data(k_rng)
+
+  def init(k_init, rng):
+    params = init_fn(k_init)
+    return TrainState(step=_zero_int(), params=params, ema_params=params, opt_state=tx.init(params),
+                      rng=rng, bad_steps=_zero_int(), skipped_steps=_zero_int())
+
+  abstract = jax.eval_shape(init, k_init, rng)
+  shardings = state_shardings(abstract, mesh, fsdp=fsdp, min_size=min_size)
+  return jax.jit(init, out_shardings=shardings)(k_init, rng)
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+  """EMA decay used after ``step`` updates: ``decay``, or min(decay, (1 + n) / (10 + n)) with warmup."""
+  if not warmup:
+    return jnp.float32(decay)
+  n = step.astype(jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def _global_norm(tree: Any) -> jax.Array:
+  return optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
+
+
+def check_finite(tree: Any) -> bool:
+  """True if every floating leaf of ``tree`` is finite (host-side check, used before saving)."""
+  ok = True
+  for leaf in jax.tree.leaves(tree):
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      ok = ok and bool(jnp.all(jnp.isfinite(leaf)))
+  return ok
+
+
+class TrainStep:
+  """The compiled train step: call as ``state, metrics = step(state, batch)``.
+
+  Frozen inputs (a frozen VAE / text encoder, or ``None``) are passed to the jitted function as
+  an argument (not baked in as constants) and held here, so the public call stays
+  ``(state, batch) -> (state, metrics)``. ``jitted`` is the underlying ``jax.jit`` object
+  (``jitted._cache_size()`` counts compilations).
+  """
+
+  def __init__(self, jitted, frozen: Any, max_bad_steps: int):
+    self.jitted = jitted
+    self.frozen = frozen
+    self.max_bad_steps = max_bad_steps
+
+  def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    return self.jitted(state, batch, self.frozen)
+
+  def raise_if_diverged(self, metrics: dict[str, Any]) -> None:
+    """Raises :class:`NonFiniteError` when ``metrics["bad_steps"]`` reached ``max_bad_steps``."""
+    bad = int(metrics["bad_steps"])
+    if self.max_bad_steps and bad >= self.max_bad_steps:
+      raise NonFiniteError(f"{bad} consecutive training steps had non-finite loss or gradients "
+                           f"(last finite params kept; {int(metrics['skipped_steps'])} skipped in total); "
+                           "lower the learning rate or check the data")
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
+                    state_sharding: TrainState, frozen: Any = None, frozen_sharding: Any = None,
+                    ema_decay: float = 0.999, ema_warmup: bool = True, max_bad_steps: int = 10,
+                    donate: bool = True) -> TrainStep:
+  """Builds the jitted train step.
+
+  Args:
+    loss_fn: ``(params, batch, key, frozen) -> (loss, metrics)``; ``metrics`` is a dict of scalars.
+    tx: the optimizer (clipping included, see :func:`make_optimizer`).
+    mesh: the ("data", "fsdp") mesh; the batch is split over all its devices.
+    state_sharding: shardings of the TrainState (:func:`state_shardings`).
+    frozen: a pytree passed unchanged to every call of ``loss_fn`` (frozen networks), or None.
+    frozen_sharding: its shardings (default: replicated).
+    ema_decay: EMA decay.
+    ema_warmup: use min(decay, (1+n)/(10+n)) early in training.
+    max_bad_steps: consecutive non-finite steps tolerated before
+      :meth:`TrainStep.raise_if_diverged` raises (0: never).
+    donate: donate the input state's buffers.
+
+  Returns:
+    A :class:`TrainStep`; metrics include ``loss``, ``grad_norm``, ``param_norm``, ``update_norm``,
+    ``finite``, ``bad_steps``, ``skipped_steps`` and ``lr``-free entries from ``loss_fn``.
+
+  Example:
+    >>> step = make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings)
+    >>> state, metrics = step(state, batch)
+  """
+
+  def step_fn(state: TrainState, batch: Any, frozen: Any):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, frozen)
+    grad_norm = _global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    new_ema = optax.incremental_update(new_params, state.ema_params, 1.0 - decay)
+
+    def keep(new, old):
+      return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    bad = jnp.where(finite, 0, state.bad_steps + 1).astype(jnp.int32)
+    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                           ema_params=keep(new_ema, state.ema_params),
+                           opt_state=keep(new_opt, state.opt_state), rng=state.rng, bad_steps=bad,
+                           skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)))
+    metrics = dict(aux)
+    metrics.update(loss=loss, grad_norm=grad_norm, param_norm=_global_norm(state.params),
+                   update_norm=_global_norm(updates), finite=finite, bad_steps=bad,
+                   skipped_steps=new_state.skipped_steps)
+    return new_state, metrics
+
+  if frozen_sharding is None:
+    frozen_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), frozen)
+  jitted = jax.jit(step_fn,
+                   in_shardings=(state_sharding, parallel.batch_sharding(mesh), frozen_sharding),
+                   out_shardings=(state_sharding, parallel.replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+  return TrainStep(jitted, frozen, max_bad_steps)
