@@ -57,13 +57,20 @@ def _vocab_and_merges(seed: int = 0):
   return {tok: i for i, tok in enumerate(vocab)}, merges
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("clip_tok")
+def write_clip_vocab(folder) -> int:
+  """Writes vocab.json and merges.txt of the test vocabulary into ``folder``; returns the vocab size."""
+  folder.mkdir(parents=True, exist_ok=True)
   vocab, merges = _vocab_and_merges()
   (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
   lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
   (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("clip_tok")
+  write_clip_vocab(folder)
   return folder
 
 

@@ -1,0 +1,88 @@
+"""``python -m sample.txt2img`` end to end on a tiny saved diffusers pipeline, and its error paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from sample import _cli, txt2img
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  return subprocess.run([sys.executable, "-m", "sample.txt2img", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  pytest.importorskip("diffusers")
+  from tests.parity.test_pipeline import build_tiny_sd_pipeline
+  folder = tmp_path_factory.mktemp("tiny_sd_cli")
+  build_tiny_sd_pipeline(folder)
+  return folder
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: a subprocess compiles the sampler, then the check compiles it again
+def test_writes_grid_equal_to_library_output(pipeline_dir, tmp_path):
+  out = tmp_path / "grids" / "grid.png"
+  proc = _run("--diffusers", str(pipeline_dir), "--prompt", "a photo of a cat", "--out", str(out),
+              "--steps", "3", "--num-images", "3", "--batch-size", "3", "--seed", "7", "--guidance", "4",
+              "--negative-prompt", "blurry", "--cols", "3")
+  assert proc.returncode == 0, proc.stderr
+  assert "wrote" in proc.stdout and "batch 1/1" in proc.stdout
+  grid = np.asarray(Image.open(out).convert("RGB"))
+  assert grid.shape == (32, 3 * 32 + 2 * 2, 3)
+
+  from jdiff.pipelines import StableDiffusion
+  pipe = StableDiffusion.from_diffusers(pipeline_dir)
+  images = pipe.generate(["a photo of a cat"] * 3, key=jax.random.fold_in(jax.random.key(7), 0), num_steps=3,
+                         guidance_scale=4.0, negative_prompts="blurry")
+  want = _cli.make_grid(np.asarray(images), cols=3)
+  assert np.max(np.abs(grid.astype(int) - want.astype(int))) <= 1  # float rounding at a pixel edge at most
+
+
+def test_missing_folder_is_one_line_exit_2(tmp_path):
+  proc = _run("--diffusers", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "g.png"))
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "does not exist" in lines[0] and "nope" in lines[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "x"], "one of the arguments --diffusers"),
+    (["--diffusers", ".", "--prompt", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--diffusers", ".", "--prompt", "x", "--steps", "many"], "invalid int value"),
+    (["--diffusers", ".", "--prompt", "x", "--steps", "0"], "--steps must be >= 1"),
+    (["--diffusers", ".", "--prompt", "x", "--sampler", "magic"], "unknown --sampler 'magic'"),
+    (["--diffusers", ".", "--prompt", "x", "--out", "grid.jpg"], "--out must name a .png"),
+])
+def test_usage_errors(argv, message, capsys):
+  with pytest.raises(SystemExit) as exc:  # argparse errors exit from inside parse_args
+    raise SystemExit(_cli.run(txt2img.main, argv, prog="txt2img"))
+  assert exc.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0], err
+
+
+def test_not_a_pipeline_folder(tmp_path, capsys):
+  assert _cli.run(txt2img.main, ["--diffusers", str(tmp_path), "--prompt", "x"], prog="txt2img") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "model_index.json" in err[0]
+
+
+def test_grid_layout():
+  images = np.stack([np.full((4, 5, 3), v, np.float32) for v in (0.0, 0.5, 1.0)])
+  grid = _cli.make_grid(images, cols=2, pad=1)
+  assert grid.shape == (9, 11, 3)
+  assert grid[0, 0, 0] == 0 and grid[0, 6, 0] == 128 and grid[5, 0, 0] == 255 and grid[4, 0, 0] == 255
