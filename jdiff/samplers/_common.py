@@ -21,6 +21,7 @@ __all__ = [
     "get",
     "available",
     "spaced_timesteps",
+    "skip_steps",
     "threshold_sample",
     "process_x0",
     "call_model",
@@ -81,6 +82,13 @@ def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "l
     raise ValueError(f"timesteps {ts.min()}..{ts.max()} fall outside [0, {big_t}) "
                      f"(timestep_spacing={spacing!r}, steps_offset={steps_offset})")
   return ts.copy()
+
+
+def skip_steps(ts: np.ndarray, prev: np.ndarray, start_step: int) -> tuple[np.ndarray, np.ndarray]:
+  """Drops the first ``start_step`` entries of a timestep grid (and its previous-timestep map)."""
+  if not 0 <= int(start_step) < len(ts):
+    raise ValueError(f"start_step must be in [0, {len(ts)}), got {start_step}")
+  return ts[start_step:], prev[start_step:]
 
 
 def threshold_sample(x0: jax.Array, ratio: float = 0.995, max_value: float = 1.0) -> jax.Array:

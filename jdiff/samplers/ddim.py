@@ -27,7 +27,7 @@ def ddim(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, eta: f
          clip_sample_range: float = 1.0, thresholding: bool = False,
          dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
          use_clipped_model_output: bool = False, prev_from_grid: bool = False,
-         return_trajectory: bool = False):
+         start_step: int = 0, return_trajectory: bool = False):
   """Samples with DDIM.
 
   Args:
@@ -45,6 +45,9 @@ def ddim(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, eta: f
       ``t - T // num_steps``, which is off the grid when the spacing is "trailing"/"linspace" and
       ``num_steps`` does not divide T (the sample is then labelled with the wrong noise level).
       False (default) reproduces diffusers; True follows the DDIM paper's subsequence.
+    start_step: skip the first ``start_step`` timesteps of the grid and start from ``x_T`` taken to
+      be at timestep ``grid[start_step]`` (image-to-image, as diffusers' pipelines slice
+      ``scheduler.timesteps[t_start:]``).
     return_trajectory: also return the state after every step, [num_steps, B, ...].
 
   Returns:
@@ -56,8 +59,9 @@ def ddim(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, eta: f
   num_t = schedule.num_timesteps
   ts = _common.spaced_timesteps(num_t, num_steps, timestep_spacing, steps_offset)
   prev = np.concatenate([ts[1:], [-1]]) if prev_from_grid else ts - num_t // num_steps
+  ts, prev = _common.skip_steps(ts, prev, start_step)
   stochastic = not (isinstance(eta, (int, float)) and eta == 0)
-  x, prediction, keys = _common.prepare(x_T, prediction, key, num_steps, stochastic)
+  x, prediction, keys = _common.prepare(x_T, prediction, key, len(ts), stochastic)
 
   abar = schedule.alphas_cumprod
   final = jnp.float32(1.0) if set_alpha_to_one else abar[0]

@@ -28,7 +28,7 @@ def ddpm(model_fn, schedule: Schedule, x_T: jax.Array, *, key: jax.Array | None 
          timestep_spacing: str = "leading", steps_offset: int = 0, clip_sample: bool = False,
          clip_sample_range: float = 1.0, thresholding: bool = False,
          dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-         return_trajectory: bool = False):
+         start_step: int = 0, return_trajectory: bool = False):
   """Samples with the DDPM ancestral sampler.
 
   Args:
@@ -42,6 +42,9 @@ def ddpm(model_fn, schedule: Schedule, x_T: jax.Array, *, key: jax.Array | None 
     prediction, timestep_spacing, steps_offset, clip_sample, clip_sample_range, thresholding,
     dynamic_thresholding_ratio, sample_max_value: as in diffusers' DDPMScheduler (jdiff defaults
       ``clip_sample`` to False).
+    start_step: skip the first ``start_step`` timesteps of the grid and start from ``x_T`` taken to
+      be at timestep ``grid[start_step]`` (image-to-image, as diffusers' pipelines slice
+      ``scheduler.timesteps[t_start:]``).
     return_trajectory: also return the state after every step.
 
   Returns:
@@ -54,8 +57,9 @@ def ddpm(model_fn, schedule: Schedule, x_T: jax.Array, *, key: jax.Array | None 
     ts = np.arange(num_t)[::-1].copy()
   else:
     ts = _common.spaced_timesteps(num_t, num_steps, timestep_spacing, steps_offset)
-  n = len(ts)
   prev = np.concatenate([ts[1:], [-1]])
+  ts, prev = _common.skip_steps(ts, prev, start_step)
+  n = len(ts)
   x, prediction, keys = _common.prepare(x_T, prediction, key, n, True)
 
   abar = schedule.alphas_cumprod
