@@ -35,8 +35,8 @@ def torch_name(path: tuple[str, ...]) -> str:
   """The diffusers tensor name of a jdiff parameter path.
 
   Example:
-    >>> torch_name(("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn1", "to_out_0", "kernel"))
-    'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight'
+    >>> torch_name(("down_blocks_0", "attentions_0", "proj_in", "kernel"))
+    'down_blocks.0.attentions.0.proj_in.weight'
   """
   parts: list[str] = []
   for p in path[:-1]:

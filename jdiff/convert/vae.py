@@ -87,6 +87,7 @@ def save_vae(module_or_config: AutoencoderKL | VAEConfig, params: Mapping[str, A
   """
   config = module_or_config.config if isinstance(module_or_config, AutoencoderKL) else module_or_config
   if not isinstance(config, VAEConfig):
-    raise ValueError(f"save_vae needs an AutoencoderKL or VAEConfig, got {type(module_or_config).__name__}")
+    raise ValueError("save_vae needs an AutoencoderKL or VAEConfig, got "
+                     f"{type(module_or_config).__name__}")
   return _unet._save(Path(path), config.to_diffusers_config(), params, vae_param_shapes(config),
                      max_shard_size)

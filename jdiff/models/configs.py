@@ -281,7 +281,8 @@ class UNetConfig:
       ValueError: naming the first unknown or unsupported key.
 
     Example:
-      >>> cfg = UNetConfig.from_diffusers_config(read_config("sd15/unet"), dtype="bfloat16")  # doctest: +SKIP
+      >>> raw = read_config("sd15/unet")  # doctest: +SKIP
+      >>> cfg = UNetConfig.from_diffusers_config(raw, dtype="bfloat16")  # doctest: +SKIP
     """
     config = dict(config)
     if config.get("num_attention_heads") is not None:
@@ -290,7 +291,7 @@ class UNetConfig:
     return _from_dict(cls, config, _UNET_FIXED, "UNet", overrides)
 
   def to_diffusers_config(self) -> dict[str, Any]:
-    """The diffusers ``UNet2DConditionModel`` config dict for this config (heads as ``attention_head_dim``).
+    """The diffusers ``UNet2DConditionModel`` config dict (heads written as ``attention_head_dim``).
 
     Example:
       >>> UNetConfig.tiny().to_diffusers_config()["block_out_channels"]

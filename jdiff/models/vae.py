@@ -86,10 +86,13 @@ class _VAEMidBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     resnet = _resnet_cls(self.remat)
-    x = resnet(self.features, groups=self.groups, eps=_EPS, dtype=self.dtype, name="resnets_0")(x, None, False)
+    x = resnet(self.features, groups=self.groups, eps=_EPS, dtype=self.dtype,
+               name="resnets_0")(x, None, False)
     if self.add_attention:
-      x = layers.SpatialAttention(groups=self.groups, eps=_EPS, dtype=self.dtype, name="attentions_0")(x)
-    return resnet(self.features, groups=self.groups, eps=_EPS, dtype=self.dtype, name="resnets_1")(x, None, False)
+      x = layers.SpatialAttention(groups=self.groups, eps=_EPS, dtype=self.dtype,
+                                  name="attentions_0")(x)
+    return resnet(self.features, groups=self.groups, eps=_EPS, dtype=self.dtype,
+                  name="resnets_1")(x, None, False)
 
 
 class _EncoderBlock(nn.Module):
@@ -104,7 +107,8 @@ class _EncoderBlock(nn.Module):
   def __call__(self, x):
     resnet = _resnet_cls(self.remat)
     for j in range(self.num_layers):
-      x = resnet(self.features, groups=self.groups, eps=_EPS, dtype=self.dtype, name=f"resnets_{j}")(x, None, False)
+      x = resnet(self.features, groups=self.groups, eps=_EPS, dtype=self.dtype,
+                 name=f"resnets_{j}")(x, None, False)
     if self.add_downsample:
       x = layers.Downsample2D(self.features, padding=0, dtype=self.dtype, name="downsamplers_0")(x)
     return x
@@ -122,7 +126,8 @@ class _DecoderBlock(nn.Module):
   def __call__(self, x):
     resnet = _resnet_cls(self.remat)
     for j in range(self.num_layers):
-      x = resnet(self.features, groups=self.groups, eps=_EPS, dtype=self.dtype, name=f"resnets_{j}")(x, None, False)
+      x = resnet(self.features, groups=self.groups, eps=_EPS, dtype=self.dtype,
+                 name=f"resnets_{j}")(x, None, False)
     if self.add_upsample:
       x = layers.Upsample2D(self.features, dtype=self.dtype, name="upsamplers_0")(x)
     return x

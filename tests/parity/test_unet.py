@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,7 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from jdiff import convert  # noqa: E402
 from jdiff.convert import _io  # noqa: E402
-from jdiff.models import UNet, UNetConfig  # noqa: E402
+from jdiff.models import UNetConfig  # noqa: E402
 
 RTOL = 1e-4
 B, H, L = 2, 16, 5
@@ -37,7 +36,9 @@ SD2_LIKE = dict(
     transformer_layers_per_block=(1, 2), flip_sin_to_cos=False, freq_shift=1, norm_num_groups=16,
     norm_eps=1e-6)
 CLASS_COND = dict(SD1_LIKE, num_class_embeds=10, layers_per_block=(1, 2))
-TIMESTEP_CLASS = dict(SD1_LIKE, class_embed_type="timestep", mid_block_scale_factor=2.0)
+# label "timestep" embedding plus LCM's guidance-scale embedding (time_cond_proj_dim)
+TIMESTEP_CLASS = dict(SD1_LIKE, class_embed_type="timestep", mid_block_scale_factor=2.0,
+                      time_cond_proj_dim=8)
 CONFIGS = {"sd1": SD1_LIKE, "sd2": SD2_LIKE, "class": CLASS_COND, "timestep_class": TIMESTEP_CLASS}
 
 
@@ -75,44 +76,56 @@ def reference(tmp_path_factory):
   return out
 
 
+@pytest.fixture(scope="module")
+def loaded(reference):
+  """name -> (jdiff UNet, params, jitted apply), loaded from the saved reference folders once."""
+  out = {}
+  for name, (_, folder) in reference.items():
+    unet, params = convert.load_unet(folder)
+    out[name] = (unet, params, jax.jit(unet.apply))
+  return out
+
+
 def inputs(kwargs, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((B, H, H, kwargs["in_channels"])).astype(np.float32)
-  t = np.array([3, 811], np.int32)
+  # SD2-like runs on fractional timesteps (as Karras-sigma samplers pass them), the others on ints
+  t = np.array([0.25, 642.5], np.float32) if kwargs is SD2_LIKE else np.array([3, 811], np.int32)
   ctx = rng.standard_normal((B, L, kwargs["cross_attention_dim"])).astype(np.float32)
   return x, t, ctx
 
 
-def labels_for(name):
+def extras_for(name):
+  """Extra inputs of a config as numpy: class labels and the timestep condition."""
   if name == "class":
-    return np.array([7, 2], np.int32)
+    return {"class_labels": np.array([7, 2], np.int32)}
   if name == "timestep_class":
-    return np.array([0.5, 120.0], np.float32)
-  return None
+    cond = np.random.default_rng(9).standard_normal((B, 8)).astype(np.float32)
+    return {"class_labels": np.array([0.5, 120.0], np.float32), "timestep_cond": cond}
+  return {}
 
 
 def torch_forward(model, x, t, ctx, **kw):
   with torch.no_grad():
-    return nhwc(model(nchw(x), torch.from_numpy(t).long(), torch.from_numpy(ctx), **kw).sample)
+    return nhwc(model(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), **kw).sample)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_unet_matches_diffusers(reference, name):
-  model, folder = reference[name]
-  unet, params = convert.load_unet(folder)
+def test_unet_matches_diffusers(reference, loaded, name):
+  model, _ = reference[name]
+  _, params, apply = loaded[name]
   x, t, ctx = inputs(CONFIGS[name])
-  labels = labels_for(name)
-  kw = {} if labels is None else {"class_labels": torch.from_numpy(labels)}
+  extras = extras_for(name)
+  kw = {k: torch.from_numpy(v) for k, v in extras.items()}
   want = torch_forward(model, x, t, ctx, **kw)
-  got = unet.apply({"params": params}, x, t, ctx,
-                   class_labels=None if labels is None else jnp.asarray(labels))
+  got = apply({"params": params}, x, t, ctx, **extras)
   assert got.shape == want.shape
   assert rel_err(got, want) <= RTOL
 
 
-def test_unet_controlnet_residuals_match_diffusers(reference):
-  model, folder = reference["sd1"]
-  unet, params = convert.load_unet(folder)
+def test_unet_controlnet_residuals_match_diffusers(reference, loaded):
+  model, _ = reference["sd1"]
+  _, params, apply = loaded["sd1"]
   x, t, ctx = inputs(SD1_LIKE, seed=1)
   # skips: conv_in, down0 resnet, down0 downsample (16x16, 16x16, 8x8 at 32 ch), down1 resnet (8x8, 64)
   shapes = [(B, 16, 16, 32), (B, 16, 16, 32), (B, 8, 8, 32), (B, 8, 8, 64)]
@@ -121,48 +134,35 @@ def test_unet_controlnet_residuals_match_diffusers(reference):
   mid = rng.standard_normal((B, 8, 8, 64)).astype(np.float32)
   want = torch_forward(model, x, t, ctx, down_block_additional_residuals=tuple(nchw(d) for d in down),
                        mid_block_additional_residual=nchw(mid))
-  got = unet.apply({"params": params}, x, t, ctx, down_residuals=[jnp.asarray(d) for d in down],
-                   mid_residual=jnp.asarray(mid))
-  plain = unet.apply({"params": params}, x, t, ctx)
+  got = apply({"params": params}, x, t, ctx, down_residuals=down, mid_residual=mid)
+  plain = apply({"params": params}, x, t, ctx)
   assert rel_err(got, want) <= RTOL
   assert rel_err(plain, want) > 1e-2  # the residuals matter
 
 
-def test_unet_fractional_timesteps_match_diffusers(reference):
-  model, folder = reference["sd2"]
-  unet, params = convert.load_unet(folder)
-  x, _, ctx = inputs(SD2_LIKE, seed=2)
-  t = np.array([0.25, 642.5], np.float32)
-  with torch.no_grad():
-    want = nhwc(model(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample)
-  got = unet.apply({"params": params}, x, jnp.asarray(t), ctx)
-  assert rel_err(got, want) <= RTOL
-
-
 @pytest.mark.parametrize("shard", [None, "100KB"])
-def test_save_unet_round_trips_through_diffusers(reference, tmp_path, shard):
+def test_save_unet_round_trips_through_diffusers(loaded, tmp_path, shard):
   """jdiff params -> save_unet -> diffusers from_pretrained gives jdiff's outputs."""
   name = "class" if shard else "sd2"
   kwargs = CONFIGS[name]
-  _, folder = reference[name]
-  unet, params = convert.load_unet(folder)
+  unet, params, apply = loaded[name]
   # Make the parameters jdiff's own: shift every leaf so nothing is diffusers' original.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(
+      lambda p: np.asarray(p) + np.float32(0.05) * rng.standard_normal(p.shape, np.float32), params)
   out = tmp_path / "unet"
   convert.save_unet(unet, params, out, max_shard_size=shard)
   if shard:
     assert (out / "diffusion_pytorch_model.safetensors.index.json").is_file()
   loaded = diffusers.UNet2DConditionModel.from_pretrained(out).eval()
   x, t, ctx = inputs(kwargs, seed=3)
-  labels = labels_for(name)
-  kw = {} if labels is None else {"class_labels": torch.from_numpy(labels)}
+  extras = extras_for(name)
+  kw = {k: torch.from_numpy(v) for k, v in extras.items()}
   want = torch_forward(loaded, x, t, ctx, **kw)
-  got = unet.apply({"params": params}, x, t, ctx, class_labels=labels)
+  got = apply({"params": params}, x, t, ctx, **extras)
   assert rel_err(got, want) <= RTOL
-  # and jdiff reads back exactly what it wrote
-  unet2, params2 = convert.load_unet(out)
+  # and jdiff reads back exactly what it wrote, also given the pipeline root holding unet/
+  unet2, params2 = convert.load_unet(tmp_path)
   assert unet2.config == unet.config
   jax.tree.map(np.testing.assert_array_equal, params, params2)
 
@@ -184,6 +184,8 @@ def test_load_unet_names_missing_and_misshaped_tensors(reference, tmp_path):
   _io.save_tensors(broken, tmp_path / "shape")
   with pytest.raises(ValueError, match=r"'conv_in.weight' has shape \(32, 3, 3, 3\)"):
     convert.load_unet(tmp_path / "shape")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    convert.load_unet(tmp_path / "nowhere")
 
 
 def test_unet_config_from_diffusers_rejects_unsupported(reference):
