@@ -104,6 +104,11 @@ def from_betas(betas) -> Schedule:
     raise ValueError("betas must lie in [0, 1]")
   alphas = 1.0 - b
   abar = _cumprod_f32(alphas) if traced else np.cumprod(alphas)
+  # ``alphas``/``alphas_cumprod`` are stored as PyTorch computes them (1 - beta rounded to float32,
+  # then a float64 running product), so samplers see diffusers' numbers bit for bit; the derived
+  # terms below use the exact float64 products.
+  alphas_store = alphas if traced else (1.0 - np.asarray(betas))
+  abar_store = abar if traced else np.cumprod(alphas_store.astype(np.float64))
   abar_prev = xp.concatenate([xp.ones((1,), abar.dtype), abar[:-1]])
   post_var = b * (1.0 - abar_prev) / (1.0 - abar)
   # log of the posterior variance, clipped because it is 0 at t = 0 (as in Ho et al.'s code).
@@ -112,8 +117,8 @@ def from_betas(betas) -> Schedule:
   with np.errstate(divide="ignore", invalid="ignore"):
     return Schedule(
         betas=betas,
-        alphas=f32(alphas),
-        alphas_cumprod=f32(abar),
+        alphas=f32(alphas_store),
+        alphas_cumprod=f32(abar_store),
         alphas_cumprod_prev=f32(abar_prev),
         sqrt_alphas_cumprod=f32(xp.sqrt(abar)),
         sqrt_one_minus_alphas_cumprod=f32(xp.sqrt(1.0 - abar)),

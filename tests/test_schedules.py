@@ -29,6 +29,9 @@ def test_schedule_matches_diffusers(name, rescale):
   s = make(rescale)
   np.testing.assert_allclose(np.asarray(s.betas), ref.betas.numpy(), rtol=0, atol=1e-6)
   np.testing.assert_allclose(np.asarray(s.alphas_cumprod), ref.alphas_cumprod.numpy(), rtol=0, atol=1e-6)
+  if not rescale and name != "sigmoid":  # same float32 values bit for bit
+    np.testing.assert_array_equal(np.asarray(s.betas), ref.betas.numpy())
+    np.testing.assert_array_equal(np.asarray(s.alphas_cumprod), ref.alphas_cumprod.numpy())
   if rescale:
     assert float(s.alphas_cumprod[-1]) == 0.0
     assert float(schedules.snr(s, 999)) == 0.0
@@ -51,7 +54,7 @@ def test_derived_terms_match_float64():
   abar = np.cumprod(1 - b)
   abar_prev = np.concatenate([[1.0], abar[:-1]])
   post_var = b * (1 - abar_prev) / (1 - abar)
-  np.testing.assert_allclose(s.alphas_cumprod, abar, rtol=1e-6)
+  np.testing.assert_allclose(s.alphas_cumprod, abar, rtol=2e-6)
   np.testing.assert_allclose(s.posterior_variance, post_var, rtol=1e-5, atol=1e-12)
   np.testing.assert_allclose(s.posterior_log_variance_clipped[1:], np.log(post_var[1:]), rtol=1e-5)
   assert float(s.posterior_log_variance_clipped[0]) == pytest.approx(np.log(post_var[1]), rel=1e-5)

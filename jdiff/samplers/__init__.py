@@ -16,8 +16,12 @@ from jdiff.samplers._common import available, get, register, spaced_timesteps
 from jdiff.samplers.ddim import ddim
 from jdiff.samplers.ddpm import ddpm
 from jdiff.samplers.dpm_solver import dpm_solver
+from jdiff.samplers.euler import euler, euler_ancestral, heun
+from jdiff.samplers.lcm import lcm
+from jdiff.samplers.unipc import unipc
 
-__all__ = ["sample", "available", "register", "spaced_timesteps", "ddim", "ddpm", "dpm_solver"]
+__all__ = ["sample", "available", "register", "spaced_timesteps", "ddim", "ddpm", "dpm_solver", "euler",
+           "euler_ancestral", "heun", "unipc", "lcm"]
 
 
 def sample(method: str, model_fn, schedule, x_T: jax.Array, *, num_steps: int | None = None,

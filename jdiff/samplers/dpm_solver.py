@@ -201,6 +201,10 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
   else:
     orders = multistep_orders(n, order, lower_order_final=lower_order_final,
                               euler_at_final=euler_at_final, final_sigmas_type=final_sigmas_type)
+  if sigma_schedule is not None and final_sigmas_type == "sigma_min" and orders[-1] > 1:
+    raise ValueError(f"sigma_schedule={sigma_schedule!r} already ends at sigma_min, so "
+                     "final_sigmas_type='sigma_min' adds a zero-length last step that a step of order "
+                     f"{orders[-1]} divides by; use final_sigmas_type='zero' or lower_order_final")
   stochastic = algorithm == "sde-dpmsolver++"
   x, prediction, keys = _common.prepare(x_T, prediction, key, n, stochastic)
   data_pred = algorithm != "dpmsolver"
