@@ -291,6 +291,16 @@ def _metadata_alphas(meta: Mapping[str, str], comp: str) -> tuple[float | None, 
   return info.get(f"{comp}.lora_alpha"), info.get(f"{comp}.r")
 
 
+def _normalise_key(key: str) -> str:
+  """Spellings diffusers has used for the same tensors -> one: ``lora_linear_layer.down/up`` ->
+  ``lora_A/lora_B``, and text-encoder keys without the ``text_model.`` level (transformers >= 5
+  names CLIP's modules without it)."""
+  key = key.replace(".lora_linear_layer.down.", ".lora_A.").replace(".lora_linear_layer.up.", ".lora_B.")
+  if key.startswith("text_encoder.") and not key.startswith("text_encoder.text_model."):
+    key = "text_encoder.text_model." + key[len("text_encoder."):]
+  return key
+
+
 def load_diffusers(file: str | os.PathLike, params_by_component: Mapping[str, Params]) -> dict[str, LoRA]:
   """Reads a diffusers/PEFT LoRA file into one :class:`LoRA` per component found.
 
@@ -301,6 +311,7 @@ def load_diffusers(file: str | os.PathLike, params_by_component: Mapping[str, Pa
       module names to jdiff paths and check shapes.
   """
   tensors, meta = _read(file)
+  tensors = {_normalise_key(k): v for k, v in tensors.items()}
   result = {}
   for comp, params in params_by_component.items():
     names = _reverse_names(params, _COMPONENTS[comp])

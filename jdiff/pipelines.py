@@ -4,6 +4,11 @@
 a tokenizer and the training noise schedule. ``generate`` is tokenize -> encode text -> classifier-free
 guidance (:func:`jdiff.guidance.cfg`) -> a registered sampler (:func:`jdiff.samplers.sample`) -> VAE decode,
 compiled as ONE XLA program per static configuration (sampler, steps, options) and input shape.
+``img2img`` encodes images with the VAE, noises them to the strength's timestep
+(:func:`jdiff.diffusion.q_sample`) and runs the sampler from there (``start_step``). LoRA adapters
+(``lora=``) are merged into the parameter trees, which are program arguments, so switching adapters
+or scales never recompiles. ControlNets (``controlnets``, ``from_diffusers(..., controlnet=...)``)
+add their residuals to the UNet's inside the same program (``generate(..., control_images=...)``).
 
 Numerics follow diffusers' ``StableDiffusionPipeline``: unconditional embeddings from the empty prompt
 (or the negative prompt), guidance only when ``guidance_scale > 1``, latents divided by the VAE's
@@ -29,19 +34,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff import control_images as _control
 from jdiff import diffusion, guidance, samplers, schedules
+from jdiff import lora as _lora
 from jdiff.convert import _io
 from jdiff.convert.text import load_text_encoder
+from jdiff.models.controlnet import combine_residuals, guidance_active
 from jdiff.schedules import Schedule
 from jdiff.tokenizers import ByteTokenizer, CLIPTokenizer
 
-__all__ = ["StableDiffusion", "schedule_from_config", "sampler_options_from_config"]
+__all__ = ["StableDiffusion", "schedule_from_config", "sampler_options_from_config", "step_timesteps"]
 
 # scheduler_config.json keys that define the training schedule rather than a sampler option
 _SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "rescale_betas_zero_snr", "prediction_type", "_class_name", "_diffusers_version"}
 # diffusers scheduler option name -> jdiff sampler option name, where they differ
 _OPTION_ALIASES = {"solver_order": "order", "algorithm_type": "algorithm"}
+# samplers whose timestep grid is ``samplers.spaced_timesteps(T, n, timestep_spacing, steps_offset)`` and
+# whose model calls are one per grid entry: img2img and control_guidance_start/end need that grid
+_GRID_SAMPLERS = ("ddim", "ddpm")
 
 
 def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
@@ -82,6 +93,33 @@ def _hashable(value: Any) -> Any:
   return value
 
 
+def _sampler_default(method: str, name: str, fallback: Any) -> Any:
+  param = inspect.signature(samplers._common.get(method)).parameters.get(name)
+  return fallback if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def step_timesteps(method: str, num_steps: int, num_train_timesteps: int, options: Mapping[str, Any]) -> np.ndarray:
+  """The integer timesteps sampler ``method`` calls the model at, in order (one call per step).
+
+  Known for the samplers in ``_GRID_SAMPLERS`` (DDIM, DDPM); others raise a ValueError naming them.
+  """
+  if method not in _GRID_SAMPLERS:
+    raise ValueError(f"sampler {method!r} does not expose its timestep grid; this feature supports "
+                     f"{', '.join(_GRID_SAMPLERS)}")
+  spacing = options.get("timestep_spacing", _sampler_default(method, "timestep_spacing", "leading"))
+  offset = options.get("steps_offset", _sampler_default(method, "steps_offset", 0))
+  return samplers.spaced_timesteps(num_train_timesteps, num_steps, spacing, offset)
+
+
+def _per_net(value: Any, n: int, name: str) -> list[Any]:
+  """A scalar broadcast to ``n`` ControlNets, or a list of exactly ``n`` values."""
+  if isinstance(value, (list, tuple)):
+    if len(value) != n:
+      raise ValueError(f"{name} has {len(value)} entries for {n} ControlNet(s)")
+    return list(value)
+  return [value] * n
+
+
 @dataclasses.dataclass(eq=False)
 class StableDiffusion:
   """A latent text-to-image model: modules, parameter trees, tokenizer and schedule.
@@ -97,6 +135,8 @@ class StableDiffusion:
     sampler_options: default sampler options (diffusers names) from the scheduler config; each sampler
       receives the ones it accepts, and ``generate``'s own keyword options override them.
     clip_skip: use the text encoder's output this many blocks before the last (diffusers' ``clip_skip``).
+    controlnets, controlnet_params: ControlNet modules (:class:`jdiff.models.ControlNet`) and their
+      parameter trees, one per net; empty for plain text-to-image.
 
   Example:
     >>> pipe = StableDiffusion.from_diffusers("sd15")  # doctest: +SKIP
@@ -114,14 +154,26 @@ class StableDiffusion:
   scaling_factor: float = 0.18215
   sampler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   clip_skip: int = 0
+  controlnets: Sequence[Any] = ()
+  controlnet_params: Sequence[Any] = ()
   _programs: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+  _loras: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
   def __post_init__(self):
     self.prediction = diffusion.check_prediction(self.prediction)
+    self.controlnets, self.controlnet_params = tuple(self.controlnets), tuple(self.controlnet_params)
+    # device arrays once (not numpy re-sent every call); LoRA-merged trees are device arrays too, so the
+    # jitted programs see the same argument kinds with and without adapters (no recompilation)
+    as_device = lambda tree: jax.tree.map(jnp.asarray, tree)
+    self.unet_params, self.vae_params = as_device(self.unet_params), as_device(self.vae_params)
+    self.text_params = as_device(self.text_params)
+    self.controlnet_params = tuple(as_device(p) for p in self.controlnet_params)
+    if len(self.controlnets) != len(self.controlnet_params):
+      raise ValueError(f"{len(self.controlnets)} ControlNets but {len(self.controlnet_params)} parameter trees")
 
   @classmethod
-  def from_diffusers(cls, path: str | os.PathLike, *, dtype: str | None = None,
-                     clip_skip: int = 0) -> StableDiffusion:
+  def from_diffusers(cls, path: str | os.PathLike, *, dtype: str | None = None, clip_skip: int = 0,
+                     controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> StableDiffusion:
     """Loads a diffusers Stable Diffusion folder (``model_index.json`` with ``unet/``, ``vae/``,
     ``text_encoder/``, ``tokenizer/``, ``scheduler/``); safetensors only, no torch.
 
@@ -129,6 +181,7 @@ class StableDiffusion:
       path: the pipeline folder.
       dtype: compute dtype of the three networks ("bfloat16"); parameters stay float32.
       clip_skip: see the class attributes.
+      controlnet: a diffusers ``ControlNetModel`` folder, or a list of them (several nets at once).
 
     Raises:
       FileNotFoundError: the folder or one of its parts is missing.
@@ -136,8 +189,10 @@ class StableDiffusion:
 
     Example:
       >>> pipe = StableDiffusion.from_diffusers("checkpoints/sd21", dtype="bfloat16")  # doctest: +SKIP
+      >>> canny_pipe = StableDiffusion.from_diffusers("sd15", controlnet="sd-controlnet-canny")  # doctest: +SKIP
     """
     from jdiff.convert import load_unet, load_vae  # the model converters import heavier modules
+    from jdiff.convert.controlnet import load_controlnet
 
     root = Path(path)
     if not root.is_dir():
@@ -154,11 +209,23 @@ class StableDiffusion:
     vae, vae_params = load_vae(root / "vae", dtype=dtype)
     text, text_params = load_text_encoder(root / "text_encoder", dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    nets, net_params = [], []
+    if controlnet is not None:
+      for folder in [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet):
+        if not Path(folder).is_dir():
+          raise FileNotFoundError(f"ControlNet folder {str(folder)!r} does not exist")
+        net, p = load_controlnet(folder, dtype=dtype)
+        if net.config.unet.block_out_channels != unet.config.block_out_channels:
+          raise ValueError(f"ControlNet {str(folder)!r} has block_out_channels "
+                           f"{net.config.unet.block_out_channels}, the UNet {unet.config.block_out_channels}")
+        nets.append(net)
+        net_params.append(p)
     return cls(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text,
                text_params=text_params, tokenizer=tokenizer, schedule=schedule_from_config(sched_config),
                prediction=sched_config.get("prediction_type", "epsilon"),
                scaling_factor=float(vae.config.scaling_factor),
-               sampler_options=sampler_options_from_config(sched_config), clip_skip=clip_skip)
+               sampler_options=sampler_options_from_config(sched_config), clip_skip=clip_skip,
+               controlnets=tuple(nets), controlnet_params=tuple(net_params))
 
   # ---- pieces ----
 
@@ -183,17 +250,46 @@ class StableDiffusion:
     """Text embeddings ``[B, L, D]`` of prompts (the UNet's ``encoder_hidden_states``)."""
     return self._encode_text(self.text_params, jnp.asarray(self.tokenizer(list(prompts))))
 
-  def _model_fn(self, params, ids, neg_ids, scale, guided: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    unet_params, _, text_params = params
-    cond = self._encode_text(text_params, ids)
-    apply = lambda x, t, c: self.unet.apply({"params": unet_params}, x, t, c)
-    if guided:
-      return guidance.cfg(apply, cond, self._encode_text(text_params, neg_ids), scale)
-    return lambda x, t: apply(x, t, cond)
+  def _model_fn(self, params, ids, neg_ids, scale, guided: bool, control=None,
+                guess_mode: bool = False) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    unet_params, _, text_params, cn_params = params
+    cond = self._encode_text(text_params, ids)  # [B, L, D]
+    if control is None:
+      apply = lambda x, t, c: self.unet.apply({"params": unet_params}, x, t, c)
+      if guided:
+        return guidance.cfg(apply, cond, self._encode_text(text_params, neg_ids), scale)
+      return lambda x, t: apply(x, t, cond)
+
+    def apply_controlled(x, t, c):
+      # t [N] with N = B (or 2B under guidance); c["on"] [N] is 0 where guess mode drops the residuals
+      t_index = jnp.clip(jnp.asarray(t).astype(jnp.int32), 0, control["keep"].shape[1] - 1)
+      outputs, weights = [], []
+      for k, (net, p) in enumerate(zip(self.controlnets, cn_params)):
+        outputs.append(net.apply({"params": p}, x, t, c["text"], c["images"][k], guess_mode=guess_mode))
+        w = control["scales"][k] * control["keep"][k][t_index] * c["on"]  # [N]
+        weights.append(w.reshape((-1, 1, 1, 1)))
+      down, mid = combine_residuals(outputs, weights)
+      return self.unet.apply({"params": unet_params}, x, t, c["text"], down_residuals=down, mid_residual=mid)
+
+    b = ids.shape[0]
+    c_cond = {"text": cond, "images": control["images"], "on": jnp.ones((b,), jnp.float32)}
+    if not guided:
+      return lambda x, t: apply_controlled(x, jnp.broadcast_to(jnp.asarray(t), (b,)), c_cond)
+    # diffusers' guess mode runs the ControlNets on the conditional half only (zeros for the other)
+    on_uncond = jnp.zeros((b,), jnp.float32) if guess_mode else jnp.ones((b,), jnp.float32)
+    c_uncond = {"text": self._encode_text(text_params, neg_ids), "images": control["images"], "on": on_uncond}
+    return guidance.cfg(apply_controlled, c_cond, c_uncond, scale)
 
   def _decode(self, vae_params, z: jax.Array) -> jax.Array:
     images = self.vae.apply({"params": vae_params}, z / self.scaling_factor, method=self.vae.decode)
     return jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)  # [B, H, W, 3] in [0, 1]
+
+  def _encode_images(self, vae_params, images: jax.Array, key: jax.Array, sample: jax.Array) -> jax.Array:
+    """Images [B, H, W, 3] in [0, 1] -> scaled latents: a posterior sample drawn with ``key`` where the
+    boolean ``sample`` is true, else the posterior mean (a traced flag: one program for both)."""
+    posterior = self.vae.apply({"params": vae_params}, images * 2.0 - 1.0, method=self.vae.encode)
+    z = jnp.where(sample, posterior.sample(key), posterior.mode())
+    return z * self.scaling_factor  # [B, h, w, C]
 
   def _program(self, kind: str, method: str, num_steps: int, guided: bool, options: dict[str, Any],
                extra: tuple = ()) -> Callable[..., jax.Array]:
@@ -203,10 +299,24 @@ class StableDiffusion:
       return self._programs[cache_key]
 
     if kind == "txt2img":
-      def run(params, schedule, ids, neg_ids, latents, scale, key):
-        model_fn = self._model_fn(params, ids, neg_ids, scale, guided)
+      guess_mode, = extra
+
+      def run(params, schedule, ids, neg_ids, latents, scale, key, control):
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, control, guess_mode)
         z0 = samplers.sample(method, model_fn, schedule, latents, num_steps=num_steps, key=key,
                              prediction=self.prediction, **options)
+        return self._decode(params[1], z0)
+    elif kind == "img2img":
+      start_step, start_t = extra
+
+      def run(params, schedule, ids, neg_ids, images, noise, scale, key, sample_posterior):
+        encode_key, sample_key = jax.random.split(key)
+        z = self._encode_images(params[1], images, encode_key, sample_posterior)
+        t = jnp.full((z.shape[0],), start_t, jnp.int32)
+        z_t = diffusion.q_sample(schedule, z, t, noise)
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided)
+        z0 = samplers.sample(method, model_fn, schedule, z_t, num_steps=num_steps, key=sample_key,
+                             prediction=self.prediction, start_step=start_step, **options)
         return self._decode(params[1], z0)
     else:
       raise ValueError(f"unknown program kind {kind!r}")
@@ -232,22 +342,130 @@ class StableDiffusion:
         raise ValueError(f"{len(negative)} negative_prompts for {len(prompts)} prompts")
     return jnp.asarray(self.tokenizer(prompts)), jnp.asarray(self.tokenizer(negative))
 
-  def _latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
-    height = self.default_size if height is None else int(height)
-    width = self.default_size if width is None else int(width)
+  def _check_size(self, height: int, width: int) -> None:
     f = self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
     if height % f or width % f or height <= 0 or width <= 0:
       raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+
+  def _latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
+    height = self.default_size if height is None else int(height)
+    width = self.default_size if width is None else int(width)
+    self._check_size(height, width)
     return (batch, height // self.vae_factor, width // self.vae_factor, self.latent_channels)
+
+  # ---- LoRA ----
+
+  def load_lora(self, spec: Any) -> dict[str, Any]:
+    """A LoRA spec (file, ``{"unet": LoRA, "text_encoder": LoRA}`` or a UNet :class:`~jdiff.lora.LoRA`)
+    as a component dict; files are read once and cached by path and modification time."""
+    if isinstance(spec, _lora.LoRA):
+      return {"unet": spec}
+    if isinstance(spec, Mapping):
+      unknown = set(spec) - {"unet", "text_encoder"}
+      if unknown or not all(isinstance(v, _lora.LoRA) for v in spec.values()):
+        raise ValueError(f"a LoRA dict maps 'unet' / 'text_encoder' to jdiff.lora.LoRA, got keys {sorted(spec)}")
+      return dict(spec)
+    if isinstance(spec, (str, os.PathLike)):
+      path = Path(spec)
+      if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
+      cache_key = (str(path.resolve()), path.stat().st_mtime_ns)
+      if cache_key not in self._loras:
+        self._loras[cache_key] = _lora.load(path, {"unet": self.unet_params, "text_encoder": self.text_params})
+      return self._loras[cache_key]
+    raise ValueError(f"lora must be a file path, a jdiff.lora.LoRA or a component dict, got {type(spec).__name__}")
+
+  def lora_params(self, lora: Any = None, lora_scale: float = 1.0) -> tuple[Any, Any]:
+    """UNet and text-encoder parameters with LoRA adapters merged (:func:`jdiff.lora.merge_many`).
+
+    Args:
+      lora: None, one adapter (a ``.safetensors`` path in diffusers/PEFT or kohya layout, a
+        ``{"unet": LoRA, "text_encoder": LoRA}`` dict, or a UNet ``LoRA``), or a list whose entries
+        are adapters or ``(adapter, scale)`` pairs.
+      lora_scale: the scale of adapters given without one (diffusers' ``cross_attention_kwargs``
+        ``{"scale": s}`` / ``fuse_lora(lora_scale=s)``).
+
+    Returns:
+      ``(unet_params, text_params)``; the stored base parameters are never modified.
+
+    Example:
+      >>> unet_p, text_p = pipe.lora_params([("style.safetensors", 0.8), ("detail.safetensors", 0.3)])  # doctest: +SKIP
+    """
+    if lora is None:
+      return self.unet_params, self.text_params
+    entries = list(lora) if isinstance(lora, (list, tuple)) else [lora]
+    by_component: dict[str, list] = {"unet": [], "text_encoder": []}
+    for entry in entries:
+      spec, scale = entry if isinstance(entry, tuple) else (entry, lora_scale)
+      for comp, adapter in self.load_lora(spec).items():
+        by_component[comp].append((adapter, float(scale)))
+    unet = _lora.merge_many(self.unet_params, by_component["unet"]) if by_component["unet"] else self.unet_params
+    text = (_lora.merge_many(self.text_params, by_component["text_encoder"]) if by_component["text_encoder"]
+            else self.text_params)
+    return unet, text
+
+  def _params(self, lora: Any, lora_scale: float) -> tuple:
+    unet, text = self.lora_params(lora, lora_scale)
+    return (unet, self.vae_params, text, tuple(self.controlnet_params))
+
+  # ---- ControlNet ----
+
+  def _per_net_images(self, control_images: Any) -> list[Any]:
+    """``control_images`` split into one entry (an image or a batch) per ControlNet."""
+    n = len(self.controlnets)
+    if control_images is None:
+      raise ValueError(f"this pipeline has {n} ControlNet(s): pass control_images")
+    if n == 1:
+      return [control_images]
+    if not isinstance(control_images, (list, tuple)) or len(control_images) != n:
+      raise ValueError(f"pass one control image (or batch) per ControlNet: {n} expected")
+    return list(control_images)
+
+  def _control_inputs(self, control_images: Any, batch: int, height: int, width: int, conditioning_scale: Any,
+                      start: Any, end: Any, sampler: str, num_steps: int,
+                      options: Mapping[str, Any]) -> dict[str, Any]:
+    """Control images [B, H, W, 3] per net, per-net scales [n] and the keep table [n, T]."""
+    n = len(self.controlnets)
+    per_net = self._per_net_images(control_images)
+    images = []
+    for k, item in enumerate(per_net):
+      items = list(item) if isinstance(item, (list, tuple)) else None
+      if items is None and np.ndim(item) == 4:
+        items = list(np.asarray(item))
+      if items is None:
+        items = [item]
+      arr = np.stack([_control.prepare(im, height, width) for im in items])  # [b, H, W, 3]
+      if arr.shape[0] == 1:
+        arr = np.repeat(arr, batch, axis=0)
+      if arr.shape[0] != batch:
+        raise ValueError(f"ControlNet {k}: {arr.shape[0]} control images for {batch} prompts")
+      images.append(jnp.asarray(arr))
+    scales = [float(s) for s in _per_net(conditioning_scale, n, "controlnet_conditioning_scale")]
+    starts = [float(s) for s in _per_net(start, n, "control_guidance_start")]
+    ends = [float(e) for e in _per_net(end, n, "control_guidance_end")]
+    num_t = self.schedule.num_timesteps
+    keep = np.ones((n, num_t), np.float32)
+    for k, (s, e) in enumerate(zip(starts, ends)):
+      if not 0.0 <= s < e <= 1.0:
+        raise ValueError(f"control_guidance_start/end must satisfy 0 <= start < end <= 1, got {s}, {e}")
+      if (s, e) != (0.0, 1.0):
+        ts = step_timesteps(sampler, num_steps, num_t, options)
+        active = np.asarray(guidance_active(np.arange(len(ts)), len(ts), s, e))
+        keep[k] = 0.0
+        keep[k, ts] = active
+    return {"images": tuple(images), "scales": jnp.asarray(scales, jnp.float32), "keep": jnp.asarray(keep)}
 
   # ---- generation ----
 
   def generate(self, prompts: str | Sequence[str], *, key: jax.Array, num_steps: int = 50,
                guidance_scale: float = 7.5, sampler: str = "ddim",
                negative_prompts: str | Sequence[str] | None = None, height: int | None = None,
-               width: int | None = None, latents: jax.Array | None = None,
-               **sampler_options: Any) -> jax.Array:
-    """Text-to-image generation.
+               width: int | None = None, latents: jax.Array | None = None, lora: Any = None,
+               lora_scale: float = 1.0, control_images: Any = None,
+               controlnet_conditioning_scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
+               control_guidance_start: float | Sequence[float] = 0.0,
+               control_guidance_end: float | Sequence[float] = 1.0, **sampler_options: Any) -> jax.Array:
+    """Text-to-image generation, optionally with LoRA adapters and ControlNets.
 
     Args:
       prompts: one prompt or a list (one image each; repeat a prompt for several images).
@@ -256,8 +474,20 @@ class StableDiffusion:
       guidance_scale: classifier-free guidance weight; <= 1 runs the conditional model alone.
       sampler: a registered sampler name (``jdiff.samplers.available()``).
       negative_prompts: the unconditional prompts (default: the empty prompt).
-      height, width: image size in pixels (default: the UNet's sample size times the VAE factor).
+      height, width: image size in pixels (default: the size of ``latents``, else of the first control
+        image, else the UNet's sample size times the VAE factor).
       latents: initial noise ``[B, h, w, C]`` (NHWC, unit variance) instead of drawing it from ``key``.
+      lora, lora_scale: LoRA adapters merged into the UNet / text encoder, see :meth:`lora_params`.
+      control_images: with ControlNets: per net, one control image or one per prompt (paths, PIL
+        images, or arrays ``[H, W, 3]`` / ``[B, H, W, 3]`` in [0, 1] or uint8); a list of those with
+        several nets. Resized to the generation size as diffusers does
+        (:func:`jdiff.control_images.prepare`).
+      controlnet_conditioning_scale: residual weight, one value or one per net.
+      guess_mode: diffusers' guess mode: residuals scaled from 0.1 (shallowest) to 1 (middle), and
+        under guidance only the conditional branch gets them.
+      control_guidance_start, control_guidance_end: fraction of the steps during which each net is
+        active (one value or one per net); other than (0, 1) needs a sampler with a known grid
+        (ddim, ddpm).
       **sampler_options: override the scheduler-config defaults (``eta``, ``order``, ...).
 
     Returns:
@@ -265,17 +495,133 @@ class StableDiffusion:
 
     Example:
       >>> imgs = pipe.generate(["a cat", "a dog"], key=jax.random.key(0), num_steps=20)  # doctest: +SKIP
+      >>> imgs = pipe.generate("a cat", key=key, lora=[("a.safetensors", 0.8), ("b.safetensors", 0.5)])  # doctest: +SKIP
+      >>> imgs = canny_pipe.generate("a bird", key=key, control_images=edges,
+      ...                            controlnet_conditioning_scale=0.7)  # doctest: +SKIP
     """
     ids, neg_ids = self._prompt_ids(prompts, negative_prompts)
     batch = ids.shape[0]
     noise_key, sample_key = jax.random.split(key)
-    if latents is None:
-      latents = jax.random.normal(noise_key, self._latent_shape(batch, height, width), jnp.float32)
-    else:
+    if latents is not None:
       latents = jnp.asarray(latents, jnp.float32)
       if latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_channels:
         raise ValueError(f"latents must be [B={batch}, h, w, {self.latent_channels}], got {latents.shape}")
+      height, width = latents.shape[1] * self.vae_factor, latents.shape[2] * self.vae_factor
+    elif self.controlnets and control_images is not None and (height is None or width is None):
+      h0, w0 = self._image_size(self._per_net_images(control_images)[0])
+      height = h0 if height is None else height
+      width = w0 if width is None else width
+    shape = self._latent_shape(batch, height, width)
+    if latents is None:
+      latents = jax.random.normal(noise_key, shape, jnp.float32)
+    height, width = shape[1] * self.vae_factor, shape[2] * self.vae_factor
+    options = self._options(sampler, sampler_options)
     guided = float(guidance_scale) > 1.0
-    program = self._program("txt2img", sampler, int(num_steps), guided, self._options(sampler, sampler_options))
-    params = (self.unet_params, self.vae_params, self.text_params)
-    return program(params, self.schedule, ids, neg_ids, latents, jnp.float32(guidance_scale), sample_key)
+    control = None
+    if self.controlnets:
+      control = self._control_inputs(control_images, batch, height, width, controlnet_conditioning_scale,
+                                     control_guidance_start, control_guidance_end, sampler, int(num_steps),
+                                     options)
+      guess_mode = bool(guess_mode or self.controlnets[0].config.global_pool_conditions)
+    elif control_images is not None:
+      raise ValueError("control_images given but the pipeline has no ControlNet (from_diffusers(..., controlnet=...))")
+    else:
+      guess_mode = False
+    program = self._program("txt2img", sampler, int(num_steps), guided, options, (guess_mode,))
+    return program(self._params(lora, lora_scale), self.schedule, ids, neg_ids, latents,
+                   jnp.float32(guidance_scale), sample_key, control)
+
+  @staticmethod
+  def _image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of a control image given as a path, PIL image, array or list of those."""
+    from PIL import Image
+
+    if isinstance(image, (list, tuple)):
+      if not image:
+        raise ValueError("empty control image list")
+      image = image[0]
+    if isinstance(image, (str, os.PathLike)):
+      image = _control.load_control_image(image)
+    if isinstance(image, Image.Image):
+      return image.height, image.width
+    shape = np.shape(image)
+    return (shape[1], shape[2]) if len(shape) == 4 else (shape[0], shape[1])
+
+  def img2img(self, images: Any, prompts: str | Sequence[str], *, key: jax.Array, strength: float = 0.8,
+              num_steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
+              negative_prompts: str | Sequence[str] | None = None, noise: jax.Array | None = None,
+              sample_posterior: bool = True, lora: Any = None, lora_scale: float = 1.0,
+              **sampler_options: Any) -> jax.Array:
+    """Image-to-image generation (diffusers' ``StableDiffusionImg2ImgPipeline``).
+
+    The images are encoded with the VAE (a posterior sample, or its mean when ``sample_posterior``
+    is False) and scaled by ``scaling_factor``; of the ``num_steps`` grid the last
+    ``min(int(num_steps * strength), num_steps)`` steps run, starting from the latents noised to the
+    first of them with :func:`jdiff.diffusion.q_sample`.
+
+    Args:
+      images: ``[B, H, W, 3]`` (or ``[H, W, 3]``) in [0, 1]; H and W multiples of the UNet's factor.
+        One image is repeated for every prompt; one prompt (a string) for every image.
+      prompts: as in :meth:`generate`.
+      key: PRNG key for the posterior sample, the noise (when ``noise`` is None) and the sampler.
+      strength: in (0, 1]: how much of the noise schedule to traverse (1 ignores the image).
+      num_steps: the grid size before truncation by ``strength``.
+      guidance_scale, sampler, negative_prompts, lora, lora_scale: as in :meth:`generate`. The sampler
+        must support ``start_step`` and expose its grid (ddim, ddpm).
+      noise: ``[B, h, w, C]`` standard-normal noise added to the image latents, instead of drawing it.
+      sample_posterior: sample the VAE posterior (diffusers' default) rather than take its mean.
+      **sampler_options: as in :meth:`generate`.
+
+    Returns:
+      float32 images ``[B, H, W, 3]`` in [0, 1].
+
+    Raises:
+      ValueError: strength outside (0, 1] or too small for one step, a sampler without
+        ``start_step``, mis-shaped images or noise.
+
+    Example:
+      >>> out = pipe.img2img(photo[None], "an oil painting", key=jax.random.key(0), strength=0.6,
+      ...                    num_steps=30)  # doctest: +SKIP
+    """
+    if not 0.0 < float(strength) <= 1.0:
+      raise ValueError(f"strength must be in (0, 1], got {strength}")
+    n = int(num_steps)
+    init_steps = min(int(n * float(strength)), n)
+    if init_steps < 1:
+      raise ValueError(f"strength={strength} with num_steps={n} leaves no denoising step; raise either")
+    start_step = n - init_steps
+    samplers._common.get(sampler)
+    if "start_step" not in inspect.signature(samplers._common.get(sampler)).parameters:
+      raise ValueError(f"sampler {sampler!r} has no start_step option, so it cannot do image-to-image; "
+                       f"use one of {', '.join(_GRID_SAMPLERS)}")
+    options = self._options(sampler, sampler_options)
+    start_t = int(step_timesteps(sampler, n, self.schedule.num_timesteps, options)[start_step])
+
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim == 3:
+      images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be [B, H, W, 3] in [0, 1], got shape {images.shape}")
+    if isinstance(prompts, str):
+      prompts = [prompts] * images.shape[0]
+    ids, neg_ids = self._prompt_ids(prompts, negative_prompts)
+    batch = ids.shape[0]
+    if images.shape[0] == 1 and batch > 1:
+      images = jnp.broadcast_to(images, (batch,) + images.shape[1:])
+    if images.shape[0] != batch:
+      raise ValueError(f"{images.shape[0]} images for {batch} prompts")
+    self._check_size(images.shape[1], images.shape[2])
+    latent_shape = (batch, images.shape[1] // self.vae_factor, images.shape[2] // self.vae_factor,
+                    self.latent_channels)
+    noise_key, run_key = jax.random.split(key)
+    if noise is None:
+      noise = jax.random.normal(noise_key, latent_shape, jnp.float32)
+    else:
+      noise = jnp.asarray(noise, jnp.float32)
+      if noise.shape != latent_shape:
+        raise ValueError(f"noise must have shape {latent_shape}, got {noise.shape}")
+    guided = float(guidance_scale) > 1.0
+    program = self._program("img2img", sampler, n, guided, options, (start_step, start_t))
+    params = self._params(lora, lora_scale)
+    return program(params, self.schedule, ids, neg_ids, images, noise, jnp.float32(guidance_scale), run_key,
+                   jnp.asarray(bool(sample_posterior)))

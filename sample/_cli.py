@@ -35,23 +35,24 @@ class ArgumentParser(argparse.ArgumentParser):
     raise SystemExit(EXIT_USAGE)
 
 
-def _load_diffusers(path: str) -> Any:
+def _load_diffusers(path: str, **options: Any) -> Any:
   from jdiff.pipelines import StableDiffusion
-  return StableDiffusion.from_diffusers(path)
+  return StableDiffusion.from_diffusers(path, **options)
 
 
-SOURCES: dict[str, Callable[[str], Any]] = {"diffusers": _load_diffusers}
+SOURCES: dict[str, Callable[..., Any]] = {"diffusers": _load_diffusers}
 
 
-def register_source(kind: str, loader: Callable[[str], Any]) -> None:
+def register_source(kind: str, loader: Callable[..., Any]) -> None:
   """Adds a pipeline source ``kind`` (a ``--kind PATH`` flag of the sampling programs)."""
   if kind in SOURCES:
     raise ValueError(f"pipeline source {kind!r} registered twice")
   SOURCES[kind] = loader
 
 
-def load_pipeline(kind: str, path: str) -> Any:
-  """Builds a pipeline-like object (``generate(prompts, *, key, ...)``) from a source.
+def load_pipeline(kind: str, path: str, **options: Any) -> Any:
+  """Builds a pipeline-like object (``generate(prompts, *, key, ...)``) from a source; ``options``
+  go to the source's loader (``controlnet=[...]`` for ``diffusers``).
 
   Raises:
     UsageError: unknown kind or missing folder.
@@ -60,7 +61,7 @@ def load_pipeline(kind: str, path: str) -> Any:
     raise UsageError(f"unknown pipeline source {kind!r}; available: {sorted(SOURCES)}")
   if not Path(path).exists():
     raise UsageError(f"--{kind} folder {path!r} does not exist")
-  return SOURCES[kind](path)
+  return SOURCES[kind](path, **options)
 
 
 def make_grid(images: np.ndarray, *, cols: int | None = None, pad: int = 2) -> np.ndarray:

@@ -3,7 +3,8 @@
 Usage:
   python -m sample.txt2img --diffusers checkpoints/sd15 --prompt "a red fox in snow" --out grid.png \
       [--steps 50] [--guidance 7.5] [--sampler ddim] [--seed 0] [--num-images 4] [--batch-size 4] \
-      [--height 512] [--width 512] [--negative-prompt "blurry"] [--dtype bfloat16]
+      [--height 512] [--width 512] [--negative-prompt "blurry"] [--dtype bfloat16] \
+      [--lora style.safetensors --lora-scale 0.8 --lora detail.safetensors --lora-scale 0.4]
 
 The model comes from one source flag; each kind in :data:`sample._cli.SOURCES` is a flag (``--diffusers``
 now; training programs register more, e.g. ``--workdir``). User mistakes print one line and exit with 2.
@@ -34,7 +35,35 @@ def build_parser() -> _cli.ArgumentParser:
   parser.add_argument("--height", type=int, default=None, help="image height in pixels")
   parser.add_argument("--width", type=int, default=None, help="image width in pixels")
   parser.add_argument("--cols", type=int, default=None, help="grid columns (default: square-ish)")
+  add_lora_flags(parser)
   return parser
+
+
+def add_lora_flags(parser: _cli.ArgumentParser) -> None:
+  parser.add_argument("--lora", action="append", default=[], metavar="FILE",
+                      help="LoRA .safetensors file (diffusers/PEFT or kohya layout); repeatable")
+  parser.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
+                      help="scale of the matching --lora (one value applies to all; default 1.0)")
+
+
+def lora_entries(args) -> list[tuple[str, float]] | None:
+  """``--lora`` / ``--lora-scale`` pairs, checked: files exist, scales match the files in number."""
+  from pathlib import Path
+
+  if not args.lora:
+    if args.lora_scale:
+      raise _cli.UsageError("--lora-scale given without --lora")
+    return None
+  for file in args.lora:
+    if not Path(file).is_file():
+      raise _cli.UsageError(f"--lora file {file!r} does not exist")
+  scales = args.lora_scale or [1.0]
+  if len(scales) == 1:
+    scales = scales * len(args.lora)
+  if len(scales) != len(args.lora):
+    raise _cli.UsageError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files "
+                          "(give one for all, or one each)")
+  return list(zip(args.lora, scales))
 
 
 def _check(args) -> None:
@@ -49,6 +78,7 @@ def _check(args) -> None:
     raise _cli.UsageError(f"unknown --sampler {args.sampler!r}; available: {', '.join(samplers.available())}")
   if not args.out.lower().endswith(".png"):
     raise _cli.UsageError(f"--out must name a .png file, got {args.out!r}")
+  lora_entries(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
   pipe = _cli.load_pipeline(kind, getattr(args, kind))
   print(f"loaded {kind} model from {getattr(args, kind)} in {time.perf_counter() - start:.1f}s", flush=True)
 
+  loras = lora_entries(args)
+  if loras:
+    pipe.lora_params(loras)  # read and check the files once, before any sampling
+    print("LoRA: " + ", ".join(f"{f} x{s:g}" for f, s in loras), flush=True)
   batch = min(args.batch_size or args.num_images, args.num_images)
   key = jax.random.key(args.seed)
   images = []
@@ -72,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = pipe.generate([args.prompt] * n, key=jax.random.fold_in(key, i), num_steps=args.steps,
                         guidance_scale=args.guidance, sampler=args.sampler,
-                        negative_prompts=args.negative_prompt, height=args.height, width=args.width)
+                        negative_prompts=args.negative_prompt, height=args.height, width=args.width,
+                        **({"lora": loras} if loras else {}))
     images.append(np.asarray(jax.device_get(out)))
     note = " (includes compilation)" if i == 0 else ""
     print(f"batch {i + 1}/{num_batches}: {n} image(s), {args.steps} {args.sampler} steps in "

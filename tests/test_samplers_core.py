@@ -128,7 +128,6 @@ def test_start_step_continues_the_same_chain(method):
   x_T = jax.random.normal(jax.random.key(5), (3, 4))
   key = jax.random.key(6)
   full, traj = samplers.sample(method, m, SCHED, x_T, num_steps=10, key=key, return_trajectory=True)
-  keys = jax.random.split(key, 10)
   # The continuation draws its own per-step keys; for ddim (eta=0) no noise is used at all.
   if method == "ddim":
     rest = samplers.ddim(m, SCHED, traj[3], num_steps=10, start_step=4)

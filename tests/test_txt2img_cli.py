@@ -86,3 +86,47 @@ def test_grid_layout():
   grid = _cli.make_grid(images, cols=2, pad=1)
   assert grid.shape == (9, 11, 3)
   assert grid[0, 0, 0] == 0 and grid[0, 6, 0] == 128 and grid[5, 0, 0] == 255 and grid[4, 0, 0] == 255
+
+
+def test_lora_flags_pair_files_with_scales(tmp_path):
+  files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+  for f in files:
+    f.write_bytes(b"")
+  parse = lambda *extra: txt2img.build_parser().parse_args(["--diffusers", ".", "--prompt", "x", *map(str, extra)])
+  assert txt2img.lora_entries(parse()) is None
+  assert txt2img.lora_entries(parse("--lora", files[0], "--lora", files[1])) == [(str(files[0]), 1.0),
+                                                                                (str(files[1]), 1.0)]
+  assert txt2img.lora_entries(parse("--lora", files[0], "--lora", files[1], "--lora-scale", "0.5")) == [
+      (str(files[0]), 0.5), (str(files[1]), 0.5)]
+  assert txt2img.lora_entries(parse("--lora", files[0], "--lora-scale", "0.3", "--lora", files[1],
+                                    "--lora-scale", "0.7")) == [(str(files[0]), 0.3), (str(files[1]), 0.7)]
+  with pytest.raises(_cli.UsageError, match="3 --lora-scale values for 2 --lora files"):
+    txt2img.lora_entries(parse("--lora", files[0], "--lora", files[1], *["--lora-scale", "1"] * 3))
+  with pytest.raises(_cli.UsageError, match="--lora-scale given without --lora"):
+    txt2img.lora_entries(parse("--lora-scale", "0.5"))
+  with pytest.raises(_cli.UsageError, match="--lora file .*missing"):
+    txt2img.lora_entries(parse("--lora", tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: compiles a 2-step sampler
+def test_lora_flag_generates_with_the_adapter(pipeline_dir, tmp_path, capsys, monkeypatch):
+  from jdiff import lora
+  from jdiff.pipelines import StableDiffusion
+  pipe = StableDiffusion.from_diffusers(pipeline_dir)
+  monkeypatch.setattr(_cli, "load_pipeline", lambda kind, path, **kw: pipe)  # share the compiled program
+  ad = lora.init(jax.random.key(0), pipe.unet_params, rank=2, alpha=2.0)
+  ad = lora.LoRA(factors={p: {"down": f["down"], "up": 0.5 * jax.random.normal(jax.random.key(i), f["up"].shape)}
+                          for i, (p, f) in enumerate(sorted(ad.factors.items()))}, scales=ad.scales)
+  lora.save_diffusers(tmp_path / "style.safetensors", {"unet": ad})
+  out = tmp_path / "g.png"
+  code = _cli.run(txt2img.main, ["--diffusers", str(pipeline_dir), "--prompt", "a cat", "--out", str(out),
+                                 "--steps", "2", "--num-images", "1", "--seed", "3", "--lora",
+                                 str(tmp_path / "style.safetensors"), "--lora-scale", "0.6"], prog="txt2img")
+  assert code == 0, capsys.readouterr().err
+  assert "LoRA: " in capsys.readouterr().out
+  grid = np.asarray(Image.open(out).convert("RGB")).astype(int)
+  key = jax.random.fold_in(jax.random.key(3), 0)
+  want = _cli.make_grid(np.asarray(pipe.generate(["a cat"], key=key, num_steps=2, lora=[(ad, 0.6)])))
+  plain = _cli.make_grid(np.asarray(pipe.generate(["a cat"], key=key, num_steps=2)))
+  assert np.max(np.abs(grid - want.astype(int))) <= 1
+  assert np.max(np.abs(grid - plain.astype(int))) > 2  # the adapter changed the image
