@@ -1,11 +1,11 @@
 """jdiff: diffusion models as pure functions over arrays and pytrees, in JAX/Flax.
 
-Submodules: ``schedules``, ``diffusion``, ``guidance``, ``samplers``, ``models``, ``lora``,
+Submodules: ``consistency``, ``schedules``, ``diffusion``, ``guidance``, ``samplers``, ``models``, ``lora``,
 ``partition``, ``tokenizers``; ``convert``, ``pipelines``, ``training``, ``checkpoint``,
 ``parallel`` and ``data`` are imported on first use (``import jdiff.pipelines``).
 """
 
-from jdiff import diffusion, guidance, lora, models, partition, samplers, schedules, tokenizers
+from jdiff import consistency, diffusion, guidance, lora, models, partition, samplers, schedules, tokenizers
 from jdiff.diffusion import q_posterior, q_sample
 from jdiff.guidance import cfg
 from jdiff.samplers import sample
@@ -13,5 +13,5 @@ from jdiff.schedules import Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["diffusion", "guidance", "lora", "models", "partition", "samplers", "schedules", "tokenizers",
+__all__ = ["consistency", "diffusion", "guidance", "lora", "models", "partition", "samplers", "schedules", "tokenizers",
            "Schedule", "cfg", "q_sample", "q_posterior", "sample"]

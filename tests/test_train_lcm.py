@@ -1,0 +1,168 @@
+"""train.lcm: the student starts as the teacher, the distillation loss trains, and a tiny
+end-to-end run (teacher from a tiny train.ldm run) checkpoints, samples and resumes."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import lcm_digits, ldm_tiny
+from jdiff.models import AutoencoderKL
+from train import lcm
+from train import ldm as ldm_train
+from train import vae as vae_train
+
+
+def _tiny_teacher(seed: int = 0) -> lcm.Teacher:
+  """A teacher of random tiny networks built the way train.ldm builds them (no training)."""
+  config = ldm_tiny.get_config()
+  vae = AutoencoderKL(vae_train.vae_config(config.vae))
+  vae_params = jax.jit(lambda k: vae.init(k, jnp.zeros((1, 32, 32, 1)))["params"])(jax.random.key(seed))
+  ldm = ldm_train.build(config, vae, vae_params)
+  params = jax.jit(ldm.init_unet)(jax.random.key(seed + 1))
+  return lcm.Teacher(unet=ldm.unet, params=params, vae=vae, vae_params=vae_params, text_params=ldm.text_params,
+                     encode_text=ldm.encode_text, tokenize=ldm.tokenize, schedule=ldm.schedule,
+                     prediction=ldm.prediction, latent_shape=tuple(ldm.latent_shape), data=config.data,
+                     source="memory")
+
+
+def _config(**lcm_overrides):
+  config = lcm_digits.get_config()
+  config.lcm.update(dict(w_embedding_dim=8, lora_rank=2, lora_alpha=2.0, **lcm_overrides))
+  config.sample.update(dict(num_steps=2, per_prompt=1))
+  return config
+
+
+@pytest.fixture(scope="module")
+def teacher():
+  return _tiny_teacher()
+
+
+@pytest.fixture(scope="module")
+def batch(teacher):
+  rng = np.random.default_rng(0)
+  prompts = ["a handwritten digit three", "a handwritten digit seven", "", "a handwritten digit one"]
+  return {"image": jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 1)), jnp.float32),
+          "tokens": jnp.asarray(np.stack([teacher.tokenize(p) for p in prompts]))}
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_student_starts_as_the_teacher(teacher, batch, use_lora):
+  student, init_params = lcm.build(_config(lora=use_lora), teacher)
+  trained = init_params(jax.random.key(5))
+  params = student.unet_params(trained, teacher.params)
+  x = jax.random.normal(jax.random.key(1), (4,) + teacher.latent_shape)
+  t = jnp.array([19, 399, 999, 0])
+  ctx = jax.jit(teacher.encode_text)(teacher.text_params, batch["tokens"])
+  ref = jax.jit(lambda p: teacher.unet.apply({"params": p}, x, t, ctx))(teacher.params)
+  run = jax.jit(lambda p: student.model_fn(p, ctx)(x, t, jnp.array([1.0, 2.0, 3.5, 0.0])))
+  got = run(params)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  if use_lora:
+    assert student.w_dim is None and set(jax.tree.leaves(jax.tree.map(lambda a: a.ndim, trained))) <= {2, 4}
+    n_lora = sum(a.size for a in jax.tree.leaves(trained))
+    assert 0 < n_lora < sum(a.size for a in jax.tree.leaves(teacher.params)) // 2
+  else:
+    assert trained["time_embedding"]["cond_proj"]["kernel"].shape == (8, 16)
+    # The w embedding reaches the output once cond_proj is non-zero.
+    trained2 = jax.tree.map(lambda a: a, trained)
+    trained2["time_embedding"]["cond_proj"]["kernel"] = jnp.ones((8, 16))
+    moved = run(trained2)
+    assert float(jnp.max(jnp.abs(moved - ref))) > 1e-4
+
+
+@pytest.mark.parametrize("use_lora", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_distillation_loss_trains(teacher, batch, use_lora):
+  """Adam on one batch and one key: the loss (finite, positive) goes down."""
+  config = _config(lora=use_lora, loss_type="l2")
+  student, init_params = lcm.build(config, teacher)
+  task = lcm.make_task(config, student, init_params)
+  params = init_params(jax.random.key(0))
+  if use_lora:  # a non-zero adapter so the LoRA student differs from the teacher
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(7), a.shape), params)
+  tx = optax.adam(3e-3)
+  key = jax.random.key(11)
+
+  @jax.jit
+  def step(params, opt_state):
+    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, key, task.frozen)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, aux
+
+  opt_state = tx.init(params)
+  losses = []
+  for _ in range(8):
+    params, opt_state, loss, aux = step(params, opt_state)
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses)) and losses[0] > 0, losses
+  assert losses[-1] < 0.7 * losses[0], losses
+  assert 1.0 <= float(aux["w"]) <= 4.0
+
+
+def test_bad_config_values_are_named(teacher):
+  with pytest.raises(ValueError, match="lcm.solver"):
+    lcm.build(_config(solver="heun"), teacher)
+  with pytest.raises(ValueError, match="num_ddim_timesteps"):
+    lcm.build(_config(num_ddim_timesteps=5000), teacher)
+  with pytest.raises(FileNotFoundError, match="neither"):
+    lcm.load_teacher("/nonexistent/teacher")
+
+
+@pytest.fixture(scope="module")
+def teacher_workdir(tmp_path_factory):
+  """A tiny finished train.ldm run (1 VAE step, 1 UNet step)."""
+  workdir = str(tmp_path_factory.mktemp("ldm_teacher"))
+  config = ldm_tiny.get_config()
+  config.train.sample_every = 0
+  ldm_train.train_ldm(config, workdir, stream=io.StringIO())
+  return workdir
+
+
+@pytest.mark.slow
+def test_end_to_end_checkpoint_and_resume(teacher_workdir, tmp_path):
+  """Distil the tiny LDM for 2 steps (stop as if killed), resume to 3; samples and evaluation load."""
+  workdir = str(tmp_path / "lcm")
+  config = _config()
+  config.teacher = teacher_workdir
+  config.train.update(dict(steps=3, stop_at=2, log_every=1, checkpoint_every=1, sample_every=3, warmup_steps=0,
+                           learning_rate=1e-3))
+  out1 = io.StringIO()
+  res = lcm.train_lcm(config, workdir, stream=out1)
+  assert res["step"] == 2
+  assert "step 2/3" in out1.getvalue()
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
+  config.train.stop_at = 0
+  out2 = io.StringIO()
+  res = lcm.train_lcm(config, workdir, stream=out2)
+  assert res["step"] == 3
+  assert "resuming from step 2" in out2.getvalue()
+  losses = [float(line.split(" loss ")[1].split()[0]) for line in (out1.getvalue() + out2.getvalue()).splitlines()
+            if " loss " in line]
+  assert len(losses) == 3 and np.all(np.isfinite(losses)), losses
+  assert os.path.exists(os.path.join(workdir, "samples", "lcm_000003.png"))
+  # The run reloads for sampling: 1- and 2-step LCM images in [-1, 1].
+  _, student, params = lcm.load_from_workdir(workdir)
+  tokens = jnp.asarray(np.stack([student.teacher.tokenize("a handwritten digit two")] * 2))
+  for n in (1, 2):
+    img = lcm.generate(student, params, tokens, jax.random.key(0), num_steps=n)
+    assert img.shape == (2, 32, 32, 1) and bool(jnp.all(jnp.abs(img) <= 1.0))
+
+
+@pytest.mark.slow
+def test_cli_lora_run(teacher_workdir, tmp_path):
+  workdir = str(tmp_path / "lcm_lora")
+  rc = lcm.main(["train.lcm", "--teacher", teacher_workdir, "--lora", f"--workdir={workdir}",
+                 "--config.lcm.lora_rank=2", "--config.train.steps=1", "--config.train.log_every=1",
+                 "--config.train.sample_every=0", "--config.train.checkpoint_every=1"])
+  assert rc == 0
+  assert os.listdir(os.path.join(workdir, "checkpoints"))
+  cfg, student, _ = lcm.load_from_workdir(workdir)
+  assert cfg.lcm.lora and student.is_lora
+  # A user mistake is one line and exit code 2.
+  assert lcm.main(["train.lcm", "--teacher", str(tmp_path / "missing"), f"--workdir={workdir}_x"]) == 2
