@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.vae = vae_digits.vae_model_config()
   config.vae.pretrained = ""        # a train.vae workdir; "" trains one in WORKDIR/vae first
-  config.vae.train = vae_digits.train_config(steps=600, learning_rate=2e-3, checkpoint_every=300)
+  config.vae.train = vae_digits.train_config(steps=400, learning_rate=2e-3, batch_size=32,
+                                             checkpoint_every=200)
 
   config.text = ml_collections.ConfigDict(dict(
       max_length=32,                # byte tokens incl. begin/end markers
@@ -32,13 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Any UNetConfig field can be overridden here; the preset gives the rest.
   config.unet = ml_collections.ConfigDict(dict(
       preset="digits",
-      block_out_channels=(64, 128),
+      block_out_channels=(32, 64),
       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
       layers_per_block=1,
       attention_head_dim=4,
       cross_attention_dim=64,
-      norm_num_groups=32,
+      norm_num_groups=16,
   ))
 
   config.diffusion = ml_collections.ConfigDict(dict(

@@ -27,7 +27,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   """Optimizer / loop settings shared by the configs."""
   base = dict(steps=1000, learning_rate=1e-3, warmup_steps=50, lr_schedule="cosine", clip_norm=1.0,
               weight_decay=0.0, ema_decay=0.999, ema_warmup=True, max_bad_steps=10, log_every=50,
-              checkpoint_every=500, sample_every=0, keep_checkpoints=2, fsdp=1, stop_at=0)
+              checkpoint_every=500, sample_every=0, keep_checkpoints=2, fsdp=1, stop_at=0,
+              batch_size=0)  # batch_size 0: data.batch_size
   base.update(overrides)
   return ml_collections.ConfigDict(base)
 
@@ -36,9 +37,10 @@ def vae_model_config() -> ml_collections.ConfigDict:
   """The digits AutoencoderKL: VAEConfig.digits with these overrides (any VAEConfig field may be set)."""
   return ml_collections.ConfigDict(dict(
       preset="digits",
-      block_out_channels=(32, 32, 32),
+      block_out_channels=(16, 32, 32),
       norm_num_groups=8,
       mid_block_add_attention=False,
+      latent_channels=4,        # 32x32x1 images -> 8x8x4 latents
       kl_weight=1e-3,           # weight of the KL term (per latent element) vs the per-pixel MSE
       scaling_factor=0.0,       # 0: measure 1/std of the latents after training
   ))
@@ -49,5 +51,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.data = data_config()
   config.vae = vae_model_config()
-  config.train = train_config(steps=600, learning_rate=2e-3, sample_every=0, checkpoint_every=300)
+  config.train = train_config(steps=400, learning_rate=2e-3, batch_size=32, checkpoint_every=200)
   return config

@@ -159,7 +159,7 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
 
 
 def _global_norm(tree: Any) -> jax.Array:
-  return optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
+  return optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
 
 
 def check_finite(tree: Any) -> bool:

@@ -31,29 +31,25 @@ from jdiff import diffusion, guidance, parallel, samplers, schedules
 from jdiff.data import digits
 from jdiff.models import AutoencoderKL, UNet, UNetConfig
 from jdiff.models.text import CLIPTextConfig, CLIPTextModel
+from jdiff.tokenizers import ByteTokenizer
 from train import loop
 from train import vae as vae_train
 
 __all__ = ["byte_tokenize", "BYTE_VOCAB", "LatentDiffusion", "build", "make_task", "train_ldm",
            "load_from_workdir", "digit_prompts"]
 
-# Byte-level vocabulary: ids 0..255 are UTF-8 bytes, 256 begins and 257 ends (and pads) a text.
-BOS, EOS = 256, 257
-BYTE_VOCAB = 258
+BOS, EOS, PAD = ByteTokenizer.bos_token_id, ByteTokenizer.eos_token_id, ByteTokenizer.pad_token_id
+BYTE_VOCAB = ByteTokenizer.vocab_size
 
 
 def byte_tokenize(text: str, max_length: int) -> np.ndarray:
-  """Byte-level token ids [max_length]: BOS, the UTF-8 bytes (truncated), EOS, EOS padding.
+  """Token ids [max_length] of :class:`jdiff.tokenizers.ByteTokenizer`: bos, UTF-8 bytes, eos, pad.
 
   Example:
     >>> byte_tokenize("ab", 6).tolist()
-    [256, 97, 98, 257, 257, 257]
+    [257, 97, 98, 258, 256, 256]
   """
-  if max_length < 2:
-    raise ValueError(f"max_length must be >= 2, got {max_length}")
-  body = list(text.encode("utf-8"))[:max_length - 2]
-  ids = [BOS] + body + [EOS] * (max_length - 1 - len(body))
-  return np.asarray(ids, np.int32)
+  return ByteTokenizer(max_length)(text)[0]
 
 
 def digit_prompts(per_prompt: int) -> tuple[list[str], np.ndarray]:
@@ -79,7 +75,7 @@ def _text_config(section: ml_collections.ConfigDict) -> CLIPTextConfig:
                         num_hidden_layers=section.num_hidden_layers,
                         num_attention_heads=section.num_attention_heads,
                         max_position_embeddings=section.max_length, bos_token_id=BOS, eos_token_id=EOS,
-                        pad_token_id=EOS)
+                        pad_token_id=PAD)
 
 
 @dataclasses.dataclass
@@ -150,8 +146,8 @@ def build(config: ml_collections.ConfigDict, vae: AutoencoderKL, vae_params: Any
     raise ValueError(f"data.image_size={size} is not divisible by the VAE's downsampling factor {f}")
   latent_shape = (size // f, size // f, vae.config.latent_channels)
   unet = UNet(_unet_config(config.unet, vae.config.latent_channels))
-  if unet.config.cross_attention_dim not in (config.text.hidden_size,) and not isinstance(
-      unet.config.cross_attention_dim, tuple):
+  dims = set(unet.config.per_block("cross_attention_dim"))
+  if dims != {int(config.text.hidden_size)}:
     raise ValueError(f"unet.cross_attention_dim={unet.config.cross_attention_dim} must equal "
                      f"text.hidden_size={config.text.hidden_size}")
   text = CLIPTextModel(_text_config(config.text))
@@ -216,7 +212,8 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -
   t_vae = time.perf_counter() - t0
   ldm = build(config, vae, vae_params)
   task = make_task(config, ldm)
-  loader = vae_train.make_loader(config, tokenize=ldm.tokenize)
+  loader = vae_train.make_loader(config, tokenize=ldm.tokenize,
+                                 batch_size=config.train.get("batch_size") or None)
   state = loop.train(config.train, task, loader, workdir, seed=config.seed, stream=stream)
   return {"step": int(state.step), "vae_seconds": t_vae, "total_seconds": time.perf_counter() - t0}
 

@@ -100,6 +100,7 @@ class ProgressLogger:
     self.s0: int | None = None
 
   def start(self, step: int) -> None:
+    """Starts the steps/s clock (call after the first, compiling, step)."""
     self.t0, self.s0 = time.perf_counter(), step
 
   def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -108,7 +109,7 @@ class ProgressLogger:
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
     for k, v in scalars.items():
       self.writer.add_scalar(f"{self.name}/{k}", v, step)
-    done = step - (self.s0 or 0)
+    done = step - (self.s0 if self.s0 is not None else step)
     dt = time.perf_counter() - self.t0
     rate = done / dt if dt > 0 else 0.0
     eta = (self.total - step) / rate if rate > 0 else float("nan")
@@ -182,15 +183,19 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
     if start:
       print(f"[{task.name}] resuming from step {start} ({ckpt.directory})", file=stream or sys.stdout,
             flush=True)
-    logger.start(start)
     sample_key = jax.random.fold_in(key, 1)
+    check_every = max(1, min(int(cfg.log_every), int(cfg.max_bad_steps) or int(cfg.log_every)))
     metrics = None
     for step in range(start + 1, stop + 1):
       batch = next(loader)
       batch = parallel.host_to_global({k: batch[k] for k in task.batch_keys}, mesh)
       state, metrics = step_fn(state, batch)
+      if step == start + 1:
+        jax.block_until_ready(metrics)
+        logger.start(step)  # rates exclude compilation
+      if step % check_every == 0 or step == stop:
+        step_fn.raise_if_diverged(metrics)  # a host sync: not every step, but within 2N steps of N bad ones
       if step % cfg.log_every == 0 or step == stop:
-        step_fn.raise_if_diverged(metrics)
         logger.log(step, metrics)
       if task.sample_fn is not None and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
         images = parallel.global_to_host(task.sample_fn(state.ema_params, sample_key))
@@ -247,25 +252,52 @@ def main_wrapper(run: Callable[[ml_collections.ConfigDict, str], Any], *, defaul
 
   argv = list(sys.argv if argv is None else argv)
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", default_config, "training config file", flag_values=fv,
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", default_workdir, "output directory (checkpoints, logs, samples)",
-                      flag_values=fv)
   try:
+    config_flags.DEFINE_config_file("config", default_config, "training config file", flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", default_workdir, "output directory (checkpoints, logs, samples)",
+                        flag_values=fv)
     fv(argv)
     config = fv.config
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError, FileNotFoundError) as e:
-    msg = " ".join(str(e).split()) or type(e).__name__
-    if "Could not find" in msg or "does not exist" in msg or "not have a" in msg or "unknown" in msg.lower():
-      msg = f"unknown config key or bad flag: {msg}"
+    bad = _unknown_override(argv, default_config)
+    msg = f"unknown config key {bad!r}" if bad else _one_line(e)
     print(f"error: {msg}", file=sys.stderr)
     return 2
   try:
     run(config, fv.workdir)
   except (ValueError, FileNotFoundError, KeyError, training.NonFiniteError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
   return 0
+
+
+def _one_line(e: BaseException) -> str:
+  text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  return " ".join(str(text).split()) or type(e).__name__
+
+
+def _unknown_override(argv: list[str], default_config: str) -> str | None:
+  """The first ``--config.a.b=v`` of ``argv`` whose key the config file does not have, if any."""
+  path = default_config
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  try:
+    config = load_config(path)
+  except Exception:  # the config itself is broken: let the original error speak
+    return None
+  for arg in argv:
+    if arg.startswith("--config."):
+      dotted = arg[len("--config."):].split("=", 1)[0]
+      node = config
+      for part in dotted.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+          return dotted
+        node = node[part]
+  return None
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

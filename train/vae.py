@@ -88,7 +88,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, train_cfg: ml_
   train_cfg = train_cfg or config.train
   base_cfg = vae_config(config.vae)
   task, vae = make_task(base_cfg, kl_weight=config.vae.kl_weight, image_size=config.data.image_size)
-  loader = make_loader(config)
+  loader = make_loader(config, batch_size=train_cfg.get("batch_size") or None)
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
   state = loop.train(train_cfg, task, loader, workdir, seed=config.seed, stream=stream)
