@@ -13,5 +13,15 @@ from jdiff.schedules import Schedule
 
 __version__ = "0.1.0"
 
+_LAZY = ("checkpoint", "control_images", "convert", "data", "parallel", "pipelines", "training")
+
+
+def __getattr__(name):
+  # Heavier submodules (Orbax, TFDS, the pipelines) load on first use: ``jdiff.training``.
+  if name in _LAZY:
+    import importlib
+    return importlib.import_module(f"jdiff.{name}")
+  raise AttributeError(f"module 'jdiff' has no attribute {name!r}")
+
 __all__ = ["consistency", "diffusion", "guidance", "lora", "models", "partition", "samplers", "schedules", "tokenizers",
            "Schedule", "cfg", "q_sample", "q_posterior", "sample"]
