@@ -7,13 +7,23 @@ sampler and its diffusers twin (same options, same problem) are scored by the re
 ||x - x_ref|| / ||x_ref|| at 5, 10, 20 and 50 model calls. Prints a table, writes JSON and a
 log-log PNG.
 
-    python -m bench.samplers [--quick] [--out DIR]
+Best against best: every diffusers scheduler configuration of a sweep (DPM-Solver multistep and
+singlestep, UniPC, DEIS, SA-Solver, Euler, Heun, LMS, KDPM2, DDIM, PNDM, each over its orders,
+solver types, parameterisations, sigma schedules, timestep spacings and final sigmas; about 700
+configurations) is run at a budget of 5, 10 and 20 model calls (the largest step count whose model
+calls fit the budget), and the best one per problem and budget is reported by name next to the best
+jdiff configuration. Problems: three Gaussian mixtures (sharp, second, third) and, with
+``--trained``, a small denoiser trained here on scikit-learn's 8x8 digits (reference: DOP853 on
+the trained network).
+
+    python -m bench.samplers [--quick] [--trained] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -55,6 +65,13 @@ def second_mixture(dim: int = 20) -> Mixture:
   rng = np.random.default_rng(1)
   w = np.array([0.05, 0.1, 0.15, 0.2, 0.2, 0.3])
   return Mixture("second", w, 1.5 * rng.standard_normal((6, dim)), np.array([0.1, 0.6, 0.25, 0.12, 0.4, 0.2]))
+
+
+def third_mixture(dim: int = 48) -> Mixture:
+  """Three components in 48 dimensions, unequal weights, one very sharp (0.08) and one broad."""
+  rng = np.random.default_rng(2)
+  return Mixture("third", np.array([0.5, 0.3, 0.2]), 1.2 * rng.standard_normal((3, dim)),
+                 np.array([0.2, 0.08, 0.35]))
 
 
 def _eps_np(mix: Mixture, x: np.ndarray, alpha, sigma) -> np.ndarray:
@@ -241,6 +258,299 @@ def run_problem(mix: Mixture, names, nfes, batch: int, log=print) -> dict:
   return out
 
 
+# ----------------------------------------------------------------------------- best against best
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """A probability-flow ODE with a known predictor: ``eps_np(x_vp [B, D], sigma_ve) -> eps`` (float64
+  numpy, reference and diffusers) and ``jax_fn(x [B, D], t [B]) -> eps`` (jdiff)."""
+  name: str
+  dim: int
+  eps_np: object
+  jax_fn: object
+
+
+def mixture_problem(mix: Mixture, sched) -> Problem:
+  def eps_np(x, sig):
+    alpha = 1 / math.sqrt(1 + sig * sig)
+    return _eps_np(mix, x, alpha, sig * alpha)
+  return Problem(mix.name, mix.dim, eps_np, jax_model(mix, sched))
+
+
+def reference_problem(prob: Problem, y0: np.ndarray, sigma_start: float, sigma_end: float = 1e-6,
+                      rtol: float = 1e-10) -> np.ndarray:
+  """:func:`reference` for any :class:`Problem` (DOP853 in log sigma on the VE state)."""
+  from scipy.integrate import solve_ivp
+  shape = y0.shape
+
+  def rhs(u, yflat):
+    sig = math.exp(u)
+    y = yflat.reshape(shape)
+    return (sig * prob.eps_np(y / math.sqrt(1 + sig * sig), sig)).ravel()
+
+  sol = solve_ivp(rhs, (math.log(sigma_start), math.log(sigma_end)), y0.astype(np.float64).ravel(),
+                  method="DOP853", rtol=rtol, atol=rtol)
+  if not sol.success:
+    raise RuntimeError(f"reference ODE solve failed: {sol.message}")
+  return sol.y[:, -1].reshape(shape)
+
+
+_DSIG = {"default": {}, "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True},
+         "beta": {"use_beta_sigmas": True}}
+_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def _spacing(sp: str) -> dict:
+  return {"timestep_spacing": sp, "steps_offset": 1 if sp == "leading" else 0}
+
+
+def diffusers_sweep(quick: bool = False) -> list[tuple[str, dict]]:
+  """(scheduler class, options) for every deterministic diffusers configuration the bench tries."""
+  algs = (("dpmsolver++", "zero"), ("dpmsolver++", "sigma_min"), ("dpmsolver", "sigma_min"))
+  sigs = ("default", "karras", "exponential") if quick else tuple(_DSIG)
+  spacings = ("linspace",) if quick else _SPACINGS
+  out = []
+  for (alg, fin), order, st, sg, sp in itertools.product(algs, (2, 3), ("midpoint", "heun"),
+                                                        sigs + (() if quick else ("lu",)), spacings):
+    extra = {"use_lu_lambdas": True} if sg == "lu" else _DSIG[sg]
+    out.append(("DPMSolverMultistepScheduler", dict(algorithm_type=alg, final_sigmas_type=fin, solver_order=order,
+                                                    solver_type=st, **_spacing(sp), **extra)))
+  for st, order, px0, sg, sp, fin in itertools.product(("bh1", "bh2"), (2, 3), (True, False), sigs, spacings,
+                                                       ("zero", "sigma_min")):
+    if not px0 and fin == "zero":
+      continue
+    out.append(("UniPCMultistepScheduler", dict(solver_type=st, solver_order=order, predict_x0=px0,
+                                                final_sigmas_type=fin, **_spacing(sp), **_DSIG[sg])))
+  if quick:
+    return out
+  for (alg, fin), order, st, sg in itertools.product(algs, (2, 3), ("midpoint", "heun"), sigs):
+    out.append(("DPMSolverSinglestepScheduler", dict(algorithm_type=alg, final_sigmas_type=fin, solver_order=order,
+                                                     solver_type=st, **_DSIG[sg])))
+  for order, sg, sp in itertools.product((2, 3), sigs, spacings):
+    out.append(("DEISMultistepScheduler", dict(solver_order=order, **_spacing(sp), **_DSIG[sg])))
+  for po, co, sg, sp in itertools.product((2, 3), (1, 2, 3), sigs, spacings):
+    out.append(("SASolverScheduler", dict(predictor_order=po, corrector_order=co, **_spacing(sp), **_DSIG[sg])))
+  for cls, sg, sp in itertools.product(("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                                        "KDPM2DiscreteScheduler"), sigs, spacings):
+    out.append((cls, dict(**_spacing(sp), **_DSIG[sg])))
+  for sp in spacings:
+    out.append(("DDIMScheduler", dict(clip_sample=False, **_spacing(sp))))
+    out.append(("PNDMScheduler", dict(skip_prk_steps=True, **_spacing(sp))))
+  return out
+
+
+# jdiff configurations raced against the sweep: twins of the strongest diffusers families plus the
+# jdiff-only options (noise-prediction solvers that land on sigma = 0 through the extrapolated last
+# step; uniform log-SNR grids).
+JDIFF_SWEEP = {
+    "dpm++2m_karras": ("dpm_solver", {"order": 2, "sigma_schedule": "karras"}),
+    "dpm3m_eps_karras_sigma_min": ("dpm_solver", {"order": 3, "algorithm": "dpmsolver", "sigma_schedule": "karras",
+                                                  "final_sigmas_type": "sigma_min"}),
+    "unipc2_bh2_exponential": ("unipc", {"order": 2, "sigma_schedule": "exponential"}),
+    "unipc2_bh2_karras_sigma_min": ("unipc", {"order": 2, "sigma_schedule": "karras",
+                                              "final_sigmas_type": "sigma_min"}),
+    "jdiff_dpm3m_eps_karras_extrap": ("dpm_solver", {"order": 3, "algorithm": "dpmsolver", "sigma_schedule": "karras",
+                                                     "final_step": "extrapolate"}),
+    "jdiff_dpm2m_eps_karras_extrap": ("dpm_solver", {"order": 2, "algorithm": "dpmsolver", "sigma_schedule": "karras",
+                                                     "final_step": "extrapolate"}),
+    "jdiff_unipc3_bh1_eps_karras_extrap": ("unipc", {"order": 3, "solver_type": "bh1", "predict_x0": False,
+                                                     "sigma_schedule": "karras", "final_step": "extrapolate"}),
+    "jdiff_unipc2_bh2_exponential_extrap": ("unipc", {"order": 2, "sigma_schedule": "exponential",
+                                                      "final_step": "extrapolate"}),
+    "jdiff_unipc3_logsnr_extrap": ("unipc", {"order": 3, "sigma_schedule": "logsnr", "final_step": "extrapolate"}),
+    "jdiff_dpm++2m_logsnr_extrap": ("dpm_solver", {"order": 2, "sigma_schedule": "logsnr",
+                                                   "final_step": "extrapolate"}),
+}
+JDIFF_QUICK = ("dpm3m_eps_karras_sigma_min", "jdiff_dpm3m_eps_karras_extrap", "jdiff_unipc3_logsnr_extrap",
+               "unipc2_bh2_exponential")
+
+
+def config_name(cls: str, opts: dict) -> str:
+  short = {k: v for k, v in opts.items() if k != "steps_offset"}
+  return cls.replace("Scheduler", "") + "(" + ", ".join(f"{k}={v}" for k, v in short.items()) + ")"
+
+
+def _run_diffusers(cls_name: str, opts: dict, sched_cfg: dict, nfe: int, x_T: np.ndarray, eps_np, table_sig):
+  """Runs one diffusers configuration within ``nfe`` model calls: (x, calls, sigma_start, y_start)."""
+  import diffusers
+  import torch
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    sch = getattr(diffusers, cls_name)(**sched_cfg, **opts)
+    for n in range(nfe, 0, -1):
+      sch.set_timesteps(n)
+      if len(sch.timesteps) <= nfe:
+        break
+    ins = float(sch.init_noise_sigma)
+    if ins > 1.0 + 1e-6:  # Euler family: the state is the VE sample y at sigmas[0]
+      sig0, y0 = float(sch.sigmas[0]), x_T.astype(np.float64) * ins
+    else:  # VP state at the first timestep
+      sig0 = float(table_sig[int(sch.timesteps[0])])
+      y0 = x_T.astype(np.float64) * math.sqrt(1 + sig0 * sig0)
+    log_sig = np.log(table_sig)
+
+    def model(x, t):
+      sig = float(_sigma_of_t(log_sig, float(t)))
+      return torch.from_numpy(eps_np(x.numpy().astype(np.float64), sig).astype(np.float32))
+
+    x = torch.from_numpy(x_T) * sch.init_noise_sigma
+    calls = 0
+    for t in sch.timesteps:
+      x = sch.step(model(sch.scale_model_input(x, t), t), t, x).prev_sample
+      calls += 1
+  return x.numpy().astype(np.float64), calls, sig0, y0
+
+
+def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_names=None, seed: int = 42,
+                 log=print) -> dict:
+  """Every diffusers configuration of :func:`diffusers_sweep` and every jdiff configuration of
+  ``JDIFF_SWEEP`` on one problem; returns per NFE the best of each side and all scores."""
+  sched = schedules.scaled_linear(1000, 0.00085, 0.012)
+  sched_cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+  abar = np.asarray(sched.alphas_cumprod).astype(np.float64)
+  table_sig = np.sqrt((1 - abar) / abar)
+  x_T = np.random.default_rng(seed).standard_normal((batch, prob.dim)).astype(np.float32)
+  refs: dict = {}
+
+  def score(x, sig0, y0):
+    k = (round(sig0, 6), round(float(y0.ravel()[0] / x_T.ravel()[0]), 6))
+    if k not in refs:
+      refs[k] = reference_problem(prob, y0, sig0)
+    ref = refs[k]
+    if not np.all(np.isfinite(x)):
+      return float("inf")
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+  jnames = tuple(jdiff_names or JDIFF_SWEEP)
+  out = {}
+  for nfe in nfes:
+    t0 = time.time()
+    dscores = {}
+    for cls, opts in diffusers_sweep(quick):
+      try:
+        x, calls, sig0, y0 = _run_diffusers(cls, opts, sched_cfg, nfe, x_T, prob.eps_np, table_sig)
+      except Exception as e:  # a configuration diffusers rejects at this step count
+        log(f"  skipped {config_name(cls, opts)}: {type(e).__name__}: {str(e)[:80]}")
+        continue
+      dscores[config_name(cls, opts)] = {"error": score(x, sig0, y0), "calls": calls}
+    jscores = {}
+    sig0 = float(table_sig[-1])
+    y0 = x_T.astype(np.float64) * math.sqrt(1 + sig0 * sig0)
+    for name in jnames:
+      method, opts = JDIFF_SWEEP[name]
+      x = np.asarray(jax.jit(lambda z: samplers.sample(method, prob.jax_fn, sched, z, num_steps=nfe, **opts))(
+          jnp.asarray(x_T)), np.float64)
+      jscores[name] = {"error": score(x, sig0, y0), "calls": nfe}
+    dbest = min(dscores, key=lambda k: dscores[k]["error"])
+    jbest = min(jscores, key=lambda k: jscores[k]["error"])
+    de, je = dscores[dbest]["error"], jscores[jbest]["error"]
+    out[nfe] = {"diffusers_best": dbest, "diffusers_best_error": de, "jdiff_best": jbest, "jdiff_best_error": je,
+                "ratio": de / je if je > 0 else float("inf"), "diffusers_configs": len(dscores),
+                "diffusers": dscores, "jdiff": jscores}
+    log(f"  {prob.name:8s} NFE {nfe:3d}: diffusers best {de:.3e} ({dbest}) | jdiff best {je:.3e} ({jbest}) | "
+        f"ratio {de / je:.2f}x  [{len(dscores)} diffusers configs, {time.time() - t0:.0f}s]")
+  return out
+
+
+def format_best(best: dict) -> str:
+  lines = ["\nbest against best: relative error at a budget of model calls (NFE)",
+           f"{'problem':8s} {'NFE':>4s} {'diffusers best':>14s} {'jdiff best':>11s} {'ratio':>6s}  configurations"]
+  for prob, per in best.items():
+    for nfe, r in per.items():
+      lines.append(f"{prob:8s} {nfe:4d} {r['diffusers_best_error']:14.3e} {r['jdiff_best_error']:11.3e} "
+                   f"{r['ratio']:5.2f}x  diffusers: {r['diffusers_best']} ({r['diffusers_configs']} tried); "
+                   f"jdiff: {r['jdiff_best']}")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- a trained denoiser
+
+def trained_problem(sched, *, steps: int = 3000, width: int = 256, seed: int = 0, log=print) -> Problem:
+  """An epsilon-prediction MLP trained here on scikit-learn's 8x8 digits (64 dims, scaled to [-1, 1]).
+
+  Continuous timesteps (t in [0, 999], fractional allowed) with a sinusoidal embedding, so every
+  sampler and the reference can query any noise level. Training: Adam, batch 256.
+  """
+  import optax
+  from sklearn.datasets import load_digits
+  data = jnp.asarray(load_digits().data / 8.0 - 1.0, jnp.float32)  # [1797, 64]
+  abar = jnp.asarray(sched.alphas_cumprod, jnp.float32)
+  log_sig = jnp.log(jnp.sqrt((1.0 - abar) / abar))
+  num_t = abar.shape[0]
+
+  def embed(t):  # [B] -> [B, 64]
+    freqs = jnp.exp(-math.log(1000.0) * jnp.arange(32, dtype=jnp.float32) / 32)
+    ang = t.reshape(-1, 1).astype(jnp.float32) * freqs.reshape(1, -1)
+    return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=1)
+
+  def init(key):
+    sizes = [(64 + 64, width), (width, width), (width, width), (width, 64)]
+    keys = jax.random.split(key, len(sizes))
+    return [(jax.random.normal(k, s, jnp.float32) / math.sqrt(s[0]), jnp.zeros((s[1],), jnp.float32))
+            for k, s in zip(keys, sizes)]
+
+  def net(params, x, t):
+    h = jnp.concatenate([x, embed(t)], axis=1)
+    for w, b in params[:-1]:
+      h = jax.nn.silu(h @ w + b.reshape(1, -1))
+    w, b = params[-1]
+    return h @ w + b.reshape(1, -1)
+
+  def abar_at(t):  # fractional t -> alpha-bar through the interpolated log sigma
+    lo = jnp.clip(jnp.floor(t), 0, num_t - 2).astype(jnp.int32)
+    fr = t - lo.astype(jnp.float32)
+    sig = jnp.exp((1.0 - fr) * log_sig[lo] + fr * log_sig[lo + 1])
+    return 1.0 / (1.0 + sig * sig)
+
+  opt = optax.adam(optax.cosine_decay_schedule(2e-3, steps))
+
+  @jax.jit
+  def train_step(params, opt_state, key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    x0 = data[jax.random.randint(k1, (256,), 0, data.shape[0])]
+    t = jax.random.uniform(k2, (256,), jnp.float32, 0.0, num_t - 1.0)
+    eps = jax.random.normal(k3, x0.shape, jnp.float32)
+    a = abar_at(t).reshape(-1, 1)
+    xt = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * eps
+
+    def loss_fn(p):
+      return jnp.mean((net(p, xt, t) - eps) ** 2)
+
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    upd, opt_state = opt.update(g, opt_state, params)
+    return optax.apply_updates(params, upd), opt_state, loss
+
+  key = jax.random.key(seed)
+  params = init(key)
+  opt_state = opt.init(params)
+  t0 = time.time()
+  for i in range(steps):
+    params, opt_state, loss = train_step(params, opt_state, jax.random.fold_in(key, i))
+  log(f"  trained the digits denoiser: {steps} steps, final loss {float(loss):.4f}, {time.time() - t0:.0f}s")
+
+  def jax_fn(x, t):
+    return net(params, x, t.astype(jnp.float32))
+
+  # the same network in float64 numpy for the reference and diffusers' loop (a float32 right-hand
+  # side would stall DOP853 at tight tolerances)
+  p64 = [(np.asarray(w, np.float64), np.asarray(b, np.float64)) for w, b in params]
+  freqs = np.exp(-math.log(1000.0) * np.arange(32, dtype=np.float64) / 32)
+  abar64 = np.asarray(sched.alphas_cumprod, np.float64)
+  table = np.log(np.sqrt((1 - abar64) / abar64))
+
+  def eps_np(x, sig):
+    t = float(np.clip(np.interp(math.log(sig), table, np.arange(len(table), dtype=np.float64)), 0,
+                      len(table) - 1))
+    ang = t * freqs
+    h = np.concatenate([x, np.broadcast_to(np.concatenate([np.sin(ang), np.cos(ang)]), (x.shape[0], 64))], 1)
+    for w, b in p64[:-1]:
+      z = h @ w + b
+      h = z / (1 + np.exp(-z))
+    return h @ p64[-1][0] + p64[-1][1]
+
+  return Problem("digits", 64, eps_np, jax_fn)
+
+
 def format_table(results: dict, nfes) -> str:
   lines = []
   for prob, res in results.items():
@@ -285,32 +595,37 @@ def plot(results: dict, nfes, path: str) -> bool:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="a few configurations at NFE 10, small problems")
+  p.add_argument("--trained", action="store_true", help="also race on a denoiser trained here on 8x8 digits")
   p.add_argument("--out", default="bench_out", help="directory for samplers.json and samplers.png")
   p.add_argument("--batch", type=int, default=None)
+  p.add_argument("--train-steps", type=int, default=3000)
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
+  sched = schedules.scaled_linear(1000, 0.00085, 0.012)
   if args.quick:
-    names, nfes, batch = QUICK, (10,), args.batch or 8
+    names, nfes, best_nfes, batch = QUICK, (10,), (10,), args.batch or 8
     mixes = [sharp_mixture(8), second_mixture(6)]
   else:
-    names, nfes, batch = tuple(CONFIGS), NFES, args.batch or 64
-    mixes = [sharp_mixture(), second_mixture()]
+    names, nfes, best_nfes, batch = tuple(CONFIGS), NFES, (5, 10, 20), args.batch or 64
+    mixes = [sharp_mixture(), second_mixture(), third_mixture()]
   t0 = time.time()
   results = {m.name: run_problem(m, names, nfes, batch) for m in mixes}
   table = format_table(results, nfes)
   print(table)
-  summary = {}
-  for prob, res in results.items():
-    base = res["unipc3_karras_trailing"]["diffusers"].get(10)
-    best = min(r["jdiff"].get(10, np.inf) for n, r in res.items() if n.startswith("jdiff_"))
-    summary[prob] = {"diffusers_best_10nfe_unipc3_karras_trailing": base, "jdiff_best_10nfe": best,
-                     "improvement": base / best if base else None}
-  print("\n10-NFE summary:", json.dumps(summary, indent=1))
+  problems = [mixture_problem(m, sched) for m in mixes]
+  if args.trained:
+    problems.append(trained_problem(sched, steps=300 if args.quick else args.train_steps))
+  jnames = JDIFF_QUICK if args.quick else None
+  best = {pr.name: best_vs_best(pr, best_nfes, batch, quick=args.quick, jdiff_names=jnames) for pr in problems}
+  print(format_best(best))
+  summary = {prob: {str(nfe): {k: v for k, v in r.items() if k not in ("diffusers", "jdiff")}
+                    for nfe, r in per.items()} for prob, per in best.items()}
   with open(os.path.join(args.out, "samplers.json"), "w") as f:
-    json.dump({"nfes": list(nfes), "results": results, "summary": summary, "seconds": time.time() - t0}, f,
-              indent=1)
+    json.dump({"nfes": list(nfes), "results": results, "best": {k: {str(n): r for n, r in v.items()}
+                                                                 for k, v in best.items()},
+               "summary": summary, "seconds": time.time() - t0}, f, indent=1)
   plot(results, nfes, os.path.join(args.out, "samplers.png"))
-  return {"results": results, "summary": summary}
+  return {"results": results, "best": best, "summary": summary}
 
 
 if __name__ == "__main__":

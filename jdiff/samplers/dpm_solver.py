@@ -10,7 +10,9 @@ step). Grids, orders and final-step rules follow diffusers option for option.
 
 jdiff extension: ``final_step="extrapolate"`` replaces the last first-order jump from the smallest
 sigma to sigma = 0 by a second-order step in the variance-exploding noise level sigma (where the
-jump has finite length, unlike in lambda), using the last two data predictions. With
+jump has finite length, unlike in lambda), using the last two model outputs (data or noise
+predictions: the noise-prediction solver, which cannot step to sigma = 0 in lambda, lands there
+this way). With
 ``sigma_schedule="logsnr"`` (uniform steps in log-SNR) this is jdiff's accurate 10-step setting;
 see ``bench/samplers.py``.
 """
@@ -157,8 +159,10 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
     thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x0.
     singlestep: use DPMSolverSinglestepScheduler's grouping.
     final_step: "default" (diffusers' last step) or "extrapolate" (jdiff: a second-order last
-      step in sigma to sigma = 0; needs a "dpmsolver++" algorithm, ``final_sigmas_type="zero"``,
-      multistep and num_steps >= 2).
+      step in sigma to sigma = 0; needs algorithm "dpmsolver++" or "dpmsolver",
+      ``final_sigmas_type="zero"``, multistep and num_steps >= 2). With "dpmsolver" (noise
+      prediction, which diffusers can only stop at sigma_min) this lands on sigma = 0 without the
+      wasted zero-length step diffusers takes with Karras/exponential sigmas.
     return_trajectory: also return the state after every step [num_steps, B, ...].
 
   Returns:
@@ -175,15 +179,16 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
     raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
   if final_sigmas_type not in ("zero", "sigma_min"):
     raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
-  if algorithm == "dpmsolver" and final_sigmas_type == "zero":
-    raise ValueError("algorithm='dpmsolver' cannot land on sigma = 0: pass final_sigmas_type='sigma_min'")
   if final_step not in FINAL_STEPS:
     raise ValueError(f"unknown final_step {final_step!r}; expected one of {FINAL_STEPS}")
   extrapolate = final_step == "extrapolate"
-  if extrapolate and (algorithm != "dpmsolver++" or final_sigmas_type != "zero" or singlestep
+  if algorithm == "dpmsolver" and final_sigmas_type == "zero" and not extrapolate:
+    raise ValueError("algorithm='dpmsolver' cannot land on sigma = 0: pass final_sigmas_type='sigma_min' "
+                     "or final_step='extrapolate'")
+  if extrapolate and (algorithm == "sde-dpmsolver++" or final_sigmas_type != "zero" or singlestep
                       or num_steps < 2):
-    raise ValueError("final_step='extrapolate' needs algorithm='dpmsolver++', final_sigmas_type='zero', "
-                     "singlestep=False and num_steps >= 2")
+    raise ValueError("final_step='extrapolate' needs algorithm 'dpmsolver++' or 'dpmsolver', "
+                     "final_sigmas_type='zero', singlestep=False and num_steps >= 2")
   sigma_schedule = _pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
   if singlestep and lower_order_final is None:
     lower_order_final = False
@@ -319,13 +324,22 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
     branches = make_branches(x, x_start, hist, (st, s_0, s_1, s_2), noise)
     x_next = jax.lax.switch(br, branches, None)
     if extrapolate:
-      x_next = jnp.where(final, extrapolated_final_step(x, s_0, hist[2], x_last, sp, hist[1]), x_next)
+      x0_s, x0_p = hist[2], hist[1]
+      if not data_pred:  # the history holds noise predictions: x0 = (x - sigma_t eps) / alpha_t
+        x0_s, x0_p = _eps_to_x0(x, s_0, hist[2]), _eps_to_x0(x_last, sp, hist[1])
+      x_next = jnp.where(final, extrapolated_final_step(x, s_0, x0_s, x_last, sp, x0_p), x_next)
     return (x_next, x_start, hist, x), (x_next if return_trajectory else None)
 
   hist0 = jnp.zeros((3,) + x.shape, jnp.float32)
   xs = (jnp.asarray(ts).astype(t_dtype), s_next, s0, s1, s2, branch, is_final, s_prev, keys)
   (x, _, _, _), traj = jax.lax.scan(step, (x, x, hist0, x), xs)
   return (x, traj) if return_trajectory else x
+
+
+def _eps_to_x0(x: jax.Array, sigma: jax.Array, eps: jax.Array) -> jax.Array:
+  """Data prediction of a noise prediction at VE level ``sigma`` (VP state x)."""
+  alpha, sigma_t = _sigmas.alpha_sigma(sigma)
+  return diffusion.to_x0(eps, x, alpha, sigma_t, "epsilon")
 
 
 def _pick_sigma_schedule(sigma_schedule, use_karras_sigmas: bool, use_exponential_sigmas: bool):

@@ -18,7 +18,7 @@ import numpy as np
 
 from jdiff import diffusion
 from jdiff.samplers import _common, _sigmas
-from jdiff.samplers.dpm_solver import _pick_sigma_schedule, extrapolated_final_step
+from jdiff.samplers.dpm_solver import _eps_to_x0, _pick_sigma_schedule, extrapolated_final_step
 from jdiff.schedules import Schedule
 
 __all__ = ["unipc", "SOLVER_TYPES", "unipc_orders"]
@@ -88,8 +88,8 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
     timestep_spacing, steps_offset, thresholding, dynamic_thresholding_ratio, sample_max_value:
       as in diffusers.
     final_step: "default" or "extrapolate" (jdiff: second-order last step in sigma, see
-      :func:`jdiff.samplers.dpm_solver.extrapolated_final_step`; needs ``predict_x0``, a final
-      sigma of zero and num_steps >= 2).
+      :func:`jdiff.samplers.dpm_solver.extrapolated_final_step`; needs a final sigma of zero and
+      num_steps >= 2; with ``predict_x0=False`` it is the only way to land on sigma = 0).
     return_trajectory: also return the state after every step [num_steps, B, ...] (the
       predictor's output; the corrector refines it at the next step, as in diffusers).
 
@@ -108,9 +108,10 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
     raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
   if final_step not in ("default", "extrapolate"):
     raise ValueError(f"unknown final_step {final_step!r}; expected 'default' or 'extrapolate'")
-  if final_sigmas_type == "zero" and not predict_x0:
-    raise ValueError("predict_x0=False cannot land on sigma = 0: pass final_sigmas_type='sigma_min'")
   extrapolate = final_step == "extrapolate"
+  if final_sigmas_type == "zero" and not predict_x0 and not extrapolate:
+    raise ValueError("predict_x0=False cannot land on sigma = 0: pass final_sigmas_type='sigma_min' "
+                     "or final_step='extrapolate'")
   if extrapolate and (final_sigmas_type != "zero" or num_steps < 2):
     raise ValueError("final_step='extrapolate' needs final_sigmas_type='zero' and num_steps >= 2")
   sigma_schedule = _pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
@@ -200,8 +201,10 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
     p_branches = [(lambda _, p=p: predictor(x, hist, w, p)) for p in (1, 2, 3)]
     x_next = jax.lax.switch(p - 1, p_branches, None)
     if extrapolate:
-      x_next = jnp.where(final, extrapolated_final_step(x_eval, w[1], hist[2], x_prev_eval, w[2], hist[1]),
-                         x_next)
+      m_s, m_p = hist[2], hist[1]
+      if not predict_x0:  # noise predictions -> data predictions at the same points
+        m_s, m_p = _eps_to_x0(x_eval, w[1], m_s), _eps_to_x0(x_prev_eval, w[2], m_p)
+      x_next = jnp.where(final, extrapolated_final_step(x_eval, w[1], m_s, x_prev_eval, w[2], m_p), x_next)
     return (x_next, x, hist, x_eval), (x_next if return_trajectory else None)
 
   hist0 = jnp.zeros((3,) + x.shape, jnp.float32)
