@@ -101,3 +101,18 @@ def test_partition_rules_must_cover_everything(nets):
   _, _, up, cp, _ = nets
   with pytest.raises(ValueError, match="covered by no partition rule"):
     partition.labels({"unet": up, "controlnet": cp}, [(r"^controlnet/", "trainable")])
+
+
+def test_projection_class_embedding_is_copied_and_exact():
+  """A UNet that adds a projected vector to its time embedding: the ControlNet copies that embedding."""
+  cfg = UNetConfig.tiny(cross_attention_dim=16, class_embed_type="projection", projection_class_embeddings_input_dim=16)
+  unet, cn = UNet(cfg), ControlNet(ControlNetConfig(unet=cfg, conditioning_embedding_out_channels=(8, 16)))
+  x, t = jnp.ones((1, 8, 8, 4)), jnp.array([3])
+  ctx, hint = jnp.ones((1, 2, 16)), jnp.zeros((1, 16, 16, 3))
+  labels = jnp.mean(ctx, axis=1)
+  up = unet.init(jax.random.key(0), x, t, ctx, class_labels=labels)["params"]
+  cp = init_from_unet(up, jax.random.key(1), cn, x, t, ctx, hint, class_labels=labels)
+  np.testing.assert_array_equal(cp["class_embedding"]["linear_1"]["kernel"], up["class_embedding"]["linear_1"]["kernel"])
+  down, mid = cn.apply({"params": cp}, x, t, ctx, hint, class_labels=labels)
+  out = unet.apply({"params": up}, x, t, ctx, class_labels=labels, down_residuals=down, mid_residual=mid)
+  np.testing.assert_array_equal(out, unet.apply({"params": up}, x, t, ctx, class_labels=labels))

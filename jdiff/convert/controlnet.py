@@ -33,7 +33,15 @@ def controlnet_param_shapes(config: ControlNetConfig) -> dict[tuple[str, ...], t
   x = jnp.zeros((1, f, f, u.in_channels))
   hint = jnp.zeros((1, f * config.hint_downsample, f * config.hint_downsample, config.conditioning_channels))
   ctx = jnp.zeros((1, 1, u.per_block("cross_attention_dim")[0]))
-  kw = {"class_labels": jnp.zeros((1,), jnp.int32)} if u.num_class_embeds is not None else {}
+  kw = {}
+  if u.class_embed_type is None and u.num_class_embeds is not None:
+    kw["class_labels"] = jnp.zeros((1,), jnp.int32)
+  elif u.class_embed_type == "timestep":
+    kw["class_labels"] = jnp.zeros((1,), jnp.float32)
+  elif u.class_embed_type in ("projection", "simple_projection"):
+    kw["class_labels"] = jnp.zeros((1, u.projection_class_embeddings_input_dim), jnp.float32)
+  elif u.class_embed_type == "identity":
+    kw["class_labels"] = jnp.zeros((1, u.time_embed_dim), jnp.float32)
   abstract = jax.eval_shape(lambda: ControlNet(config).init(jax.random.key(0), x, jnp.zeros((1,)), ctx, hint, **kw))
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract["params"]).items()}
 

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -30,7 +31,7 @@ from flax import traverse_util
 
 from jdiff.models import layers
 from jdiff.models.configs import UNetConfig
-from jdiff.models.unet import DownBlock, MidBlock
+from jdiff.models.unet import DownBlock, MidBlock, UNet
 
 __all__ = ["ControlNetConfig", "ControlNet", "ConditioningEmbedding", "init_from_unet", "combine_residuals",
            "guidance_active", "ENCODER_PARAMS"]
@@ -63,9 +64,6 @@ class ControlNetConfig:
                        tuple(self.conditioning_embedding_out_channels))
     if self.channel_order not in ("rgb", "bgr"):
       raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
-    if self.unet.class_embed_type is not None:
-      raise ValueError(f"ControlNet supports label (num_class_embeds) class conditioning only, not "
-                       f"class_embed_type={self.unet.class_embed_type!r}")
 
   @property
   def hint_downsample(self) -> int:
@@ -144,7 +142,7 @@ class ControlNet(nn.Module):
         ``config.hint_downsample``).
       conditioning_scale: multiplies every residual.
       guess_mode: scale residuals from 0.1 (shallowest) to 1.0 (middle), log-spaced, as diffusers.
-      class_labels: [B] labels for label-conditioned UNets.
+      class_labels: the UNet's class conditioning ([B] labels, or [B, D] for "projection" types).
       train: enables dropout.
 
     Returns:
@@ -168,10 +166,9 @@ class ControlNet(nn.Module):
 
     t_feat = layers.timestep_embedding(t, ch[0], flip_sin_to_cos=ucfg.flip_sin_to_cos, freq_shift=ucfg.freq_shift)
     emb = layers.TimestepEmbedding(ucfg.time_embed_dim, dtype=dtype, name="time_embedding")(t_feat)
-    if ucfg.num_class_embeds is not None:
-      if class_labels is None:
-        raise ValueError("this ControlNet is class-conditional: pass class_labels")
-      emb = emb + nn.Embed(ucfg.num_class_embeds, ucfg.time_embed_dim, name="class_embedding")(class_labels)
+    # The UNet's class embedding, built in this module's scope under the same name ("class_embedding")
+    # so init_from_unet copies it; UNet._class_embedding only reads ``.config``.
+    emb = emb + UNet._class_embedding(types.SimpleNamespace(config=ucfg), class_labels, b, ch[0], dtype)
 
     h = nn.Conv(ch[0], (ucfg.conv_in_kernel,) * 2, padding=(ucfg.conv_in_kernel - 1) // 2, dtype=dtype,
                 name="conv_in")(x.astype(dtype))
