@@ -12,6 +12,13 @@ Resume order (what a killed run does when restarted with the same workdir):
 Saves are asynchronous; :meth:`Checkpointer.close` waits for them (always call it at exit).
 A state containing NaN/inf is never written (:class:`ValueError`).
 
+Integrity: Orbax writes each step into a temporary folder and renames it when complete, so a
+process killed mid-save (SIGKILL) leaves no half step behind (leftover temporary folders are
+removed on the next start). Each save also records a fingerprint of the state (two wrapping uint32
+sums of the raw bits of every leaf) next to the data position; :meth:`Checkpointer.restore_latest`
+verifies it, and a latest step that cannot be read or does not match (truncated or garbled files)
+is moved aside to ``corrupt-<step>`` with a warning naming it, and the previous step is used.
+
 Example:
   >>> ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3)
   >>> restored = ckpt.restore_latest(abstract_state)
@@ -24,13 +31,69 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import logging
+import shutil
+import sys
+import warnings
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jdiff import parallel
+
 from jdiff import training
 
-__all__ = ["Checkpointer", "check_shapes"]
+__all__ = ["Checkpointer", "check_shapes", "fingerprint", "CorruptCheckpointError", "abstract_like"]
+
+_FINGERPRINT_KEY = "_fingerprint"
+
+
+class CorruptCheckpointError(ValueError):
+  """A saved step cannot be read back or does not match its recorded fingerprint."""
+
+
+def _leaf_bits(x: jax.Array) -> jax.Array:
+  """The raw bits of an array as uint32 (floats/ints bitcast, 8/16-bit widened, bool cast)."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = x.dtype.itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  if size == 1:
+    return jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # [..., 2] -> flat
+  raise ValueError(f"cannot fingerprint dtype {x.dtype}")
+
+
+@jax.jit
+def _fingerprint_leaves(leaves: list[jax.Array]) -> jax.Array:
+  sums = []
+  for leaf in leaves:
+    u = _leaf_bits(leaf).reshape(-1)  # [N] uint32
+    pos = jnp.arange(u.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    sums.append(jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * pos, dtype=jnp.uint32)]))
+  return jnp.stack(sums) if sums else jnp.zeros((0, 2), jnp.uint32)  # [L, 2]
+
+
+def fingerprint(tree: Any) -> list[list[int]]:
+  """Two wrapping uint32 sums (plain and position-weighted) of the raw bits of every leaf.
+
+  Integer arithmetic, so the result is exact, independent of sharding and reduction order, and
+  changes when any bit of a leaf is garbled. Computed on device; only [num_leaves, 2] comes back.
+
+  Example:
+    >>> fingerprint({"w": jnp.ones(3)})
+    [[3196059648, 998244352]]
+  """
+  leaves = [leaf for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype")]
+  return np.asarray(_fingerprint_leaves(leaves)).astype(np.int64).tolist()
+
 
 
 def _path_str(path) -> str:
@@ -76,7 +139,8 @@ class Checkpointer:
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save,
-                                           save_interval_steps=save_interval_steps)
+                                           save_interval_steps=save_interval_steps,
+                                           cleanup_tmp_directories=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -94,8 +158,10 @@ class Checkpointer:
     """
     if not training.check_finite(state):
       raise ValueError(f"refusing to checkpoint step {step}: the train state contains NaN/inf")
+    data = dict(data_state or {})
+    data[_FINGERPRINT_KEY] = fingerprint(_state_dict(state))
     args = ocp.args.Composite(state=ocp.args.StandardSave(_state_dict(state)),
-                              data=ocp.args.JsonSave(data_state or {}))
+                              data=ocp.args.JsonSave(data))
     return self.manager.save(int(step), args=args, force=force)
 
   def saved_shapes(self, step: int | None = None) -> Any:
@@ -107,25 +173,79 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores ``step`` into the shapes/shardings of ``abstract_state`` (ShapeDtypeStructs with
-    ``.sharding``, or concrete arrays); returns (state, data_state)."""
+    ``.sharding``, or concrete arrays); returns (state, data_state).
+
+    Raises:
+      ValueError: the checkpoint is of a different model (names the first mismatching leaf).
+      CorruptCheckpointError: the step's files cannot be read or fail the fingerprint check.
+    """
+    where = os.path.join(self.directory, str(step))
     expected = _state_dict(abstract_state)
-    check_shapes(self.saved_shapes(step), expected,
-                 what=f"checkpoint {os.path.join(self.directory, str(step))}")
+    try:
+      saved = self.saved_shapes(step)
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable metadata
+      raise CorruptCheckpointError(f"checkpoint {where} is unreadable: {_one_line(e)}") from None
+    check_shapes(saved, expected, what=f"checkpoint {where}")
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), expected)
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             data=ocp.args.JsonRestore()))
-    state = out["state"]
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                               data=ocp.args.JsonRestore()))
+      state, data = out["state"], dict(out["data"] or {})
+    except Exception as e:  # truncated/garbled array files: tensorstore errors of several types
+      raise CorruptCheckpointError(f"checkpoint {where} is unreadable: {_one_line(e)}") from None
+    recorded = data.pop(_FINGERPRINT_KEY, None)
+    if recorded is not None and fingerprint(state) != recorded:
+      raise CorruptCheckpointError(f"checkpoint {where} is corrupt: its arrays do not match the "
+                                   "fingerprint recorded when it was saved")
     if isinstance(abstract_state, training.TrainState):
       state = training.TrainState(**state)
-    return state, dict(out["data"] or {})
+    return state, data
 
-  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-    """Restores the newest checkpoint, or returns None when the directory holds none."""
-    step = self.latest_step()
-    if step is None:
+  def restore_latest(self, abstract_state: Any, *, fallback: bool = True) -> tuple[Any, dict] | None:
+    """Restores the newest readable checkpoint, or returns None when the directory holds none.
+
+    A newest step that is corrupt (:class:`CorruptCheckpointError`) is moved aside to
+    ``corrupt-<step>`` (kept for inspection, ignored by Orbax) with a warning naming it, and the
+    previous step is tried, down to the oldest.
+
+    Raises:
+      CorruptCheckpointError: every saved step is corrupt (or ``fallback=False``).
+      ValueError: the checkpoint is of a different model.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
       return None
-    return self.restore(step, abstract_state)
+    errors = []
+    for step in steps:
+      try:
+        return self.restore(step, abstract_state)
+      except CorruptCheckpointError as e:
+        if not fallback:
+          raise
+        errors.append(str(e))
+        moved = self._quarantine(step)
+        nxt = [s for s in steps if s < step]
+        what = f"resuming from step {nxt[0]}" if nxt else "no earlier checkpoint left"
+        msg = f"{e}; moved it to {moved}; {what}"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        logging.warning(msg)
+        if parallel.is_main_process():
+          print(f"warning: {msg}", file=sys.stderr, flush=True)
+    raise CorruptCheckpointError(f"all {len(steps)} checkpoints in {self.directory} are corrupt "
+                                 f"(moved to corrupt-<step>); first error: {errors[0]}")
+
+  def _quarantine(self, step: int) -> str:
+    """Renames step ``step`` to ``corrupt-<step>`` (process 0; all processes wait)."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, f"corrupt-{step}")
+    if parallel.is_main_process():
+      if os.path.exists(dst):
+        shutil.rmtree(dst)
+      os.rename(src, dst)
+    parallel.barrier(f"jdiff_quarantine_{step}")
+    self.manager.reload()
+    return dst
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -146,3 +266,8 @@ def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a concrete pytree, for :meth:`Checkpointer.restore`."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
                                                      sharding=getattr(x, "sharding", None)), tree)
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= 300 else text[:297] + "..."

@@ -29,22 +29,121 @@ __all__ = [
     "host_to_global",
     "global_to_host",
     "initialize",
+    "distributed_args",
     "is_main_process",
+    "sync_flag",
+    "barrier",
 ]
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
 
-def initialize() -> None:
-  """Initialises multi-host JAX when launched on several hosts (a no-op on one process).
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
-  Call once at program start, before any other JAX call, on every host. On TPU pods and SLURM
-  clusters :func:`jax.distributed.initialize` discovers the coordinator itself.
+
+def _cluster_detected(env: dict[str, str]) -> bool:
+  """True where :func:`jax.distributed.initialize` finds the cluster itself (multi-task SLURM, TPU pod)."""
+  if int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1 and "SLURM_JOB_ID" in env:
+    return True
+  hosts = env.get("TPU_WORKER_HOSTNAMES", env.get("MEGASCALE_COORDINATOR_ADDRESS", ""))
+  return "," in hosts or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def distributed_args(*, coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, environ: dict[str, str] | None = None
+                     ) -> dict[str, Any] | None:
+  """The arguments :func:`initialize` passes to ``jax.distributed.initialize``, or None (one process).
+
+  Explicit values win over the environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+  ``JAX_PROCESS_ID``); on a multi-task SLURM job or a TPU pod with nothing given, the empty dict
+  (JAX detects the cluster).
+
+  Raises:
+    ValueError: an incomplete or inconsistent set (e.g. a process id without a process count).
+
+  Example:
+    >>> distributed_args(coordinator="127.0.0.1:1234", num_processes=2, process_id=1)
+    {'coordinator_address': '127.0.0.1:1234', 'num_processes': 2, 'process_id': 1}
   """
   import os
-  if int(os.environ.get("JAX_PROCESS_COUNT", "1")) > 1 or "SLURM_NTASKS" in os.environ:
-    jax.distributed.initialize()
+  env = dict(os.environ if environ is None else environ)
+
+  def pick(value, name, cast):
+    if value is not None and value != "" and value != -1:
+      return cast(value)
+    raw = env.get(name, "")
+    if raw == "":
+      return None
+    try:
+      return cast(raw)
+    except ValueError:
+      raise ValueError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from None
+
+  coord = pick(coordinator, ENV_COORDINATOR, str)
+  n = pick(num_processes, ENV_NUM_PROCESSES, int)
+  pid = pick(process_id, ENV_PROCESS_ID, int)
+  if coord is None and n is None and pid is None:
+    return {} if _cluster_detected(env) else None
+  if n is not None and n < 1:
+    raise ValueError(f"num_processes must be >= 1, got {n}")
+  if n == 1 and coord is None:
+    return None
+  if coord is None or n is None or pid is None:
+    missing = [name for name, v in (("coordinator", coord), ("num_processes", n), ("process_id", pid))
+               if v is None]
+    raise ValueError(f"multi-process training needs --coordinator, --num_processes and --process_id "
+                     f"(or {ENV_COORDINATOR}/{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}); missing {', '.join(missing)}")
+  if not 0 <= pid < n:
+    raise ValueError(f"process_id={pid} is not in [0, num_processes={n})")
+  if ":" not in coord:
+    raise ValueError(f"coordinator address {coord!r} must be HOST:PORT")
+  return {"coordinator_address": coord, "num_processes": n, "process_id": pid}
+
+
+_INITIALIZED = False
+
+
+def initialize(*, coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = 300) -> bool:
+  """Starts JAX's multi-controller runtime when this is one of several processes.
+
+  Call once per process before anything touches devices (``jax.devices()``, creating arrays):
+  :func:`train.loop.main_wrapper` does it from ``--coordinator/--num_processes/--process_id``.
+  Settings come from the arguments, else ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+  ``JAX_PROCESS_ID``; with none, multi-task SLURM jobs and TPU pods are detected by JAX itself and
+  a single process is left alone (no-op).
+
+  Returns:
+    True if the distributed runtime was started by this call.
+
+  Example:
+    >>> initialize(coordinator="127.0.0.1:12345", num_processes=2, process_id=0)  # on each host
+  """
+  global _INITIALIZED
+  kwargs = distributed_args(coordinator=coordinator, num_processes=num_processes, process_id=process_id)
+  if kwargs is None or _INITIALIZED:
+    return False
+  jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+  _INITIALIZED = True
+  return True
+
+
+def sync_flag(flag: bool) -> bool:
+  """True on every process if ``flag`` is true on any (a collective: call on all processes)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.asarray([int(flag)], np.int32))))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reached the barrier ``name`` (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def is_main_process() -> bool:

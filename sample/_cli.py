@@ -40,7 +40,18 @@ def _load_diffusers(path: str, **options: Any) -> Any:
   return StableDiffusion.from_diffusers(path, **options)
 
 
-SOURCES: dict[str, Callable[..., Any]] = {"diffusers": _load_diffusers}
+def _load_workdir(path: str, **options: Any) -> Any:
+  """A ``train.ldm`` workdir as a :class:`~jdiff.pipelines.StableDiffusion` (EMA weights, byte tokenizer)."""
+  if options:
+    raise UsageError(f"--workdir models take no {', '.join(sorted(options))} option")
+  from train.lora import load_base
+  try:
+    return load_base(path, flag="--workdir").pipe
+  except FileNotFoundError as err:
+    raise UsageError(str(err)) from None
+
+
+SOURCES: dict[str, Callable[..., Any]] = {"diffusers": _load_diffusers, "workdir": _load_workdir}
 
 
 def register_source(kind: str, loader: Callable[..., Any]) -> None:

@@ -130,3 +130,28 @@ def test_lora_flag_generates_with_the_adapter(pipeline_dir, tmp_path, capsys, mo
   plain = _cli.make_grid(np.asarray(pipe.generate(["a cat"], key=key, num_steps=2)))
   assert np.max(np.abs(grid - want.astype(int))) <= 1
   assert np.max(np.abs(grid - plain.astype(int))) > 2  # the adapter changed the image
+
+
+def test_workdir_source_generates_from_a_train_ldm_run(tmp_path, capsys):
+  """``--workdir`` loads a train.ldm workdir; the grid equals the pipeline's own output."""
+  from PIL import Image
+
+  from sample import txt2img
+  from sample._cli import load_pipeline
+  from tests.test_train_lora import save_random_base
+  wd = save_random_base(str(tmp_path / "ldm"))
+  out = tmp_path / "grid.png"
+  code = txt2img.main(["--workdir", wd, "--prompt", "a handwritten digit 3", "--out", str(out), "--steps", "3",
+                       "--num-images", "2", "--guidance", "2.0", "--cols", "2"])
+  assert code == 0 and out.exists()
+  grid = np.asarray(Image.open(out))
+  pipe = load_pipeline("workdir", wd)
+  want = np.asarray(pipe.generate(["a handwritten digit 3"] * 2, key=jax.random.fold_in(jax.random.key(0), 0),
+                                  num_steps=3, guidance_scale=2.0))
+  assert grid.shape[0] == want.shape[1] and abs(grid.shape[1] - 2 * want.shape[2]) <= 4
+  first = grid[:, : want.shape[2]].astype(np.float32) / 255.0
+  if first.ndim == 2:  # one-channel digits are written as a greyscale PNG
+    first = first[..., None]
+  np.testing.assert_allclose(first, want[0], atol=1.5 / 255)
+  with pytest.raises(_cli.UsageError, match="does not exist"):
+    txt2img.main(["--workdir", str(tmp_path / "nope"), "--prompt", "x"])

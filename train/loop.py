@@ -7,6 +7,23 @@ the jitted step, progress lines (step, loss, steps/s, ETA), TensorBoard scalars 
 PNG sample grids from the EMA parameters, periodic and final checkpoints. Only process 0 writes
 logs, scalars and images.
 
+Multi-host: every process runs the same command with ``--coordinator HOST:PORT --num_processes N
+--process_id I`` (or ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``;
+nothing on TPU pods and SLURM, where JAX finds the cluster). :func:`main_wrapper` starts
+``jax.distributed`` before anything touches devices; each host reads its block of every global
+batch (:class:`jdiff.data.Loader`), the step sees one global array, Orbax writes collectively.
+
+Gradient accumulation: ``train.grad_accum = k`` splits each global batch into ``k`` micro-batches
+inside the step (a rematerialised ``lax.scan``: activations of one micro-batch at a time) and
+averages their losses, so the update equals one step on the whole batch (per-example losses
+averaged); each micro-batch draws its noise from its own key.
+
+Preemption: SIGTERM or SIGINT during training saves a checkpoint at the next step boundary (all
+processes agree on the step), waits for it, prints one line and exits with
+:data:`EXIT_PREEMPTED` (143 after SIGTERM, 130 after SIGINT, the shell's 128 + signal number);
+rerunning the same command resumes. A second signal stops at once. SIGKILL loses only the steps
+since the last checkpoint; a corrupt latest checkpoint is skipped (:mod:`jdiff.checkpoint`).
+
 Example:
   >>> state = train(config.train, task, loader, "/tmp/run")
 """
@@ -16,7 +33,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -28,7 +47,64 @@ import numpy as np
 from jdiff import checkpoint, parallel, training
 
 __all__ = ["Task", "train", "save_grid", "make_grid", "main_wrapper", "load_config", "apply_overrides",
-           "ProgressLogger"]
+           "ProgressLogger", "Preempted", "EXIT_PREEMPTED", "EXIT_USAGE", "accumulate_gradients",
+           "validate_config"]
+
+EXIT_USAGE = 2
+EXIT_PREEMPTED = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint at ``step`` (``step`` is None when
+  the signal came before any step of this run and nothing new needed saving)."""
+
+  def __init__(self, signum: int, step: int | None, directory: str):
+    self.signum, self.step, self.directory = signum, step, directory
+    name = signal.Signals(signum).name
+    where = (f"checkpoint saved at step {step} in {directory}" if step is not None
+             else f"no new checkpoint needed ({directory})")
+    super().__init__(f"{name} received: {where}; rerun the same command to resume")
+
+
+class _PreemptionGuard:
+  """Turns SIGTERM/SIGINT into a flag checked at step boundaries (a second signal stops at once)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+    self._depth = 0
+
+  def _handler(self, signum, frame):
+    if self.signum is not None:  # second signal: the user really means it
+      self.uninstall(force=True)
+      if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      os._exit(128 + signum)
+    self.signum = signum
+
+  def install(self) -> None:
+    self._depth += 1
+    if self._depth > 1 or threading.current_thread() is not threading.main_thread():
+      return
+    self.signum = None
+    for sig in self.SIGNALS:
+      self._previous[sig] = signal.signal(sig, self._handler)
+
+  def uninstall(self, force: bool = False) -> None:
+    self._depth = 0 if force else max(0, self._depth - 1)
+    if self._depth == 0 and self._previous:
+      for sig, old in self._previous.items():
+        signal.signal(sig, old)
+      self._previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
+
+_GUARD = _PreemptionGuard()
 
 
 @dataclasses.dataclass
@@ -140,6 +216,55 @@ def _abstract_with_shardings(state_shape: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shape, shardings)
 
 
+def accumulate_gradients(loss_fn: Callable[..., Any], steps: int) -> Callable[..., Any]:
+  """A loss function averaging ``loss_fn`` over ``steps`` micro-batches of the batch (in-step scan).
+
+  Micro-batch ``j`` holds examples ``j, j + steps, j + 2 * steps, ...`` (so every device keeps an
+  equal share of each), its key is ``split(key, steps)[j]``, and the scan body is rematerialised:
+  the backward pass holds one micro-batch's activations at a time. For per-example-mean losses the
+  gradient equals the full batch's.
+
+  Example:
+    >>> loss = accumulate_gradients(loss_fn, 4)   # batch [B] -> 4 micro-batches [B / 4]
+  """
+  if steps <= 1:
+    return loss_fn
+
+  def split(x):  # [B, ...] -> [steps, B / steps, ...]
+    b = x.shape[0]
+    if b % steps:
+      raise ValueError(f"batch of {b} examples is not divisible by grad_accum={steps}")
+    return jnp.swapaxes(x.reshape((b // steps, steps) + x.shape[1:]), 0, 1)
+
+  def wrapped(params, batch, key, frozen):
+    micro = jax.tree.map(split, batch)
+    keys = jax.random.split(key, steps)
+
+    @jax.checkpoint
+    def body(carry, inputs):
+      mb, k = inputs
+      loss, aux = loss_fn(params, mb, k, frozen)
+      return carry, (loss, aux)
+
+    _, (losses, auxes) = jax.lax.scan(body, None, (micro, keys))
+    return jnp.mean(losses), jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)
+
+  return wrapped
+
+
+def _next_batch(loader) -> dict[str, Any]:
+  try:
+    return next(loader)
+  except (ValueError, FileNotFoundError, KeyError):
+    raise
+  except StopIteration:
+    raise ValueError("the data loader ran out of batches") from None
+  except Exception as e:  # corrupt dataset files: the reader raises many types
+    text = " ".join(str(e).split())[:300]
+    raise ValueError(f"cannot read the next batch from the dataset ({type(e).__name__}: {text}); "
+                     "the dataset files may be corrupt: re-prepare them") from None
+
+
 def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, seed: int = 0,
           stream=None) -> training.TrainState:
   """Runs (or resumes) training of ``task`` to ``cfg.steps`` steps in ``workdir``; returns the state.
@@ -147,13 +272,37 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
   ``cfg`` is a train section: steps, learning_rate, warmup_steps, lr_schedule, clip_norm,
   weight_decay, ema_decay, ema_warmup, max_bad_steps, log_every, checkpoint_every, sample_every,
   keep_checkpoints, fsdp (mesh size of the "fsdp" axis, 1 = replicated params), stop_at (stop
-  after this step as if killed; 0 = no).
+  after this step as if killed; 0 = no), grad_accum (micro-batches per step; optional, default 1).
+
+  Raises:
+    Preempted: SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written.
+    ValueError: a bad setting or data (one line); training.NonFiniteError: diverged.
 
   Example:
     >>> state = train(config.train, task, loader, workdir)
   """
-  os.makedirs(workdir, exist_ok=True)
+  validate_config(cfg)
+  _GUARD.install()
+  try:
+    return _train(cfg, task, loader, workdir, seed=seed, stream=stream)
+  finally:
+    _GUARD.uninstall()
+
+
+def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
+  out = stream or sys.stdout
+  main = parallel.is_main_process()
+  if main:
+    os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(fsdp=int(cfg.fsdp))
+  accum = int(cfg.get("grad_accum", 1) or 1)
+  local_b = getattr(loader, "local_batch", None)
+  if local_b is not None:
+    global_b = int(local_b) * jax.process_count()
+    n_dev = jax.device_count()
+    if global_b % (n_dev * accum):
+      raise ValueError(f"the global batch of {global_b} examples is not divisible by {n_dev} devices x "
+                       f"grad_accum={accum}; choose a batch size that is a multiple of {n_dev * accum}")
   tx = training.make_optimizer(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                                total_steps=cfg.steps, schedule=cfg.lr_schedule, clip_norm=cfg.clip_norm,
                                weight_decay=cfg.weight_decay)
@@ -170,42 +319,54 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
     else:
       state, data_state = restored
       loader.set_state(data_state.get("loader", {}))
-    step_fn = training.make_train_step(task.loss_fn, tx, mesh=mesh, state_sharding=shardings,
-                                       frozen=task.frozen, ema_decay=cfg.ema_decay,
-                                       ema_warmup=cfg.ema_warmup, max_bad_steps=cfg.max_bad_steps)
+    step_fn = training.make_train_step(accumulate_gradients(task.loss_fn, accum), tx, mesh=mesh,
+                                       state_sharding=shardings, frozen=task.frozen,
+                                       ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup,
+                                       max_bad_steps=cfg.max_bad_steps)
     start = int(state.step)
     total = int(cfg.steps)
     stop = min(total, int(cfg.stop_at)) if cfg.stop_at else total
+    if parallel.sync_flag(_GUARD.requested):
+      raise Preempted(_GUARD.signum or signal.SIGTERM, None, ckpt.directory)
     logger = ProgressLogger(workdir, task.name, total, every=cfg.log_every, stream=stream)
     if start >= stop:
       logger.close()
       return state
-    if start:
-      print(f"[{task.name}] resuming from step {start} ({ckpt.directory})", file=stream or sys.stdout,
-            flush=True)
+    if start and main:
+      print(f"[{task.name}] resuming from step {start} ({ckpt.directory})", file=out, flush=True)
     sample_key = jax.random.fold_in(key, 1)
     check_every = max(1, min(int(cfg.log_every), int(cfg.max_bad_steps) or int(cfg.log_every)))
     metrics = None
-    for step in range(start + 1, stop + 1):
-      batch = next(loader)
-      batch = parallel.host_to_global({k: batch[k] for k in task.batch_keys}, mesh)
-      state, metrics = step_fn(state, batch)
-      if step == start + 1:
-        jax.block_until_ready(metrics)
-        logger.start(step)  # rates exclude compilation
-      if step % check_every == 0 or step == stop:
-        step_fn.raise_if_diverged(metrics)  # a host sync: not every step, but within 2N steps of N bad ones
-      if step % cfg.log_every == 0 or step == stop:
-        logger.log(step, metrics)
-      if task.sample_fn is not None and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
-        images = parallel.global_to_host(task.sample_fn(state.ema_params, sample_key))
-        if parallel.is_main_process():
-          save_grid(images, os.path.join(workdir, "samples", f"{task.name}_{step:06d}.png"),
-                    cols=task.grid_cols)
-      if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop:
-        step_fn.raise_if_diverged(metrics)
-        ckpt.save(step, state, data_state={"loader": loader.get_state()}, force=True)
-    logger.close()
+    try:
+      for step in range(start + 1, stop + 1):
+        batch = _next_batch(loader)
+        batch = parallel.host_to_global({k: batch[k] for k in task.batch_keys}, mesh)
+        state, metrics = step_fn(state, batch)
+        if step == start + 1:
+          jax.block_until_ready(metrics)
+          logger.start(step)  # rates exclude compilation
+        if step % check_every == 0 or step == stop:
+          step_fn.raise_if_diverged(metrics)  # a host sync: not every step, but within 2N steps of N bad ones
+        if step % cfg.log_every == 0 or step == stop:
+          logger.log(step, metrics)
+        if task.sample_fn is not None and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
+          images = parallel.global_to_host(task.sample_fn(state.ema_params, sample_key))
+          if main:
+            save_grid(images, os.path.join(workdir, "samples", f"{task.name}_{step:06d}.png"),
+                      cols=task.grid_cols)
+        saved = False
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop:
+          step_fn.raise_if_diverged(metrics)
+          ckpt.save(step, state, data_state={"loader": loader.get_state()}, force=True)
+          saved = True
+        if parallel.sync_flag(_GUARD.requested):  # every process stops at the same step
+          if not saved:
+            step_fn.raise_if_diverged(metrics)
+            ckpt.save(step, state, data_state={"loader": loader.get_state()}, force=True)
+          ckpt.wait()
+          raise Preempted(_GUARD.signum or signal.SIGTERM, step, ckpt.directory)
+    finally:
+      logger.close()
     return state
   finally:
     ckpt.close()
@@ -240,12 +401,70 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   return mod.get_config()
 
 
+_TRAIN_KEYS = {
+    # key: (types, check, what it must be)
+    "steps": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "learning_rate": ((int, float), lambda v: np.isfinite(v) and v > 0, "a finite number > 0"),
+    "warmup_steps": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "lr_schedule": ((str,), lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
+    "clip_norm": ((int, float, type(None)), lambda v: v is None or (np.isfinite(v) and v > 0),
+                  "a finite number > 0 or None"),
+    "weight_decay": ((int, float), lambda v: np.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "ema_decay": ((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "ema_warmup": ((bool,), lambda v: True, "true or false"),
+    "max_bad_steps": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "log_every": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "checkpoint_every": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "sample_every": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "keep_checkpoints": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "fsdp": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "stop_at": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "batch_size": ((int,), lambda v: v >= 0, "an integer >= 0 (0: data.batch_size)"),
+    "grad_accum": ((int,), lambda v: v >= 1, "an integer >= 1"),
+}
+_OPTIONAL_TRAIN_KEYS = ("batch_size", "grad_accum")
+
+
+def validate_config(cfg: ml_collections.ConfigDict, *, prefix: str = "train") -> None:
+  """Checks a train section's keys, types and ranges; raises ONE-line ValueError naming the key.
+
+  Unknown keys (typos in a config file), wrong types (``steps="10"``) and impossible values
+  (``learning_rate=nan``, ``keep_checkpoints=0``) are rejected before anything is built.
+
+  Example:
+    >>> validate_config(config.train)
+  """
+  for k in cfg.keys():
+    if k not in _TRAIN_KEYS:
+      raise ValueError(f"unknown config key '{prefix}.{k}'; known: {', '.join(sorted(_TRAIN_KEYS))}")
+  for k, (types, ok, what) in _TRAIN_KEYS.items():
+    if k not in cfg:
+      if k in _OPTIONAL_TRAIN_KEYS:
+        continue
+      raise ValueError(f"config key {prefix}.{k} is missing")
+    v = cfg[k]
+    good_type = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+    if not good_type or not ok(v):
+      raise ValueError(f"config key {prefix}.{k} must be {what}, got {v!r}")
+
+
 def main_wrapper(run: Callable[[ml_collections.ConfigDict, str], Any], *, default_config: str,
                  default_workdir: str, argv: list[str] | None = None) -> int:
   """Parses ``--config FILE --config.a.b=v ... --workdir DIR`` and calls ``run(config, workdir)``.
 
-  User mistakes (unknown config key, missing dataset or file, unreadable images, a checkpoint of a
-  different model, diverged training) print ONE line ``error: ...`` to stderr and return 2.
+  Multi-host flags ``--coordinator HOST:PORT --num_processes N --process_id I`` (or the
+  ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment; automatic on
+  TPU pods and SLURM) start ``jax.distributed`` before anything touches devices; processes other
+  than 0 print nothing on stdout.
+
+  Exit codes: 0 done; 2 (:data:`EXIT_USAGE`) a user mistake (unknown config key, bad value or type,
+  broken config file, missing or corrupt dataset, unreadable images, a checkpoint of a different
+  model, every checkpoint corrupt, diverged training), reported as ONE line ``error: ...`` on
+  stderr; 143 / 130 (:data:`EXIT_PREEMPTED`) stopped by SIGTERM / SIGINT after saving a checkpoint
+  (rerun to resume).
+
+  Example:
+    >>> sys.exit(main_wrapper(run, default_config="configs/ldm_digits.py", default_workdir="workdir/ldm"))
   """
   from absl import flags
   from ml_collections import config_flags
@@ -257,19 +476,72 @@ def main_wrapper(run: Callable[[ml_collections.ConfigDict, str], Any], *, defaul
                                     lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", default_workdir, "output directory (checkpoints, logs, samples)",
                         flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "multi-host: HOST:PORT of process 0's coordinator",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "multi-host: this process's index", flag_values=fv)
     fv(argv)
     config = fv.config
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError, FileNotFoundError) as e:
+    if not isinstance(config, ml_collections.ConfigDict):
+      config.keys()  # a config that failed to load raises its deferred error here
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError, SyntaxError,
+          NameError, ImportError) as e:
     bad = _unknown_override(argv, default_config)
-    msg = f"unknown config key {bad!r}" if bad else _one_line(e)
+    msg = f"unknown config key {bad!r}" if bad else _config_error(e, argv, default_config)
     print(f"error: {msg}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
   try:
-    run(config, fv.workdir)
+    parallel.initialize(coordinator=fv.coordinator, num_processes=fv.num_processes,
+                        process_id=fv.process_id)
+  except ValueError as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_USAGE
+  quiet = None
+  if not parallel.is_main_process():
+    quiet = open(os.devnull, "w")
+  _GUARD.install()
+  try:
+    if quiet is not None:
+      with _redirect_stdout(quiet):
+        run(config, fv.workdir)
+    else:
+      run(config, fv.workdir)
+  except Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED.get(e.signum, 128 + int(e.signum))
   except (ValueError, FileNotFoundError, KeyError, training.NonFiniteError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
+  finally:
+    _GUARD.uninstall()
+    if quiet is not None:
+      quiet.close()
   return 0
+
+
+def _redirect_stdout(target):
+  import contextlib
+  return contextlib.redirect_stdout(target)
+
+
+def _config_error(e: BaseException, argv: list[str], default_config: str) -> str:
+  """One line for a config that failed to load: ml_collections embeds the config file's traceback
+  in its message; keep only the final exception line, naming the file."""
+  text = str(e)
+  if "Traceback (most recent call last)" in text:
+    last = [ln.strip() for ln in text.strip().splitlines() if ln.strip()][-1]
+    return f"config file {_config_path(argv, default_config)}: {' '.join(last.split())}"
+  return _one_line(e)
+
+
+def _config_path(argv: list[str], default_config: str) -> str:
+  path = default_config
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path
 
 
 def _one_line(e: BaseException) -> str:

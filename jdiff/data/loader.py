@@ -1,7 +1,9 @@
 """Deterministic, checkpointable, host-sharded batching of a random-access source with grain.
 
-The example order is a function of (seed, shard) only: grain's ``MapDataset`` shuffles the
-host's shard of the indices with a fresh permutation every epoch and batches it; the iterator's
+The example order is a function of the seed only: grain's ``MapDataset`` shuffles the indices
+with a fresh permutation every epoch and cuts them into GLOBAL batches, the same on every host;
+each host then reads only its contiguous block of each global batch, so the global batch that
+:func:`jdiff.parallel.host_to_global` assembles does not depend on the number of hosts; the iterator's
 position (``get_state()``, a small JSON-able dict) is saved with the model checkpoint and
 ``set_state`` puts a restored run on exactly the batch it would have read next.
 
@@ -86,16 +88,26 @@ class Loader:
       raise ValueError(f"batch_size={batch_size} is not divisible by the {shard_count} hosts")
     self.local_batch = batch_size // shard_count
     self.image_size, self.channels, self.tokenize = image_size, channels, tokenize
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f"shard_index={shard_index} is not in [0, {shard_count})")
     if len(source) < shard_count * self.local_batch:
       raise ValueError(f"dataset of {len(source)} examples is smaller than one global batch ({batch_size})")
-    ds = grain.MapDataset.source(source)
-    if shard_count > 1:
-      ds = ds[shard_index::shard_count]
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self.source = source
+    # Shuffle and batch INDICES globally (the same on every host), then each host reads only its
+    # contiguous block [shard_index * B_local, (shard_index + 1) * B_local) of every global batch:
+    # the global batch (and so training) does not depend on the number of hosts.
+    ds = grain.MapDataset.range(len(source))
     if shuffle:
       ds = ds.seed(seed).shuffle()
-    ds = ds.repeat(None).map(self._example).batch(self.local_batch, drop_remainder=True)
+    ds = ds.repeat(None).batch(batch_size, drop_remainder=True).map(self._local_batch)
     self.dataset = ds
     self._iter = iter(ds.to_iter_dataset())
+
+  def _local_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    lo = self.shard_index * self.local_batch
+    examples = [self._example(self.source[int(i)]) for i in indices[lo:lo + self.local_batch]]
+    return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
 
   def _example(self, ex: dict[str, Any]) -> dict[str, np.ndarray]:
     image = np.asarray(ex["image"], np.uint8)
