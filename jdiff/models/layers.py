@@ -10,14 +10,16 @@ Normalisation statistics, softmax and the sinusoidal embedding are computed in f
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "attention_implementation",
     "timestep_embedding",
     "TimestepEmbedding",
     "ResnetBlock2D",
@@ -141,6 +143,33 @@ class ResnetBlock2D(nn.Module):
     return out
 
 
+_ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+_attention_impl: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def attention_implementation(implementation: str | None) -> Iterator[None]:
+  """Chooses ``jax.nn.dot_product_attention``'s implementation for modules TRACED inside the block.
+
+  ``None`` (default) and ``"xla"`` use XLA's attention; ``"cudnn"`` uses cuDNN's fused (flash)
+  attention on NVIDIA GPUs for the calls it supports (bfloat16/float16 inputs, head size a multiple
+  of 8 and at most 128) and XLA's for the others (e.g. float32-upcast or 160-wide heads). The choice
+  is read when a function is traced, so build (and first call / lower) the jitted function inside.
+
+  Example:
+    >>> with attention_implementation("cudnn"):  # doctest: +SKIP
+    ...   compiled = jax.jit(step).lower(state, batch).compile()
+  """
+  if implementation not in _ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is not one of {_ATTENTION_IMPLEMENTATIONS}")
+  previous = _attention_impl[0]
+  _attention_impl[0] = implementation
+  try:
+    yield
+  finally:
+    _attention_impl[0] = previous
+
+
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, upcast: bool) -> jax.Array:
   """Multi-head scaled dot-product attention on [B, T, heads * d] projections."""
   b, tq, inner = q.shape
@@ -151,7 +180,10 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, upcast: boo
   dtype = q.dtype
   if upcast and dtype != jnp.float32:
     q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-  out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d))  # [B, T, heads, d]
+  impl = _attention_impl[0]
+  if impl == "cudnn" and not (q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128):
+    impl = "xla"  # outside cuDNN's fused-attention envelope
+  out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d), implementation=impl)  # [B, T, heads, d]
   return out.astype(dtype).reshape(b, tq, inner)
 
 
