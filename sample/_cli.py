@@ -109,6 +109,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         prog: str = "jdiff") -> int:
   """Runs ``main(argv)``; user mistakes (UsageError, FileNotFoundError, ValueError) become one line
   ``prog: error: ...`` on stderr and exit code 2; anything else propagates (a real bug)."""
+  from jdiff import parallel
+  parallel.enable_compilation_cache()
   try:
     return int(main(argv) or 0)
   except (UsageError, FileNotFoundError, NotADirectoryError, ValueError) as err:

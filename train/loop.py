@@ -469,6 +469,7 @@ def main_wrapper(run: Callable[[ml_collections.ConfigDict, str], Any], *, defaul
   from absl import flags
   from ml_collections import config_flags
 
+  parallel.enable_compilation_cache()
   argv = list(sys.argv if argv is None else argv)
   fv = flags.FlagValues()
   try:
