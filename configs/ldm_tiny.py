@@ -17,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.text.update(dict(max_length=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                           num_attention_heads=2))
   config.unet.update(dict(block_out_channels=(16, 16), cross_attention_dim=16, attention_head_dim=2,
-                          norm_num_groups=4))
+                          norm_num_groups=4,
+                          class_embed_type=""))  # a plain UNet (train.lcm builds its student from it)
   config.train.update(dict(steps=1, log_every=1, checkpoint_every=1, sample_every=1, warmup_steps=0))
   config.sample.update(dict(num_steps=2, per_prompt=1))
   return config

@@ -88,12 +88,18 @@ def test_ldm_one_step_end_to_end(tmp_path, data_dir, capsys):
   step, state, data_state = _saved_state(tmp_path)
   assert step == 1 and data_state["loader"]["next_index"] == 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+  assert set(state["params"]) == {"unet", "text"}  # the tiny config trains its text encoder jointly
   grid = np.asarray(Image.open(tmp_path / "samples" / "ldm_000001.png"))
   assert grid.ndim == 2 and grid.shape[1] == 2 * (10 * 33 - 1)  # 10 prompts per row, 2x upscaled
   assert glob.glob(str(tmp_path / "tensorboard" / "ldm" / "events.out.tfevents.*"))
   cfg, ldm, params = ldm_train.load_from_workdir(str(tmp_path))
   assert cfg.train.steps == 1
-  jax.tree.map(np.testing.assert_array_equal, params, state["ema_params"])
+  jax.tree.map(np.testing.assert_array_equal, params, state["ema_params"]["unet"])
+  jax.tree.map(np.testing.assert_array_equal, ldm.text_params, state["ema_params"]["text"])
+  # The text encoder was trained: its step-1 parameters moved away from the seeded initialisation.
+  init_text = ldm_train.build(cfg, ldm.vae, ldm.vae_params).text_params
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), init_text, state["params"]["text"])
+  assert max(jax.tree.leaves(moved)) > 0
   # The EMA weights sample images of the data's shape in [-1, 1].
   tokens = np.stack([ldm.tokenize("a handwritten digit three")] * 2)
   images = np.asarray(ldm.generate(params, tokens, jax.random.key(0), num_steps=2))
@@ -129,3 +135,41 @@ def test_unreadable_image_folder_is_one_line(tmp_path, data_dir, capsys):
   rc = _vae(["--config.data.kind=folder", f"--config.data.path={folder}"], tmp_path / "w", data_dir)
   err = capsys.readouterr().err.strip()
   assert rc == 2 and len(err.splitlines()) == 1 and str(folder / "bad.jpg") in err
+
+
+def test_text_unet_feeds_the_last_text_state_to_the_class_embedding():
+  from jdiff.models import UNet, UNetConfig
+  cfg = UNetConfig.tiny(class_embed_type="projection", projection_class_embeddings_input_dim=32)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 4))
+  t = np.array([10, 700])
+  ctx = jax.random.normal(jax.random.key(1), (2, 7, 32))
+  text_unet = ldm_train.TextUNet(cfg)
+  params = text_unet.init(jax.random.key(2), x, t, ctx)["params"]
+  assert "class_embedding" in params
+  pooled = np.asarray(ctx)[:, -1]  # [B, D]: the causal encoder's last position
+  want = UNet(cfg).apply({"params": params}, x, t, ctx, class_labels=pooled)
+  got = text_unet.apply({"params": params}, x, t, ctx)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The pooled text changes the output (the class embedding is not a no-op).
+  other = text_unet.apply({"params": params}, x, t, ctx, class_labels=pooled[::-1])
+  assert float(np.abs(np.asarray(other) - np.asarray(got)).max()) > 1e-4
+  # Without a pooled class embedding it is the plain UNet.
+  plain = UNetConfig.tiny()
+  p2 = UNet(plain).init(jax.random.key(3), x, t, ctx)["params"]
+  np.testing.assert_array_equal(ldm_train.TextUNet(plain).apply({"params": p2}, x, t, ctx),
+                                UNet(plain).apply({"params": p2}, x, t, ctx))
+
+
+@pytest.mark.parametrize("unet_overrides, needle", [
+    (dict(class_embed_type="projection", projection_class_embeddings_input_dim=7), "text.hidden_size"),
+    (dict(class_embed_type="timestep"), "class_embed_type"),
+    (dict(num_class_embeds=10), "num_class_embeds"),
+])
+def test_unet_class_conditioning_must_come_from_text(unet_overrides, needle):
+  from configs import ldm_tiny
+  from jdiff.models import AutoencoderKL
+  config = ldm_tiny.get_config()
+  config.unet.update(unet_overrides)
+  vae = AutoencoderKL(vae_train.vae_config(config.vae))
+  with pytest.raises(ValueError, match=needle):
+    ldm_train.build(config, vae, None)

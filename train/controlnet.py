@@ -98,9 +98,10 @@ def _hint_channels(config: ml_collections.ConfigDict, vae_factor: int) -> tuple[
 
 def class_kwargs(unet_config, context: jax.Array) -> dict[str, jax.Array]:
   """The ControlNet's ``class_labels`` for a base UNet that adds its pooled text embedding to the time
-  embedding (train.ldm's "projection" digits default: the mean over tokens), else nothing."""
+  embedding (train.ldm's "projection" digits default, :func:`train.ldm.pooled_text`), else nothing."""
   if unet_config.class_embed_type in ("projection", "simple_projection"):
-    return {"class_labels": jnp.mean(context.astype(jnp.float32), axis=1)}  # [B, D]
+    from train.ldm import pooled_text
+    return {"class_labels": pooled_text(context)}  # [B, D]
   return {}
 
 

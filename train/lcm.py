@@ -204,7 +204,8 @@ def build(config: ml_collections.ConfigDict, teacher: Teacher) -> tuple[LCMStude
 
   w_dim = int(c.w_embedding_dim) or None
   cfg = dataclasses.replace(teacher.unet.config, time_cond_proj_dim=w_dim)
-  student = LCMStudent(teacher=teacher, unet=UNet(cfg), w_dim=w_dim, lora_scales=None, **common)
+  # the teacher's UNet class (train.ldm's TextUNet feeds its pooled text condition itself)
+  student = LCMStudent(teacher=teacher, unet=type(teacher.unet)(cfg), w_dim=w_dim, lora_scales=None, **common)
   if teacher.unet.config.time_cond_proj_dim is not None and teacher.unet.config.time_cond_proj_dim != w_dim:
     raise ValueError(f"the teacher UNet already has time_cond_proj_dim={teacher.unet.config.time_cond_proj_dim}; "
                      f"set lcm.w_embedding_dim to it (got {w_dim})")

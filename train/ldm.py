@@ -1,13 +1,16 @@
-"""``python -m train.ldm``: latent diffusion (frozen VAE + frozen text encoder + trained UNet).
+"""``python -m train.ldm``: latent diffusion (frozen VAE + small CLIP text encoder + trained UNet).
 
 With no arguments it trains the default of ``configs/ldm_digits.py`` on the bundled digits: the
 autoencoder first (in ``WORKDIR/vae``, unless ``vae.pretrained`` names a trained one), then the
 latent UNet. One training step: encode images with the frozen VAE, sample the posterior, scale by
-the VAE's scaling factor, encode captions (byte tokens) with the frozen, randomly initialised CLIP
-text encoder, replace the condition by the empty caption's with probability ``cond_drop``
-(:func:`jdiff.diffusion.drop_condition`) and regress the UNet on the epsilon or v target, with
-optional min-SNR weighting (:func:`jdiff.diffusion.loss`). Sample grids use DDIM with
-classifier-free guidance on the EMA weights.
+the VAE's scaling factor, replace each caption (byte tokens) by the empty caption with probability
+``cond_drop`` (:func:`jdiff.diffusion.drop_condition`, for classifier-free guidance), encode the
+captions with the CLIP text encoder (trained jointly with the UNet when ``text.trainable``, else
+frozen at its random initialisation) and regress the UNet on the epsilon or v target, with
+optional min-SNR weighting (:func:`jdiff.diffusion.loss`). The UNet reads the text through
+cross-attention and, when ``unet.class_embed_type`` is "projection" or "simple_projection", also
+through the token-mean of the text embedding added to its time embedding (:class:`TextUNet`).
+Sample grids use classifier-free guidance on the EMA weights.
 
 Example:
   $ python -m train.ldm                                   # the whole default, ~15 min on 2 CPU cores
@@ -20,7 +23,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +38,7 @@ from jdiff.tokenizers import ByteTokenizer
 from train import loop
 from train import vae as vae_train
 
-__all__ = ["byte_tokenize", "BYTE_VOCAB", "LatentDiffusion", "build", "make_task", "train_ldm",
+__all__ = ["byte_tokenize", "BYTE_VOCAB", "TextUNet", "LatentDiffusion", "build", "make_task", "train_ldm",
            "load_from_workdir", "digit_prompts"]
 
 BOS, EOS, PAD = ByteTokenizer.bos_token_id, ByteTokenizer.eos_token_id, ByteTokenizer.pad_token_id
@@ -59,10 +62,23 @@ def digit_prompts(per_prompt: int) -> tuple[list[str], np.ndarray]:
   return [digits.caption_for(int(d)) for d in labels], labels
 
 
-def _unet_config(section: ml_collections.ConfigDict, latent_channels: int) -> UNetConfig:
+_POOLED_EMBED_TYPES = ("projection", "simple_projection")
+
+
+def _unet_config(section: ml_collections.ConfigDict, latent_channels: int, text_dim: int) -> UNetConfig:
   overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items() if k != "preset"}
   overrides.setdefault("in_channels", latent_channels)
   overrides.setdefault("out_channels", latent_channels)
+  if overrides.get("class_embed_type", None) == "":
+    overrides["class_embed_type"] = None  # "" in configs (ml_collections cannot override a None)
+  if overrides.get("class_embed_type") in _POOLED_EMBED_TYPES:
+    dim = overrides.setdefault("projection_class_embeddings_input_dim", text_dim)
+    if dim != text_dim:
+      raise ValueError(f"unet.projection_class_embeddings_input_dim={dim} must equal "
+                       f"text.hidden_size={text_dim} (the pooled text embedding feeds the class embedding)")
+  elif overrides.get("class_embed_type") is not None or overrides.get("num_class_embeds") is not None:
+    raise ValueError(f"unet.class_embed_type={overrides.get('class_embed_type')!r} / num_class_embeds: "
+                     f"train.ldm conditions on text only; use \"\", \"projection\" or \"simple_projection\"")
   try:
     return UNetConfig.preset(section.preset, **overrides)
   except TypeError as e:
@@ -78,18 +94,55 @@ def _text_config(section: ml_collections.ConfigDict) -> CLIPTextConfig:
                         pad_token_id=PAD)
 
 
+def pooled_text(encoder_hidden_states: jax.Array) -> jax.Array:
+  """The global text condition [B, D]: the causal text encoder's state at the last position, which
+  has attended to every token (CLIP pools at its end token likewise). The token mean is dominated by
+  the prompt template shared by all captions and barely tells them apart."""
+  if encoder_hidden_states.ndim != 3:
+    raise ValueError(f"encoder_hidden_states must be [B, L, D], got {encoder_hidden_states.shape}")
+  return encoder_hidden_states[:, -1].astype(jnp.float32)
+
+
+class TextUNet(UNet):
+  """A :class:`~jdiff.models.UNet` that also feeds the pooled text embedding to its class embedding.
+
+  When ``config.class_embed_type`` is "projection" or "simple_projection" and no ``class_labels``
+  are given, the class embedding receives :func:`pooled_text` of ``encoder_hidden_states``
+  ([B, D]): a global text condition added to the time embedding of every resnet, on top of the
+  per-token cross-attention. The parameters and every other behaviour are the UNet's, so any
+  ``unet.apply({"params": p}, x, t, context)`` caller (CFG, distillation) works unchanged.
+
+  Example:
+    >>> cfg = UNetConfig.tiny(class_embed_type="projection", projection_class_embeddings_input_dim=32)
+    >>> unet = TextUNet(cfg)
+    >>> x, ctx = jnp.zeros((1, 16, 16, 4)), jnp.zeros((1, 7, 32))
+    >>> params = unet.init(jax.random.key(0), x, jnp.array([10]), ctx)["params"]
+  """
+
+  def __call__(self, x: jax.Array, t: jax.Array, encoder_hidden_states: jax.Array, *,
+               class_labels: jax.Array | None = None, **kwargs) -> jax.Array:
+    if class_labels is None and self.config.class_embed_type in _POOLED_EMBED_TYPES:
+      class_labels = pooled_text(encoder_hidden_states)  # [B, D]
+    return super().__call__(x, t, encoder_hidden_states, class_labels=class_labels, **kwargs)
+
+
 @dataclasses.dataclass
 class LatentDiffusion:
-  """The frozen parts and the trained UNet of a latent diffusion model, with sampling.
+  """The frozen parts and the trained networks of a latent diffusion model, with sampling.
+
+  The trained parameters are the UNet's, or ``{"unet": ..., "text": ...}`` when the text encoder
+  is trained jointly (``text_trainable``); :meth:`split` separates them.
 
   Attributes:
     unet: the UNet module (its parameters are trained).
     vae, vae_params: the frozen autoencoder.
-    text, text_params: the frozen text encoder.
+    text, text_params: the text encoder and its initial (or, after :func:`load_from_workdir`,
+      trained) parameters.
     schedule: the noise schedule.
     prediction: "epsilon" or "v".
     max_length: token length.
     latent_shape: (h, w, c) of the latents.
+    text_trainable: whether the text encoder is trained with the UNet.
   """
 
   unet: UNet
@@ -101,14 +154,28 @@ class LatentDiffusion:
   prediction: str
   max_length: int
   latent_shape: tuple[int, int, int]
+  text_trainable: bool = False
 
   def tokenize(self, text: str) -> np.ndarray:
     return byte_tokenize(text, self.max_length)
 
   def frozen(self) -> dict[str, Any]:
-    """What the train step receives as frozen inputs (VAE, text encoder, null-caption tokens)."""
-    return {"vae": self.vae_params, "text": self.text_params,
-            "null_tokens": jnp.asarray(self.tokenize(""))[None]}
+    """What the train step receives as frozen inputs (VAE, frozen text encoder, null-caption tokens)."""
+    out = {"vae": self.vae_params, "null_tokens": jnp.asarray(self.tokenize(""))[None]}
+    if not self.text_trainable:
+      out["text"] = self.text_params
+    return out
+
+  def split(self, params: Any) -> tuple[Any, Any]:
+    """(UNet params, text params) of trained ``params`` (UNet params alone: the model's text params)."""
+    if isinstance(params, Mapping) and set(params) == {"unet", "text"}:
+      return params["unet"], params["text"]
+    return params, self.text_params
+
+  def init_params(self, key: jax.Array) -> Any:
+    """The trained parameters at initialisation: the UNet's, with the text encoder's if trainable."""
+    unet = self.init_unet(key)
+    return {"unet": unet, "text": self.text_params} if self.text_trainable else unet
 
   def encode_text(self, text_params: Any, tokens: jax.Array) -> jax.Array:
     """tokens [B, L] -> context [B, L, D]."""
@@ -119,12 +186,16 @@ class LatentDiffusion:
     ctx = jnp.zeros((1, self.max_length, self.text.config.hidden_size), jnp.float32)
     return self.unet.init(key, jnp.zeros((1, h, w, c), jnp.float32), jnp.zeros((1,), jnp.int32), ctx)["params"]
 
-  def generate(self, unet_params: Any, tokens: jax.Array, key: jax.Array, *, sampler: str = "ddim",
+  def generate(self, params: Any, tokens: jax.Array, key: jax.Array, *, sampler: str = "ddim",
                num_steps: int = 25, guidance_scale: float = 3.0) -> jax.Array:
-    """Images [B, H, W, C] in [-1, 1] for token rows [B, L] with CFG (jit this)."""
+    """Images [B, H, W, C] in [-1, 1] for token rows [B, L] with CFG (jit this).
+
+    ``params``: UNet parameters, or the trained ``{"unet", "text"}`` tree (see :meth:`split`).
+    """
+    unet_params, text_params = self.split(params)
     b = tokens.shape[0]
-    ctx = self.encode_text(self.text_params, tokens)  # [B, L, D]
-    null = self.encode_text(self.text_params, jnp.asarray(self.tokenize(""))[None])  # [1, L, D]
+    ctx = self.encode_text(text_params, tokens)  # [B, L, D]
+    null = self.encode_text(text_params, jnp.asarray(self.tokenize(""))[None])  # [1, L, D]
 
     def apply(x, t, c):
       return self.unet.apply({"params": unet_params}, x, t, c)
@@ -145,7 +216,7 @@ def build(config: ml_collections.ConfigDict, vae: AutoencoderKL, vae_params: Any
   if size % f:
     raise ValueError(f"data.image_size={size} is not divisible by the VAE's downsampling factor {f}")
   latent_shape = (size // f, size // f, vae.config.latent_channels)
-  unet = UNet(_unet_config(config.unet, vae.config.latent_channels))
+  unet = TextUNet(_unet_config(config.unet, vae.config.latent_channels, int(config.text.hidden_size)))
   dims = set(unet.config.per_block("cross_attention_dim"))
   if dims != {int(config.text.hidden_size)}:
     raise ValueError(f"unet.cross_attention_dim={unet.config.cross_attention_dim} must equal "
@@ -157,7 +228,8 @@ def build(config: ml_collections.ConfigDict, vae: AutoencoderKL, vae_params: Any
   sched = schedules.make(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
   return LatentDiffusion(unet=unet, vae=vae, vae_params=vae_params, text=text, text_params=text_params,
                          schedule=sched, prediction=diffusion.check_prediction(d.prediction),
-                         max_length=int(config.text.max_length), latent_shape=latent_shape)
+                         max_length=int(config.text.max_length), latent_shape=latent_shape,
+                         text_trainable=bool(config.text.get("trainable", False)))
 
 
 def make_task(config: ml_collections.ConfigDict, ldm: LatentDiffusion) -> loop.Task:
@@ -168,14 +240,15 @@ def make_task(config: ml_collections.ConfigDict, ldm: LatentDiffusion) -> loop.T
 
   def loss_fn(params, batch, key, frozen):
     k_z, k_drop, k_loss = jax.random.split(key, 3)
+    unet_params, text_params = ldm.split(params) if ldm.text_trainable else (params, frozen["text"])
     post = vae.apply({"params": frozen["vae"]}, batch["image"], method=AutoencoderKL.encode)
     z = vae.apply({"params": frozen["vae"]}, post.sample(k_z), method=AutoencoderKL.scale_latents)
-    ctx = ldm.encode_text(frozen["text"], batch["tokens"])  # [B, L, D]
-    null = ldm.encode_text(frozen["text"], frozen["null_tokens"])  # [1, L, D]
-    ctx = diffusion.drop_condition(k_drop, ctx, null, d.cond_drop)
+    # Dropping the caption (not its embedding) trains the null embedding of a trainable encoder too.
+    tokens = diffusion.drop_condition(k_drop, batch["tokens"], frozen["null_tokens"], d.cond_drop)  # [B, L]
+    ctx = ldm.encode_text(text_params, tokens)  # [B, L, D]
 
     def model_fn(x, t):
-      return unet.apply({"params": params}, x, t, ctx)
+      return unet.apply({"params": unet_params}, x, t, ctx)
 
     loss = diffusion.loss(model_fn, sched, z, k_loss, prediction=ldm.prediction, weighting=weighting,
                           min_snr_gamma=d.min_snr_gamma)
@@ -186,7 +259,7 @@ def make_task(config: ml_collections.ConfigDict, ldm: LatentDiffusion) -> loop.T
   tokens = jnp.asarray(np.stack([ldm.tokenize(p) for p in prompts]))
   gen = jax.jit(lambda p, k: ldm.generate(p, tokens, k, sampler=s.sampler, num_steps=s.num_steps,
                                           guidance_scale=s.guidance_scale))
-  return loop.Task(name="ldm", init_params=ldm.init_unet, loss_fn=loss_fn, frozen=ldm.frozen(),
+  return loop.Task(name="ldm", init_params=ldm.init_params, loss_fn=loss_fn, frozen=ldm.frozen(),
                    batch_keys=("image", "tokens"), sample_fn=gen, grid_cols=10)
 
 
@@ -228,7 +301,10 @@ def _finished(workdir: str, steps: int) -> bool:
 
 
 def load_from_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, LatentDiffusion, Any]:
-  """(config, model, EMA UNet params) of a finished ``train.ldm`` run, for sampling/evaluation."""
+  """(config, model, EMA UNet params) of a finished ``train.ldm`` run, for sampling/evaluation.
+
+  When the run trained its text encoder, the returned model carries the EMA text parameters.
+  """
   from jdiff import checkpoint
   config = loop.read_config(workdir)
   vdir = os.path.expanduser(config.vae.pretrained) if config.vae.pretrained else os.path.join(workdir, "vae")
@@ -241,8 +317,11 @@ def load_from_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, LatentDi
     params = vae_train.restore_ema(ckpt)
   finally:
     ckpt.close()
-  expected = jax.eval_shape(ldm.init_unet, jax.random.key(0))
+  expected = jax.eval_shape(ldm.init_params, jax.random.key(0))
   checkpoint.check_shapes(params, expected, what=f"UNet checkpoint in {workdir}")
+  if ldm.text_trainable:
+    ldm = dataclasses.replace(ldm, text_params=params["text"])
+    params = params["unet"]
   return config, ldm, params
 
 
