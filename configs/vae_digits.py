@@ -28,7 +28,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   base = dict(steps=1000, learning_rate=1e-3, warmup_steps=50, lr_schedule="cosine", clip_norm=1.0,
               weight_decay=0.0, ema_decay=0.999, ema_warmup=True, max_bad_steps=10, log_every=50,
               checkpoint_every=500, sample_every=0, keep_checkpoints=2, fsdp=1, stop_at=0,
-              batch_size=0)  # batch_size 0: data.batch_size
+              batch_size=0, grad_accum=1)  # batch_size 0: data.batch_size; grad_accum: micro-batches
   base.update(overrides)
   return ml_collections.ConfigDict(base)
 
