@@ -59,6 +59,6 @@ def get_config() -> ml_collections.ConfigDict:
                                          checkpoint_every=500, sample_every=1000)
 
   config.sample = ml_collections.ConfigDict(dict(
-      sampler="ddim", num_steps=25, guidance_scale=3.0, per_prompt=10,
+      sampler="ddim", num_steps=25, guidance_scale=5.0, per_prompt=10,
   ))
   return config
