@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -31,7 +30,7 @@ from flax import traverse_util
 
 from jdiff.models import layers
 from jdiff.models.configs import UNetConfig
-from jdiff.models.unet import DownBlock, MidBlock, UNet
+from jdiff.models.unet import DownBlock, MidBlock, class_embedding
 
 __all__ = ["ControlNetConfig", "ControlNet", "ConditioningEmbedding", "init_from_unet", "combine_residuals",
            "guidance_active", "ENCODER_PARAMS"]
@@ -166,9 +165,8 @@ class ControlNet(nn.Module):
 
     t_feat = layers.timestep_embedding(t, ch[0], flip_sin_to_cos=ucfg.flip_sin_to_cos, freq_shift=ucfg.freq_shift)
     emb = layers.TimestepEmbedding(ucfg.time_embed_dim, dtype=dtype, name="time_embedding")(t_feat)
-    # The UNet's class embedding, built in this module's scope under the same name ("class_embedding")
-    # so init_from_unet copies it; UNet._class_embedding only reads ``.config``.
-    emb = emb + UNet._class_embedding(types.SimpleNamespace(config=ucfg), class_labels, b, ch[0], dtype)
+    # The UNet's class embedding, under the same name so init_from_unet copies it.
+    emb = emb + class_embedding(ucfg, class_labels, b, ch[0], dtype)
 
     h = nn.Conv(ch[0], (ucfg.conv_in_kernel,) * 2, padding=(ucfg.conv_in_kernel - 1) // 2, dtype=dtype,
                 name="conv_in")(x.astype(dtype))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jdiff.models import layers
 from jdiff.models.configs import UNetConfig
 
-__all__ = ["UNet", "DownBlock", "MidBlock", "UpBlock"]
+__all__ = ["UNet", "DownBlock", "MidBlock", "UpBlock", "class_embedding"]
 
 Dtype = Any
 
@@ -206,7 +206,7 @@ class UNet(nn.Module):
                                        freq_shift=cfg.freq_shift)  # [B, C0]
     emb = layers.TimestepEmbedding(cfg.time_embed_dim, cond_proj_dim=cfg.time_cond_proj_dim,
                                    dtype=dtype, name="time_embedding")(t_feat, timestep_cond)
-    emb = emb + self._class_embedding(class_labels, b, ch[0], dtype)  # [B, T]
+    emb = emb + class_embedding(cfg, class_labels, b, ch[0], dtype)  # [B, T]
 
     h = nn.Conv(ch[0], (cfg.conv_in_kernel,) * 2, padding=(cfg.conv_in_kernel - 1) // 2, dtype=dtype,
                 name="conv_in")(x.astype(dtype))  # [B, H, W, C0]
@@ -251,29 +251,33 @@ class UNet(nn.Module):
                 dtype=dtype, name="conv_out")(h)
     return h.astype(jnp.float32)  # [B, H, W, out_channels]
 
-  def _class_embedding(self, labels: jax.Array | None, b: int, c0: int, dtype) -> jax.Array:
-    """The class embedding added to the time embedding ([B, T]), zero without class conditioning."""
-    cfg = self.config
-    kind = cfg.class_embed_type
-    if kind is None and cfg.num_class_embeds is None:
-      return jnp.zeros((b, cfg.time_embed_dim), dtype)
-    if labels is None:
-      raise ValueError("this UNet is class-conditional: pass class_labels")
-    labels = jnp.asarray(labels)
-    if labels.shape[0] != b:
-      raise ValueError(f"class_labels must have batch size {b}, got shape {labels.shape}")
-    if kind is None:
-      out = nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, name="class_embedding")(labels)
-    elif kind == "timestep":
-      feat = layers.timestep_embedding(labels, c0, flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                       freq_shift=cfg.freq_shift)
-      out = layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="class_embedding")(feat)
-    elif kind == "identity":
-      out = labels
-    elif kind == "projection":
-      out = layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="class_embedding")(labels)
-    else:  # simple_projection
-      out = nn.Dense(cfg.time_embed_dim, dtype=dtype, name="class_embedding")(labels.astype(dtype))
-    if out.shape != (b, cfg.time_embed_dim):
-      raise ValueError(f"class embedding has shape {out.shape}, expected {(b, cfg.time_embed_dim)}")
-    return out.astype(dtype)
+
+def class_embedding(cfg: UNetConfig, labels: jax.Array | None, b: int, c0: int, dtype) -> jax.Array:
+  """The class embedding added to the time embedding ([B, T]), zero without class conditioning.
+
+  Call it inside a compact module: its submodule is named "class_embedding" in the caller's scope
+  (the UNet, and the ControlNet that copies it).
+  """
+  kind = cfg.class_embed_type
+  if kind is None and cfg.num_class_embeds is None:
+    return jnp.zeros((b, cfg.time_embed_dim), dtype)
+  if labels is None:
+    raise ValueError("this UNet is class-conditional: pass class_labels")
+  labels = jnp.asarray(labels)
+  if labels.shape[0] != b:
+    raise ValueError(f"class_labels must have batch size {b}, got shape {labels.shape}")
+  if kind is None:
+    out = nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, name="class_embedding")(labels)
+  elif kind == "timestep":
+    feat = layers.timestep_embedding(labels, c0, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                     freq_shift=cfg.freq_shift)
+    out = layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="class_embedding")(feat)
+  elif kind == "identity":
+    out = labels
+  elif kind == "projection":
+    out = layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="class_embedding")(labels)
+  else:  # simple_projection
+    out = nn.Dense(cfg.time_embed_dim, dtype=dtype, name="class_embedding")(labels.astype(dtype))
+  if out.shape != (b, cfg.time_embed_dim):
+    raise ValueError(f"class embedding has shape {out.shape}, expected {(b, cfg.time_embed_dim)}")
+  return out.astype(dtype)
