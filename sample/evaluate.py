@@ -1,5 +1,11 @@
 """``python -m sample.evaluate --workdir DIR``: score a digits ``train.ldm`` run; prints JSON.
 
+The same command scores a ``train.lcm`` workdir (:func:`train.lcm.evaluate`: accuracy and
+distance of the distilled student at ``--num_steps``, default 4) and a ``train.controlnet`` workdir
+(:func:`train.controlnet.evaluate`: how often samples follow the control edges, with and without
+the ControlNet; ``--grid out.png`` writes a side-by-side grid); the kind is read from the run's
+config.
+
 * ``accuracy``: an independent classifier (scikit-learn SVC, RBF kernel) trained on scikit-learn's
   real 8x8 digits labels CFG samples of every prompted digit ("a handwritten digit seven", ...);
   generated 32x32 images are reduced to 8x8 by 4x4 area averaging and mapped to the digits' 0..16
@@ -20,13 +26,14 @@ import argparse
 import json
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
-__all__ = ["downscale_to_8x8", "frechet_distance", "digit_classifier", "evaluate", "main"]
+__all__ = ["downscale_to_8x8", "frechet_distance", "digit_classifier", "generate_batched", "evaluate", "workdir_kind", "main"]
 
 
 def downscale_to_8x8(images: np.ndarray) -> np.ndarray:
@@ -67,6 +74,33 @@ def digit_classifier(seed: int = 0):
   return clf, holdout, roundtrip
 
 
+def generate_batched(gen: Callable[..., Any], *inputs: np.ndarray, key: jax.Array,
+                     batch: int = 100) -> tuple[np.ndarray, float]:
+  """Runs ``gen(*input_rows, key) -> images`` over the rows of ``inputs`` in fixed-size batches.
+
+  The last batch is padded with copies of the first row (one compiled shape), the first call
+  compiles outside the timing, and batch ``i`` uses ``fold_in(key, i)``.
+
+  Returns:
+    ``(images [N, ...] as numpy, seconds spent generating, compile excluded)``.
+  """
+  n = inputs[0].shape[0]
+  images, seconds = [], 0.0
+  for i in range(0, n, batch):
+    rows = [x[i:i + batch] for x in inputs]
+    pad = batch - rows[0].shape[0]
+    if pad:
+      rows = [np.concatenate([r, np.repeat(r[:1], pad, axis=0)]) for r in rows]
+    rows = [jnp.asarray(r) for r in rows]
+    if i == 0:  # compile outside the timing
+      jax.block_until_ready(gen(*rows, key))
+    t0 = time.perf_counter()
+    out = np.asarray(gen(*rows, jax.random.fold_in(key, i)))
+    seconds += time.perf_counter() - t0
+    images.append(out[:batch - pad] if pad else out)
+  return np.concatenate(images), seconds
+
+
 def evaluate(workdir: str, *, per_digit: int = 20, guidance_scale: float | None = None,
              num_steps: int | None = None, sampler: str | None = None, seed: int = 0,
              batch: int = 100) -> dict:
@@ -84,16 +118,8 @@ def evaluate(workdir: str, *, per_digit: int = 20, guidance_scale: float | None 
   tokens = np.stack([ldm.tokenize(p) for p in prompts])
   gen = jax.jit(lambda p, tok, k: ldm.generate(p, tok, k, sampler=method, num_steps=steps,
                                                guidance_scale=scale))
-  images = []
-  key = jax.random.key(seed)
-  for i in range(0, len(prompts), batch):
-    tok = tokens[i:i + batch]
-    pad = batch - tok.shape[0]
-    if pad:
-      tok = np.concatenate([tok, np.repeat(tok[:1], pad, axis=0)])
-    out = np.asarray(gen(params, jnp.asarray(tok), jax.random.fold_in(key, i)))
-    images.append(out[:batch - pad] if pad else out)
-  images = np.concatenate(images)  # [N, H, W, C]
+  images, seconds = generate_batched(lambda tok, k: gen(params, tok, k), tokens,
+                                     key=jax.random.key(seed), batch=batch)
   feats = downscale_to_8x8(images)
   clf, holdout, roundtrip = digit_classifier(seed)
   pred = clf.predict(feats)
@@ -113,11 +139,22 @@ def evaluate(workdir: str, *, per_digit: int = 20, guidance_scale: float | None 
       "guidance_scale": scale,
       "sampler": method,
       "num_steps": steps,
+      "seconds_per_image": seconds / len(labels),
       "classifier": "sklearn SVC(gamma=0.001, C=10) on real 8x8 digits",
       "classifier_holdout_accuracy": holdout,
       "classifier_roundtrip_accuracy": roundtrip,
       "seconds": time.perf_counter() - t0,
   }
+
+
+def workdir_kind(workdir: str) -> str:
+  """"ldm", "lcm" or "controlnet": which training CLI wrote ``workdir`` (from its config.json)."""
+  from train import loop
+  config = loop.read_config(workdir)
+  for kind in ("lcm", "controlnet"):
+    if kind in config:
+      return kind
+  return "ldm"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,10 +165,25 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--num_steps", type=int, default=None, help="sampler steps (default: the run's config)")
   p.add_argument("--sampler", default=None, help="sampler name (default: the run's config)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--grid", default=None, help="train.controlnet runs: write the side-by-side grid PNG here")
   args = p.parse_args(argv)
   try:
-    result = evaluate(args.workdir, per_digit=args.per_digit, guidance_scale=args.guidance_scale,
-                      num_steps=args.num_steps, sampler=args.sampler, seed=args.seed)
+    kind = workdir_kind(args.workdir)
+    if kind != "controlnet" and args.grid:
+      raise ValueError("--grid is only for train.controlnet workdirs")
+    if kind != "ldm" and args.sampler:
+      raise ValueError(f"--sampler is fixed for a train.{kind} workdir")
+    if kind == "lcm":
+      from train import lcm
+      result = lcm.evaluate(args.workdir, num_steps=args.num_steps or 4, per_digit=args.per_digit,
+                            guidance_scale=args.guidance_scale, seed=args.seed)
+    elif kind == "controlnet":
+      from train import controlnet
+      result = controlnet.evaluate(args.workdir, per_digit=args.per_digit, guidance_scale=args.guidance_scale,
+                                   num_steps=args.num_steps, seed=args.seed, grid=args.grid)
+    else:
+      result = evaluate(args.workdir, per_digit=args.per_digit, guidance_scale=args.guidance_scale,
+                        num_steps=args.num_steps, sampler=args.sampler, seed=args.seed)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

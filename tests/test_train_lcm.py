@@ -125,7 +125,7 @@ def teacher_workdir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_end_to_end_checkpoint_and_resume(teacher_workdir, tmp_path):
+def test_end_to_end_checkpoint_and_resume(teacher_workdir, tmp_path, capsys):
   """Distil the tiny LDM for 2 steps (stop as if killed), resume to 3; samples and evaluation load."""
   workdir = str(tmp_path / "lcm")
   config = _config()
@@ -152,6 +152,20 @@ def test_end_to_end_checkpoint_and_resume(teacher_workdir, tmp_path):
   for n in (1, 2):
     img = lcm.generate(student, params, tokens, jax.random.key(0), num_steps=n)
     assert img.shape == (2, 32, 32, 1) and bool(jnp.all(jnp.abs(img) <= 1.0))
+  # sample.evaluate recognises the run; bench.lcm puts student and teacher rows side by side.
+  import json
+  from bench import lcm as bench_lcm
+  from sample import evaluate as ev
+  assert ev.workdir_kind(workdir) == "lcm" and ev.workdir_kind(teacher_workdir) == "ldm"
+  capsys.readouterr()
+  assert ev.main(["--workdir", workdir, "--per_digit", "1", "--num_steps", "1"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["num_steps"] == 1 and result["num_samples"] == 10 and 0.0 <= result["accuracy"] <= 1.0
+  assert result["seconds_per_image"] > 0 and np.isfinite(result["frechet_distance"])
+  rows = bench_lcm.run(teacher_workdir, workdir, teacher_steps=(2,), student_steps=(1,), guidances=(3.0,),
+                       per_digit=1, log=lambda r: None)
+  assert [(r["model"], r["steps"]) for r in rows] == [("teacher", 2), ("lcm", 1)]
+  assert all(0.0 <= r["accuracy"] <= 1.0 and r["ms/image"] > 0 for r in rows)
 
 
 @pytest.mark.slow

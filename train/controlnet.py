@@ -41,7 +41,7 @@ from train import loop
 from train.lora import Base, data_config, load_base, make_loader, pop_flag
 
 __all__ = ["RULES", "ControlLoader", "edges_of", "build", "make_task", "generate", "train_controlnet",
-           "controlnet_path", "main"]
+           "controlnet_path", "edge_agreement", "load_from_workdir", "evaluate", "main"]
 
 RULES = ((r"^controlnet/", partition.TRAINABLE), (r"^unet/", partition.FROZEN))
 CONTROLNET_DIR = "controlnet"
@@ -253,6 +253,149 @@ def train_controlnet(config: ml_collections.ConfigDict, workdir: str, *, stream=
     print(f"[controlnet] diffusers ControlNetModel -> {out}", file=stream, flush=True)
   return {"step": int(state.step), "controlnet": out, "trainable_params": n_train, "frozen_params": n_frozen,
           "total_seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+  """Boolean masks [..., H, W] grown by ``radius`` pixels in the max (Chebyshev) norm."""
+  out = mask.copy()
+  h, w = mask.shape[-2:]
+  for dy in range(-radius, radius + 1):
+    for dx in range(-radius, radius + 1):
+      shifted = np.zeros_like(mask)
+      shifted[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+          mask[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+      out |= shifted
+  return out
+
+
+def edge_agreement(edges: np.ndarray, reference: np.ndarray, *, tolerance: int = 1) -> dict[str, np.ndarray]:
+  """Per-image agreement of binary edge maps [N, H, W] with reference edge maps [N, H, W].
+
+  ``precision``: the fraction of ``edges`` pixels within ``tolerance`` pixels (max norm) of a
+  reference edge; ``recall``: the fraction of reference pixels within ``tolerance`` of an edge;
+  ``f1`` their harmonic mean (0 where both are 0); ``iou``: the exact-pixel intersection over union.
+  An image with no edges at all scores 0 (an empty map never "agrees").
+
+  Example:
+    >>> m = np.zeros((1, 8, 8), bool); m[0, 4, 2:6] = True
+    >>> float(edge_agreement(np.roll(m, 1, axis=1), m)["f1"][0])
+    1.0
+  """
+  e, r = np.asarray(edges) > 0, np.asarray(reference) > 0
+  if e.shape != r.shape or e.ndim != 3:
+    raise ValueError(f"edge maps must both be [N, H, W], got {e.shape} and {r.shape}")
+  n_e, n_r = e.sum(axis=(1, 2)), r.sum(axis=(1, 2))
+  hit_e = (e & _dilate(r, tolerance)).sum(axis=(1, 2))
+  hit_r = (r & _dilate(e, tolerance)).sum(axis=(1, 2))
+  precision = np.where(n_e > 0, hit_e / np.maximum(n_e, 1), 0.0)
+  recall = np.where(n_r > 0, hit_r / np.maximum(n_r, 1), 0.0)
+  f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+  union = (e | r).sum(axis=(1, 2))
+  iou = np.where(union > 0, (e & r).sum(axis=(1, 2)) / np.maximum(union, 1), 0.0)
+  return {"precision": precision, "recall": recall, "f1": f1, "iou": iou}
+
+
+def load_from_workdir(workdir: str):
+  """(config, base, ControlNet module, ControlNet EMA params) of a ``train.controlnet`` run."""
+  from jdiff import checkpoint
+  from train import vae as vae_train
+  config = loop.read_config(workdir)
+  if "controlnet" not in config:
+    raise ValueError(f"{workdir} is not a train.controlnet workdir (its config has no 'controlnet' section)")
+  base = load_base(config.base)
+  net, _, init_params, _ = build(config, base)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    trained = vae_train.restore_ema(ckpt)
+  finally:
+    ckpt.close()
+  checkpoint.check_shapes(trained, jax.eval_shape(init_params, jax.random.key(0)),
+                          what=f"ControlNet checkpoint in {workdir}")
+  return config, base, net, trained["controlnet"]
+
+
+def evaluate(workdir: str, *, per_digit: int = 10, guidance_scale: float | None = None,
+             num_steps: int | None = None, seed: int = 0, batch: int = 100, tolerance: int = 1,
+             grid: str | None = None) -> dict[str, Any]:
+  """Does the digits ControlNet make samples follow the control edges? With and without it.
+
+  Controls are the Canny edges of ``per_digit`` real scikit-learn digits of each class (upscaled
+  as in the training data). Every control is sampled under three prompts: the control's own digit
+  ("matching"), a different random digit ("conflicting") and the empty prompt ("empty"), each with
+  the ControlNet (conditioning scale 1) and without it (scale 0: exactly the frozen base, same
+  noise). Scores: ``follows_control`` = the independent digit classifier of :mod:`sample.evaluate`
+  names the control's digit; ``follows_prompt`` = it names the prompted digit; edge F1 / IoU of the
+  samples' Canny edges against the control (:func:`edge_agreement`).
+
+  Returns:
+    JSON-ready ``{"conditions": {name: {"with": {...}, "without": {...}}}, ...}``; writes a grid
+    (rows: control, then without / with ControlNet for the conflicting and the empty prompt) when
+    ``grid`` is a path.
+  """
+  from sklearn.datasets import load_digits
+  from jdiff.data import digits as digits_data
+  from sample import evaluate as ev
+
+  t0 = time.perf_counter()
+  config, base, net, cn_params = load_from_workdir(workdir)
+  s, c = config.sample, config.controlnet
+  scale = float(s.guidance_scale if guidance_scale is None else guidance_scale)
+  steps = int(s.num_steps if num_steps is None else num_steps)
+  rng = np.random.default_rng(seed)
+  d = load_digits()
+  picks = np.stack([rng.choice(np.flatnonzero(d.target == k), per_digit, replace=False)
+                    for k in range(10)], axis=1).reshape(-1)  # digit-major rows 0..9
+  labels = d.target[picks]
+  size = base.image_size
+  images = digits_data.upscale(d.images[picks], size).astype(np.float32) / 127.5 - 1.0  # [N, S, S, 1]
+  control = edges_of(images, c.canny_low, c.canny_high)  # [N, S, S, 3]
+  other = (labels + rng.integers(1, 10, size=labels.shape)) % 10
+  prompts = {"matching": [digits_data.caption_for(int(k)) for k in labels],
+             "conflicting": [digits_data.caption_for(int(k)) for k in other],
+             "empty": [""] * len(labels)}
+  clf, _, _ = ev.digit_classifier(seed)
+  unet_params = base.pipe.unet_params
+
+  def make_gen(cond_scale):
+    return jax.jit(lambda tok, ctl, k: generate(base, net, unet_params, cn_params, tok, ctl, k, num_steps=steps,
+                                                guidance_scale=scale, sampler=s.sampler,
+                                                conditioning_scale=cond_scale))
+
+  gens = {"with": make_gen(1.0), "without": make_gen(0.0)}
+  result: dict[str, Any] = {"workdir": workdir, "num_controls": int(len(labels)), "guidance_scale": scale,
+                            "sampler": s.sampler, "num_steps": steps, "edge_tolerance_px": tolerance,
+                            "controls": "Canny edges of real scikit-learn digits (the training set)",
+                            "conditions": {}}
+  shown: dict[str, np.ndarray] = {}
+  key = jax.random.key(seed)
+  for name, texts in prompts.items():
+    tokens = np.stack([base.tokenize(t) for t in texts])
+    result["conditions"][name] = {}
+    for which, gen in gens.items():
+      out, seconds = ev.generate_batched(gen, tokens, control, key=key, batch=batch)  # same noise both ways
+      pred = clf.predict(ev.downscale_to_8x8(out))
+      agree = edge_agreement(edges_of(out, c.canny_low, c.canny_high)[..., 0], control[..., 0], tolerance=tolerance)
+      row = {"follows_control": float(np.mean(pred == labels)),
+             "edge_f1": float(np.mean(agree["f1"])), "edge_iou": float(np.mean(agree["iou"])),
+             "seconds_per_image": seconds / len(labels)}
+      if name == "conflicting":
+        row["follows_prompt"] = float(np.mean(pred == other))
+      result["conditions"][name][which] = row
+      shown[f"{name}/{which}"] = out[:10]
+  if grid:
+    rows = [np.broadcast_to(control[:10, ..., :1] * 2.0 - 1.0, shown["empty/with"].shape)]
+    rows += [shown[k] for k in ("conflicting/without", "conflicting/with", "empty/without", "empty/with")]
+    result["grid"] = loop.save_grid(np.concatenate(rows), grid, cols=10, scale=3)
+    result["grid_rows"] = ["control edges", "conflicting prompt, without ControlNet",
+                           "conflicting prompt, with ControlNet", "empty prompt, without", "empty prompt, with"]
+    result["grid_conflicting_prompts"] = [int(k) for k in other[:10]]
+  result["seconds"] = time.perf_counter() - t0
+  return result
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -353,20 +353,8 @@ def evaluate(workdir: str, *, num_steps: int = 4, per_digit: int = 20, guidance_
   prompts, labels = digit_prompts(per_digit)
   tokens = np.stack([student.teacher.tokenize(p) for p in prompts])
   gen = jax.jit(lambda p, tok, k: generate(student, p, tok, k, num_steps=num_steps, guidance_scale=scale))
-  key = jax.random.key(seed)
-  images, seconds = [], 0.0
-  for i in range(0, len(prompts), batch):
-    tok = tokens[i:i + batch]
-    pad = batch - tok.shape[0]
-    if pad:
-      tok = np.concatenate([tok, np.repeat(tok[:1], pad, axis=0)])
-    if i == 0:  # compile outside the timing
-      jax.block_until_ready(gen(params, jnp.asarray(tok), key))
-    t0 = time.perf_counter()
-    out = np.asarray(gen(params, jnp.asarray(tok), jax.random.fold_in(key, i)))
-    seconds += time.perf_counter() - t0
-    images.append(out[:batch - pad] if pad else out)
-  images = np.concatenate(images)
+  images, seconds = ev.generate_batched(lambda tok, k: gen(params, tok, k), tokens, key=jax.random.key(seed),
+                                        batch=batch)
   feats = ev.downscale_to_8x8(images)
   clf, _, _ = ev.digit_classifier(seed)
   pred = clf.predict(feats)
