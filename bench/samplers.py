@@ -12,11 +12,14 @@ singlestep, UniPC, DEIS, SA-Solver, Euler, Heun, LMS, KDPM2, DDIM, PNDM, each ov
 solver types, parameterisations, sigma schedules, timestep spacings and final sigmas; about 700
 configurations) is run at a budget of 5, 10 and 20 model calls (the largest step count whose model
 calls fit the budget), and the best one per problem and budget is reported by name next to the best
-jdiff configuration. Problems: three Gaussian mixtures (sharp, second, third) and, with
+jdiff configuration. The jdiff side includes grids calibrated on each problem's own model
+(``jdiff.samplers.calibrate.calibrate_timesteps``: the interior noise levels of a 10-call solver
+fitted by gradient descent to a 256-level teacher solve of the same model from calibration noises of
+another seed than the scored batch). Problems: three Gaussian mixtures (sharp, second, third) and, with
 ``--trained``, a small denoiser trained here on scikit-learn's 8x8 digits (reference: DOP853 on
 the trained network).
 
-    python -m bench.samplers [--quick] [--trained] [--out DIR]
+    python -m bench.samplers [--quick] [--trained] [--best-only] [--problems sharp,digits] [--out DIR]
 """
 
 from __future__ import annotations
@@ -362,7 +365,42 @@ JDIFF_SWEEP = {
                                                    "final_step": "extrapolate"}),
 }
 JDIFF_QUICK = ("dpm3m_eps_karras_sigma_min", "jdiff_dpm3m_eps_karras_extrap", "jdiff_unipc3_logsnr_extrap",
-               "unipc2_bh2_exponential")
+               "unipc2_bh2_exponential", "jdiff_exact_dpm3m_eps_karras_extrap", "jdiff_calshift_unipc3_extrap")
+
+# jdiff configurations on explicit grids (``sigmas=``), so the model is called at the noise level the
+# solver steps to (fractional timesteps) instead of at a rounded timestep: "exact" = a standard grid,
+# "cal" = the grid calibrated on the problem's own model (jdiff.samplers.calibrate), fitted on
+# calibration noises drawn with another seed than the scored batch.
+JDIFF_GRID = {
+    "jdiff_exact_dpm3m_eps_karras_extrap": ("dpm_solver", {"order": 3, "algorithm": "dpmsolver",
+                                                           "final_step": "extrapolate"}, "karras"),
+    "jdiff_exact_unipc3_logsnr_extrap": ("unipc", {"order": 3, "final_step": "extrapolate"}, "logsnr"),
+    "jdiff_cal_dpm3m_eps_extrap": ("dpm_solver", {"order": 3, "algorithm": "dpmsolver", "final_step": "extrapolate"},
+                                   "calibrated"),
+    # grid and the noise level the model is told, both calibrated (shift_timesteps=True)
+    "jdiff_calshift_dpm3m_eps_extrap": ("dpm_solver", {"order": 3, "algorithm": "dpmsolver",
+                                                       "final_step": "extrapolate"}, "calibrated+shift"),
+    "jdiff_calshift_unipc3_extrap": ("unipc", {"order": 3, "final_step": "extrapolate"}, "calibrated+shift"),
+}
+
+
+def grid_sigmas(kind: str, prob: "Problem", sched, nfe: int, *, calib_batch: int, calib_seed: int,
+                iterations: int = 200, method: str = "unipc", opts: dict | None = None) -> dict:
+  """The explicit grid of a ``JDIFF_GRID`` configuration on ``prob``: ``{"sigmas": [nfe + 1]}``
+  plus ``"timesteps": [nfe]`` for a calibrated model shift."""
+  from jdiff.samplers import _sigmas, calibrate
+  abar = np.asarray(sched.alphas_cumprod, np.float64)
+  table = np.sqrt((1 - abar) / abar)
+  lo, hi = float(np.float32(table[0])), float(np.float32(table[-1]))
+  if kind == "karras":
+    return {"sigmas": np.concatenate([_sigmas.karras(lo, hi, nfe), [0.0]]).astype(np.float32)}
+  if kind == "logsnr":
+    return {"sigmas": np.concatenate([_sigmas.logsnr_uniform(lo, hi, nfe), [0.0]]).astype(np.float32)}
+  x_c = np.random.default_rng(calib_seed).standard_normal((calib_batch, prob.dim)).astype(np.float32)
+  shift = kind == "calibrated+shift"
+  out = calibrate.calibrate_timesteps(method, prob.jax_fn, sched, jnp.asarray(x_c), num_steps=nfe, loss="mean",
+                                      iterations=iterations, shift_timesteps=shift, **(opts or {}))
+  return {"sigmas": out[0], "timesteps": out[1]} if shift else {"sigmas": out}
 
 
 def config_name(cls: str, opts: dict) -> str:
@@ -402,9 +440,11 @@ def _run_diffusers(cls_name: str, opts: dict, sched_cfg: dict, nfe: int, x_T: np
 
 
 def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_names=None, seed: int = 42,
-                 log=print) -> dict:
+                 calib_batch: int = 256, calib_iterations: int = 200, log=print) -> dict:
   """Every diffusers configuration of :func:`diffusers_sweep` and every jdiff configuration of
-  ``JDIFF_SWEEP`` on one problem; returns per NFE the best of each side and all scores."""
+  ``JDIFF_SWEEP`` and ``JDIFF_GRID`` on one problem; returns per NFE the best of each side and all
+  scores. Calibrated grids are fitted on ``calib_batch`` noises of seed ``seed + 1000`` (the scored
+  batch uses ``seed``)."""
   sched = schedules.scaled_linear(1000, 0.00085, 0.012)
   sched_cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
   abar = np.asarray(sched.alphas_cumprod).astype(np.float64)
@@ -421,7 +461,7 @@ def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_
       return float("inf")
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
-  jnames = tuple(jdiff_names or JDIFF_SWEEP)
+  jnames = tuple(jdiff_names or (tuple(JDIFF_SWEEP) + tuple(JDIFF_GRID)))
   out = {}
   for nfe in nfes:
     t0 = time.time()
@@ -437,10 +477,26 @@ def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_
     sig0 = float(table_sig[-1])
     y0 = x_T.astype(np.float64) * math.sqrt(1 + sig0 * sig0)
     for name in jnames:
-      method, opts = JDIFF_SWEEP[name]
-      x = np.asarray(jax.jit(lambda z: samplers.sample(method, prob.jax_fn, sched, z, num_steps=nfe, **opts))(
-          jnp.asarray(x_T)), np.float64)
-      jscores[name] = {"error": score(x, sig0, y0), "calls": nfe}
+      extra = {}
+      if name in JDIFF_GRID:
+        method, opts, kind = JDIFF_GRID[name]
+        tc = time.time()
+        g = grid_sigmas(kind, prob, sched, nfe, calib_batch=calib_batch, calib_seed=seed + 1000,
+                        iterations=calib_iterations, method=method, opts=opts)
+        extra = {k: [float(v) for v in a] for k, a in g.items()}
+        extra["grid_seconds"] = time.time() - tc
+        opts = dict(opts, **g)
+        run = jax.jit(lambda z, method=method, opts=opts: samplers.sample(method, prob.jax_fn, sched, z, **opts))
+      else:
+        method, opts = JDIFF_SWEEP[name]
+        run = jax.jit(lambda z, method=method, opts=opts: samplers.sample(method, prob.jax_fn, sched, z,
+                                                                          num_steps=nfe, **opts))
+      try:
+        x = np.asarray(run(jnp.asarray(x_T)), np.float64)
+      except ValueError as e:  # an option combination jdiff rejects at this step count
+        log(f"  skipped {name}: {str(e)[:80]}")
+        continue
+      jscores[name] = {"error": score(x, sig0, y0), "calls": nfe, **extra}
     dbest = min(dscores, key=lambda k: dscores[k]["error"])
     jbest = min(jscores, key=lambda k: jscores[k]["error"])
     de, je = dscores[dbest]["error"], jscores[jbest]["error"]
@@ -599,6 +655,10 @@ def main(argv=None) -> dict:
   p.add_argument("--out", default="bench_out", help="directory for samplers.json and samplers.png")
   p.add_argument("--batch", type=int, default=None)
   p.add_argument("--train-steps", type=int, default=3000)
+  p.add_argument("--calib-batch", type=int, default=256, help="calibration noises per calibrated jdiff grid")
+  p.add_argument("--best-only", action="store_true", help="skip the per-sampler jdiff/diffusers twin table")
+  p.add_argument("--problems", default=None,
+                 help="comma-separated subset of sharp,second,third,digits for the best-against-best race")
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   sched = schedules.scaled_linear(1000, 0.00085, 0.012)
@@ -609,14 +669,18 @@ def main(argv=None) -> dict:
     names, nfes, best_nfes, batch = tuple(CONFIGS), NFES, (5, 10, 20), args.batch or 64
     mixes = [sharp_mixture(), second_mixture(), third_mixture()]
   t0 = time.time()
-  results = {m.name: run_problem(m, names, nfes, batch) for m in mixes}
+  wanted = None if args.problems is None else set(args.problems.split(","))
+  if wanted is not None:
+    mixes = [m for m in mixes if m.name in wanted]
+  results = {} if args.best_only else {m.name: run_problem(m, names, nfes, batch) for m in mixes}
   table = format_table(results, nfes)
   print(table)
   problems = [mixture_problem(m, sched) for m in mixes]
-  if args.trained:
+  if args.trained and (wanted is None or "digits" in wanted):
     problems.append(trained_problem(sched, steps=300 if args.quick else args.train_steps))
   jnames = JDIFF_QUICK if args.quick else None
-  best = {pr.name: best_vs_best(pr, best_nfes, batch, quick=args.quick, jdiff_names=jnames) for pr in problems}
+  cal = dict(calib_batch=64, calib_iterations=40) if args.quick else dict(calib_batch=args.calib_batch)
+  best = {pr.name: best_vs_best(pr, best_nfes, batch, quick=args.quick, jdiff_names=jnames, **cal) for pr in problems}
   print(format_best(best))
   summary = {prob: {str(nfe): {k: v for k, v in r.items() if k not in ("diffusers", "jdiff")}
                     for nfe, r in per.items()} for prob, per in best.items()}
@@ -624,7 +688,8 @@ def main(argv=None) -> dict:
     json.dump({"nfes": list(nfes), "results": results, "best": {k: {str(n): r for n, r in v.items()}
                                                                  for k, v in best.items()},
                "summary": summary, "seconds": time.time() - t0}, f, indent=1)
-  plot(results, nfes, os.path.join(args.out, "samplers.png"))
+  if results:
+    plot(results, nfes, os.path.join(args.out, "samplers.png"))
   return {"results": results, "best": best, "summary": summary}
 
 

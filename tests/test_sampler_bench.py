@@ -41,6 +41,8 @@ def test_diffusers_sweep_names_are_unique_and_cover_every_family():
 
 @pytest.mark.slow
 def test_quick_bench(tmp_path):
+  from jdiff import schedules
+  sched = schedules.scaled_linear(1000, 0.00085, 0.012)
   res = bench.main(["--quick", "--out", str(tmp_path)])
   data = json.loads((tmp_path / "samplers.json").read_text())
   assert set(data["results"]) == {"sharp", "second"}
@@ -63,5 +65,15 @@ def test_quick_bench(tmp_path):
         timestep_spacing="linspace", steps_offset=0, use_karras_sigmas=True))]["error"]
     assert r["jdiff"]["dpm3m_eps_karras_sigma_min"]["error"] <= twin * 1.01 + 1e-6, prob
     assert data["summary"][prob]["10"]["diffusers_best"] == r["diffusers_best"]
+    # the calibrated grid (fitted on other noises) is an explicit, descending 10-call grid
+    cal = r["jdiff"]["jdiff_calshift_unipc3_extrap"]
+    sig, ts = np.asarray(cal["sigmas"]), np.asarray(cal["timesteps"])
+    assert sig.shape == (11,) and np.all(np.diff(sig) < 0) and sig[-1] == 0.0 and np.isfinite(cal["error"])
+    assert ts.shape == (10,) and np.all((ts >= 0) & (ts <= 999))
+    # the exact-time Karras grid is the Karras grid, its model called at fractional timesteps
+    exact = np.asarray(r["jdiff"]["jdiff_exact_dpm3m_eps_karras_extrap"]["sigmas"])
+    from jdiff.samplers import _sigmas
+    table = np.sqrt((1 - np.asarray(sched.alphas_cumprod, np.float64)) / np.asarray(sched.alphas_cumprod, np.float64))
+    np.testing.assert_allclose(exact[:-1], _sigmas.karras(np.float32(table[0]), np.float32(table[-1]), 10), rtol=1e-6)
   if os.path.exists(tmp_path / "samplers.png"):
     assert (tmp_path / "samplers.png").stat().st_size > 1000

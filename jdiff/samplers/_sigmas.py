@@ -42,6 +42,7 @@ __all__ = [
     "alpha_sigma",
     "log_alpha_sigma_ratio",
     "check_sigma_schedule",
+    "explicit_grid",
 ]
 
 # "karras" (rho = 7), "exponential" (uniform in log sigma) and "logsnr" (uniform in log-SNR with the
@@ -247,6 +248,57 @@ def euler_grid(alphas_cumprod, num_steps: int, *, spacing: str = "linspace", ste
     last = table[:1].astype(_hi(xp))
   sig = xp.concatenate([xp.asarray(sig, _hi(xp)), last]).astype(xp.float32)
   return ts_out.astype(xp.float32), sig
+
+
+def explicit_grid(alphas_cumprod, sigmas, timesteps=None, num_steps: int | None = None, *,
+                  final_sigmas_type: str = "zero"):
+  """Timesteps [n] and float32 sigmas [n + 1] of a multistep solver from a caller's sigma list.
+
+  The counterpart of diffusers' ``sigmas=`` argument: ``sigmas`` are the n + 1 descending VE noise
+  levels the solver visits (the model is called at the first n; the last is the end point, 0 or
+  sigma_min). The model's timesteps are ``timesteps`` when given (e.g. the integer timesteps of a
+  default grid), else the fractional timesteps of ``sigmas`` (:func:`sigma_to_t`), in float32; so
+  with a traced ``sigmas`` (inside ``jax.jit`` or ``jax.grad``) the grid stays a traced input.
+
+  Args:
+    alphas_cumprod: the schedule's alpha-bar [T].
+    sigmas: descending noise levels [n + 1] (numpy, list or jax array; may be traced).
+    timesteps: optional model timesteps [n] (integers are passed to the model as int32).
+    num_steps: n, or None to take ``len(sigmas) - 1``.
+    final_sigmas_type: "zero" or "sigma_min"; a concrete ``sigmas`` must agree (last entry 0 or > 0).
+
+  Returns:
+    ``(timesteps, sigmas)`` as :func:`multistep_grid` returns them.
+
+  Example:
+    >>> ts, sig = explicit_grid(sched.alphas_cumprod, [14.6, 3.0, 0.5, 0.0])
+  """
+  if final_sigmas_type not in ("zero", "sigma_min"):
+    raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+  traced = isinstance(sigmas, jax.core.Tracer)
+  sig = sigmas if traced else np.asarray(sigmas, np.float64)
+  if sig.ndim != 1 or sig.shape[0] < 2:
+    raise ValueError(f"sigmas must be a 1-D list of at least 2 noise levels, got shape {tuple(sig.shape)}")
+  n = sig.shape[0] - 1
+  if num_steps is not None and int(num_steps) != n:
+    raise ValueError(f"sigmas has {n + 1} entries, so num_steps must be {n} (got {num_steps})")
+  if not traced:
+    if not np.all(np.isfinite(sig)) or np.any(sig[:-1] <= 0) or np.any(np.diff(sig) >= 0) or sig[-1] < 0:
+      raise ValueError(f"sigmas must be finite, positive and strictly decreasing (the last may be 0), got {sig}")
+    if (sig[-1] == 0) != (final_sigmas_type == "zero"):
+      raise ValueError(f"sigmas end at {sig[-1]:g} but final_sigmas_type={final_sigmas_type!r} "
+                       "(a last sigma of 0 means 'zero', a positive one 'sigma_min')")
+  if timesteps is not None:
+    ts = np.asarray(timesteps) if not isinstance(timesteps, jax.core.Tracer) else timesteps
+    if ts.shape != (n,):
+      raise ValueError(f"timesteps must have shape ({n},) to match sigmas, got {tuple(ts.shape)}")
+  else:
+    xp = jnp if traced or isinstance(alphas_cumprod, jax.core.Tracer) else np
+    table = train_sigmas(alphas_cumprod, xp)
+    ts = sigma_to_t(sig[:n], xp.log(table), xp).astype(xp.float32)
+  if traced:
+    return ts, sig.astype(jnp.float32)
+  return ts, sig.astype(np.float32)
 
 
 def alpha_sigma(sigma: jax.Array) -> tuple[jax.Array, jax.Array]:

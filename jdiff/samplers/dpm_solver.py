@@ -123,7 +123,7 @@ def extrapolated_final_step(x_s: jax.Array, sigma_s: jax.Array, x0_s: jax.Array,
 
 
 @_common.register("dpm_solver")
-def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
+def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int | None = None,
                key: jax.Array | None = None, prediction: str = "epsilon", order: int = 2,
                algorithm: str = "dpmsolver++", solver_type: str = "midpoint",
                lower_order_final: bool | None = None, euler_at_final: bool = False,
@@ -132,6 +132,7 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
                timestep_spacing: str = "linspace", steps_offset: int = 0, thresholding: bool = False,
                dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
                singlestep: bool = False, final_step: str = "default",
+               sigmas: jax.Array | np.ndarray | None = None, timesteps: jax.Array | np.ndarray | None = None,
                return_trajectory: bool = False):
   """Samples with DPM-Solver / DPM-Solver++ (multistep or singlestep).
 
@@ -163,6 +164,12 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
       ``final_sigmas_type="zero"``, multistep and num_steps >= 2). With "dpmsolver" (noise
       prediction, which diffusers can only stop at sigma_min) this lands on sigma = 0 without the
       wasted zero-length step diffusers takes with Karras/exponential sigmas.
+    sigmas: an explicit grid instead of the spacing and sigma schedule (diffusers' ``sigmas=``):
+      n + 1 descending VE noise levels, the last 0 (``final_sigmas_type="zero"``) or positive
+      ("sigma_min"); num_steps may then be None. Unless ``timesteps`` is given the model gets the
+      fractional timesteps of these sigmas in float32. May be a traced array (one program for
+      every grid; differentiable, see :mod:`jdiff.samplers.calibrate`).
+    timesteps: optional model timesteps [n] that go with ``sigmas``.
     return_trajectory: also return the state after every step [num_steps, B, ...].
 
   Returns:
@@ -181,6 +188,8 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
     raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
   if final_step not in FINAL_STEPS:
     raise ValueError(f"unknown final_step {final_step!r}; expected one of {FINAL_STEPS}")
+  num_steps = _explicit_num_steps(sigmas, timesteps, num_steps, sigma_schedule, use_karras_sigmas,
+                                  use_exponential_sigmas)
   extrapolate = final_step == "extrapolate"
   if algorithm == "dpmsolver" and final_sigmas_type == "zero" and not extrapolate:
     raise ValueError("algorithm='dpmsolver' cannot land on sigma = 0: pass final_sigmas_type='sigma_min' "
@@ -195,10 +204,14 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
   elif lower_order_final is None:
     lower_order_final = True
 
-  ts, sig = _sigmas.multistep_grid(schedule.alphas_cumprod, num_steps, spacing=timestep_spacing,
-                                   steps_offset=steps_offset, sigma_schedule=sigma_schedule,
-                                   final_sigmas_type=final_sigmas_type,
-                                   round_timesteps=sigma_schedule != "exponential")
+  if sigmas is not None:
+    ts, sig = _sigmas.explicit_grid(schedule.alphas_cumprod, sigmas, timesteps, num_steps,
+                                    final_sigmas_type=final_sigmas_type)
+  else:
+    ts, sig = _sigmas.multistep_grid(schedule.alphas_cumprod, num_steps, spacing=timestep_spacing,
+                                     steps_offset=steps_offset, sigma_schedule=sigma_schedule,
+                                     final_sigmas_type=final_sigmas_type,
+                                     round_timesteps=sigma_schedule != "exponential")
   n = int(num_steps)
   if singlestep:
     orders = singlestep_orders(n, order, lower_order_final=lower_order_final,
@@ -256,6 +269,8 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
     l1, _, _ = lam(s_1)
     l2, _, _ = lam(s_2)
     h = lt - l0
+    # a last step to sigma = 0 has h = inf: same value, but no (NaN) gradient through it
+    h = jnp.where(st > 0, h, jax.lax.stop_gradient(h))
     c = _coefficients(algorithm, h, at, sgt, a0, sg0)
     m0, m1, m2 = hist[2], hist[1], hist[0]
 
@@ -321,12 +336,17 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
     if singlestep:
       x_start = jnp.where(br == 0, x, x_start)
     noise = _common.step_noise(k, x.shape) if stochastic else None
+    if extrapolate:  # the regular last step is discarded: aim it at a finite sigma (finite gradients)
+      st = jnp.where(final, 0.5 * s_0, st)
     branches = make_branches(x, x_start, hist, (st, s_0, s_1, s_2), noise)
     x_next = jax.lax.switch(br, branches, None)
     if extrapolate:
       x0_s, x0_p = hist[2], hist[1]
       if not data_pred:  # the history holds noise predictions: x0 = (x - sigma_t eps) / alpha_t
         x0_s, x0_p = _eps_to_x0(x, s_0, hist[2]), _eps_to_x0(x_last, sp, hist[1])
+      # on the other steps the formula is evaluated and discarded: keep it finite there (sp = s_0
+      # at step 0) so that gradients through jnp.where stay finite
+      sp = jnp.where(final, sp, 2.0 * s_0 + 1.0)
       x_next = jnp.where(final, extrapolated_final_step(x, s_0, x0_s, x_last, sp, x0_p), x_next)
     return (x_next, x_start, hist, x), (x_next if return_trajectory else None)
 
@@ -340,6 +360,26 @@ def _eps_to_x0(x: jax.Array, sigma: jax.Array, eps: jax.Array) -> jax.Array:
   """Data prediction of a noise prediction at VE level ``sigma`` (VP state x)."""
   alpha, sigma_t = _sigmas.alpha_sigma(sigma)
   return diffusion.to_x0(eps, x, alpha, sigma_t, "epsilon")
+
+
+def _explicit_num_steps(sigmas, timesteps, num_steps, sigma_schedule, use_karras_sigmas: bool,
+                        use_exponential_sigmas: bool):
+  """Checks an explicit ``sigmas=`` grid against the schedule options; returns the step count."""
+  if sigmas is None:
+    if timesteps is not None:
+      raise ValueError("timesteps= goes with sigmas= (pass the sigma list the timesteps belong to)")
+    if num_steps is None:
+      raise ValueError("num_steps is required unless sigmas= is given")
+    return num_steps
+  if sigma_schedule is not None or use_karras_sigmas or use_exponential_sigmas:
+    raise ValueError("sigmas= replaces the sigma schedule: drop sigma_schedule, use_karras_sigmas and "
+                     "use_exponential_sigmas")
+  shape = np.shape(sigmas)
+  if len(shape) != 1 or shape[0] < 2:
+    raise ValueError(f"sigmas must be a 1-D list of at least 2 noise levels, got shape {shape}")
+  if num_steps is not None and int(num_steps) != shape[0] - 1:
+    raise ValueError(f"sigmas has {shape[0]} entries, so num_steps must be {shape[0] - 1} (got {num_steps})")
+  return shape[0] - 1
 
 
 def _pick_sigma_schedule(sigma_schedule, use_karras_sigmas: bool, use_exponential_sigmas: bool):

@@ -18,7 +18,8 @@ import numpy as np
 
 from jdiff import diffusion
 from jdiff.samplers import _common, _sigmas
-from jdiff.samplers.dpm_solver import _eps_to_x0, _pick_sigma_schedule, extrapolated_final_step
+from jdiff.samplers.dpm_solver import (_eps_to_x0, _explicit_num_steps, _pick_sigma_schedule,
+                                       extrapolated_final_step)
 from jdiff.schedules import Schedule
 
 __all__ = ["unipc", "SOLVER_TYPES", "unipc_orders"]
@@ -61,14 +62,16 @@ def _solve(rks, b):
 
 
 @_common.register("unipc")
-def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: jax.Array | None = None,
-          prediction: str = "epsilon", order: int = 2, solver_type: str = "bh2", predict_x0: bool = True,
+def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int | None = None,
+          key: jax.Array | None = None, prediction: str = "epsilon", order: int = 2, solver_type: str = "bh2",
+          predict_x0: bool = True,
           lower_order_final: bool = True, disable_corrector: tuple[int, ...] = (),
           use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
           sigma_schedule: str | None = None, final_sigmas_type: str = "zero",
           timestep_spacing: str = "linspace", steps_offset: int = 0, thresholding: bool = False,
           dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-          final_step: str = "default", return_trajectory: bool = False):
+          final_step: str = "default", sigmas: jax.Array | np.ndarray | None = None,
+          timesteps: jax.Array | np.ndarray | None = None, return_trajectory: bool = False):
   """Samples with UniPC (multistep predictor-corrector).
 
   Args:
@@ -92,6 +95,8 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
       num_steps >= 2; with ``predict_x0=False`` it is the only way to land on sigma = 0).
     return_trajectory: also return the state after every step [num_steps, B, ...] (the
       predictor's output; the corrector refines it at the next step, as in diffusers).
+    sigmas, timesteps: an explicit grid (n + 1 descending sigmas, optional model timesteps [n]);
+      see :func:`jdiff.samplers.dpm_solver`.
 
   Returns:
     x_0 in float32 (and the trajectory when asked).
@@ -108,6 +113,8 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
     raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
   if final_step not in ("default", "extrapolate"):
     raise ValueError(f"unknown final_step {final_step!r}; expected 'default' or 'extrapolate'")
+  num_steps = _explicit_num_steps(sigmas, timesteps, num_steps, sigma_schedule, use_karras_sigmas,
+                                  use_exponential_sigmas)
   extrapolate = final_step == "extrapolate"
   if final_sigmas_type == "zero" and not predict_x0 and not extrapolate:
     raise ValueError("predict_x0=False cannot land on sigma = 0: pass final_sigmas_type='sigma_min' "
@@ -115,11 +122,15 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
   if extrapolate and (final_sigmas_type != "zero" or num_steps < 2):
     raise ValueError("final_step='extrapolate' needs final_sigmas_type='zero' and num_steps >= 2")
   sigma_schedule = _pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
-  ts, sig = _sigmas.multistep_grid(schedule.alphas_cumprod, num_steps, spacing=timestep_spacing,
-                                   steps_offset=steps_offset, sigma_schedule=sigma_schedule,
-                                   final_sigmas_type=final_sigmas_type,
-                                   round_timesteps=sigma_schedule != "exponential",
-                                   karras_final_sigma_min="schedule")
+  if sigmas is not None:
+    ts, sig = _sigmas.explicit_grid(schedule.alphas_cumprod, sigmas, timesteps, num_steps,
+                                    final_sigmas_type=final_sigmas_type)
+  else:
+    ts, sig = _sigmas.multistep_grid(schedule.alphas_cumprod, num_steps, spacing=timestep_spacing,
+                                     steps_offset=steps_offset, sigma_schedule=sigma_schedule,
+                                     final_sigmas_type=final_sigmas_type,
+                                     round_timesteps=sigma_schedule != "exponential",
+                                     karras_final_sigma_min="schedule")
   n = int(num_steps)
   p_orders, c_orders = unipc_orders(n, order, lower_order_final, disable_corrector)
   if final_sigmas_type == "zero" and p_orders[-1] > 1:
@@ -191,6 +202,8 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
   def step(carry, inputs):
     x, x_last, hist, x_prev_eval = carry
     t, w, p, c, final = inputs
+    if extrapolate:  # the predictor's last step is discarded: aim it at a finite sigma (finite gradients)
+      w = w.at[0].set(jnp.where(final, 0.5 * w[1], w[0]))
     x_eval = x
     out = _common.call_model(model_fn, x, t, t_dtype)
     m = convert(out, x, w[1])
@@ -204,7 +217,8 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
       m_s, m_p = hist[2], hist[1]
       if not predict_x0:  # noise predictions -> data predictions at the same points
         m_s, m_p = _eps_to_x0(x_eval, w[1], m_s), _eps_to_x0(x_prev_eval, w[2], m_p)
-      x_next = jnp.where(final, extrapolated_final_step(x_eval, w[1], m_s, x_prev_eval, w[2], m_p), x_next)
+      sp = jnp.where(final, w[2], 2.0 * w[1] + 1.0)  # finite when discarded (finite gradients)
+      x_next = jnp.where(final, extrapolated_final_step(x_eval, w[1], m_s, x_prev_eval, sp, m_p), x_next)
     return (x_next, x, hist, x_eval), (x_next if return_trajectory else None)
 
   hist0 = jnp.zeros((3,) + x.shape, jnp.float32)
