@@ -20,12 +20,14 @@ import jax.numpy as jnp
 
 __all__ = [
     "attention_implementation",
+    "Conv2D",
     "timestep_embedding",
     "TimestepEmbedding",
     "ResnetBlock2D",
     "Attention",
     "SpatialAttention",
     "GEGLU",
+    "gelu_exact",
     "FeedForward",
     "BasicTransformerBlock",
     "Transformer2D",
@@ -75,12 +77,66 @@ def _group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> nn.GroupNor
 
 
 def _conv(features: int, kernel: int, dtype: Dtype, name: str, *, stride: int = 1,
-          padding: Any = None) -> nn.Conv:
+          padding: Any = None) -> Conv2D:
   pad = (kernel - 1) // 2 if padding is None else padding
   if isinstance(pad, int):
     pad = ((pad, pad), (pad, pad))
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype,
-                 name=name)
+  return Conv2D(features, kernel, stride=stride, padding=pad, dtype=dtype, name=name)
+
+
+def _conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int,
+                    padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """A 2-D convolution as one matmul over gathered patches (im2col), NHWC / HWIO."""
+  kh, kw, cin, cout = kernel.shape
+  _, hgt, wid, _ = x.shape
+  (pt, pb), (pl, pr) = padding
+  ho = (hgt + pt + pb - kh) // stride + 1
+  wo = (wid + pl + pr - kw) // stride + 1
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  taps = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+          for i in range(kh) for j in range(kw)]
+  patches = jnp.concatenate(taps, axis=-1)  # [B, Ho, Wo, kh * kw * C_in], (i, j, c) order = HWIO
+  return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
+
+
+class Conv2D(nn.Module):
+  """Square-kernel NHWC convolution with ``flax.linen.Conv``'s parameters (``kernel`` [k, k, C_in, C],
+  ``bias`` [C]), initialisation and numerics.
+
+  1x1 convolutions run as a matmul over channels. On inputs spatially smaller than the kernel (the
+  2x2 deepest level of a UNet on small latents) XLA's CPU convolution is slow (measured 8-9x slower
+  than a matmul for [64, 2, 2, 128] inputs, forward and backward); there the same convolution runs as
+  one matmul over gathered patches (same products, summed in another order: float32 rounding level).
+
+  Example:
+    >>> y = Conv2D(64, 3, padding=((1, 1), (1, 1))).apply(params, x)  # x [B, H, W, C_in]
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+  dtype: Dtype = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 4:
+      raise ValueError(f"Conv2D expects NHWC input [B, H, W, C], got shape {x.shape}")
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    padding = tuple(tuple(int(p) for p in pair) for pair in self.padding)
+    if k == 1 and self.stride == 1 and padding == ((0, 0), (0, 0)):
+      y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])  # a 1x1 convolution is a matmul over C
+    elif x.shape[1] < k or x.shape[2] < k:
+      y = _conv_as_matmul(x, kernel, self.stride, padding)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), padding,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias[None, None, None, :]  # [B, H', W', features]
 
 
 class TimestepEmbedding(nn.Module):
@@ -183,8 +239,26 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, upcast: boo
   impl = _attention_impl[0]
   if impl == "cudnn" and not (q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128):
     impl = "xla"  # outside cuDNN's fused-attention envelope
-  out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d), implementation=impl)  # [B, T, heads, d]
+  if impl != "cudnn" and q.dtype == jnp.float32:
+    out = _attend_heads_major(q, k, v, 1.0 / math.sqrt(d))
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d), implementation=impl)  # [B, T, heads, d]
   return out.astype(dtype).reshape(b, tq, inner)
+
+
+def _attend_heads_major(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+  """float32 attention on [B, T, heads, d] inputs, computed in [B, heads, T, d] layout.
+
+  The same math as ``jax.nn.dot_product_attention``'s XLA path (logits scaled after the product,
+  softmax over keys), but with the heads moved next to the batch axis first, so that both batched
+  matmuls and their transposes in the backward pass run on contiguous [B * heads] batches: on CPU
+  this made the attention core's forward + backward about 1.5-2x faster (digits UNet shapes).
+  """
+  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, heads, T|S, d]
+  logits = jnp.einsum("bntd,bnsd->bnts", q, k) * jnp.float32(scale)  # [B, heads, T, S]
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bnts,bnsd->bntd", probs, v)  # [B, heads, T, d]
+  return out.transpose(0, 2, 1, 3)  # [B, T, heads, d]
 
 
 class Attention(nn.Module):
@@ -248,8 +322,46 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    a, g = jnp.split(nn.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
-    return a * jax.nn.gelu(g, approximate=False)  # [B, T, inner]
+    a, g = _HalvesDense(self.inner, dtype=self.dtype, name="proj")(x)  # [B, T, inner] each
+    return a * gelu_exact(g)  # [B, T, inner]
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, ``x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2)))``: PyTorch's formula.
+
+  Same function as ``jax.nn.gelu(x, approximate=False)`` (which evaluates it through ``erfc``);
+  XLA's CPU ``erf`` is about twice as fast as its ``erfc`` (float32 error vs float64 below 2e-6).
+
+  Example:
+    >>> gelu_exact(jnp.array([0.0, 1.0]))  # doctest: +SKIP
+    Array([0.       , 0.8413447], dtype=float32)
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+
+
+class _HalvesDense(nn.Module):
+  """``jnp.split(nn.Dense(2 * features)(x), 2, -1)`` with the same parameters (``kernel`` [C, 2F],
+  ``bias`` [2F]) and initialisation, computed as two matmuls on the kernel's halves: the backward
+  pass then needs no concatenation of the two [B, T, F] activation gradients (measured ~15% off the
+  feed-forward's forward + backward on CPU)."""
+
+  features: int
+  dtype: Dtype = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    f = self.features
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 2 * f), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (2 * f,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    lead = (1,) * (x.ndim - 1)
+
+    def half(i: int) -> jax.Array:
+      y = jax.lax.dot_general(x, kernel[:, i * f:(i + 1) * f], (((x.ndim - 1,), (0,)), ((), ())))
+      return y + bias[i * f:(i + 1) * f].reshape(lead + (f,))
+
+    return half(0), half(1)
 
 
 class FeedForward(nn.Module):
