@@ -300,22 +300,14 @@ def edge_agreement(edges: np.ndarray, reference: np.ndarray, *, tolerance: int =
 
 def load_from_workdir(workdir: str):
   """(config, base, ControlNet module, ControlNet EMA params) of a ``train.controlnet`` run."""
-  from jdiff import checkpoint
   from train import vae as vae_train
   config = loop.read_config(workdir)
   if "controlnet" not in config:
     raise ValueError(f"{workdir} is not a train.controlnet workdir (its config has no 'controlnet' section)")
   base = load_base(config.base)
   net, _, init_params, _ = build(config, base)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    trained = vae_train.restore_ema(ckpt)
-  finally:
-    ckpt.close()
-  checkpoint.check_shapes(trained, jax.eval_shape(init_params, jax.random.key(0)),
-                          what=f"ControlNet checkpoint in {workdir}")
+  trained = vae_train.restore_checked_ema(workdir, jax.eval_shape(init_params, jax.random.key(0)),
+                                          what="ControlNet checkpoint")
   return config, base, net, trained["controlnet"]
 
 

@@ -322,22 +322,14 @@ def train_lcm(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -
 
 def load_from_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, LCMStudent, Any]:
   """(config, student, EMA student UNet parameters) of a ``train.lcm`` run."""
-  from jdiff import checkpoint
   from train import vae as vae_train
   config = loop.read_config(workdir)
   if "lcm" not in config:
     raise ValueError(f"{workdir} is not a train.lcm workdir (its config has no 'lcm' section)")
   teacher = load_teacher(config.teacher)
   student, init_params = build(config, teacher)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    trained = vae_train.restore_ema(ckpt)
-  finally:
-    ckpt.close()
-  checkpoint.check_shapes(trained, jax.eval_shape(init_params, jax.random.key(0)),
-                          what=f"LCM checkpoint in {workdir}")
+  trained = vae_train.restore_checked_ema(workdir, jax.eval_shape(init_params, jax.random.key(0)),
+                                          what="LCM checkpoint")
   return config, student, student.unet_params(trained, teacher.params)
 
 

@@ -305,20 +305,12 @@ def load_from_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, LatentDi
 
   When the run trained its text encoder, the returned model carries the EMA text parameters.
   """
-  from jdiff import checkpoint
   config = loop.read_config(workdir)
   vdir = os.path.expanduser(config.vae.pretrained) if config.vae.pretrained else os.path.join(workdir, "vae")
   vae, vae_params = vae_train.load_vae(vdir)
   ldm = build(config, vae, vae_params)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no UNet checkpoint in {ckpt.directory}")
-    params = vae_train.restore_ema(ckpt)
-  finally:
-    ckpt.close()
-  expected = jax.eval_shape(ldm.init_params, jax.random.key(0))
-  checkpoint.check_shapes(params, expected, what=f"UNet checkpoint in {workdir}")
+  params = vae_train.restore_checked_ema(workdir, jax.eval_shape(ldm.init_params, jax.random.key(0)),
+                                         what="UNet checkpoint")
   if ldm.text_trainable:
     ldm = dataclasses.replace(ldm, text_params=params["text"])
     params = params["unet"]

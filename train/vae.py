@@ -138,6 +138,25 @@ def restore_ema(ckpt: checkpoint.Checkpointer, step: int | None = None) -> Any:
   return out["state"]["ema_params"]
 
 
+def restore_checked_ema(workdir: str, expected: Any, *, what: str) -> Any:
+  """The EMA parameters of the latest checkpoint in ``WORKDIR/checkpoints``, checked leaf by leaf
+  against the abstract tree ``expected`` (one-line error naming ``what`` on a mismatch).
+
+  Raises:
+    FileNotFoundError: no checkpoint saved yet.
+    ValueError: the checkpoint's tree or shapes differ from ``expected``.
+  """
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"no {what} in {ckpt.directory}")
+    params = restore_ema(ckpt)
+  finally:
+    ckpt.close()
+  checkpoint.check_shapes(params, expected, what=f"{what} in {workdir}")
+  return params
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   loop.write_config(config, workdir)
   train_vae(config, workdir)

@@ -174,7 +174,8 @@ def _interp(ts, table, xp):
 
 def multistep_grid(alphas_cumprod, num_steps: int, *, spacing: str = "linspace", steps_offset: int = 0,
                    sigma_schedule: str | None = None, final_sigmas_type: str = "zero",
-                   round_timesteps: bool = True, karras_final_sigma_min: str = "train"):
+                   round_timesteps: bool = True, karras_final_sigma_min: str = "train",
+                   sigmas=None, timesteps=None):
   """Timesteps [n] and sigmas [n + 1] of a multistep solver (diffusers' DPM-Solver/UniPC rules).
 
   Args:
@@ -189,10 +190,14 @@ def multistep_grid(alphas_cumprod, num_steps: int, *, spacing: str = "linspace",
     karras_final_sigma_min: with a sigma schedule and ``final_sigmas_type="sigma_min"``, land on
       sigma(0) of the training table ("train", DPM-Solver) or on the schedule's own last sigma
       ("schedule", UniPC). Both are sigma(0) up to float rounding.
+    sigmas, timesteps: a caller's grid instead (:func:`explicit_grid`; the spacing options are
+      then unused).
 
   Returns:
     ``(timesteps, sigmas)``: int64 numpy timesteps (int32 jnp when traced) and float32 sigmas.
   """
+  if sigmas is not None:
+    return explicit_grid(alphas_cumprod, sigmas, timesteps, num_steps, final_sigmas_type=final_sigmas_type)
   check_sigma_schedule(sigma_schedule)
   if final_sigmas_type not in ("zero", "sigma_min"):
     raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")

@@ -204,14 +204,10 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int |
   elif lower_order_final is None:
     lower_order_final = True
 
-  if sigmas is not None:
-    ts, sig = _sigmas.explicit_grid(schedule.alphas_cumprod, sigmas, timesteps, num_steps,
-                                    final_sigmas_type=final_sigmas_type)
-  else:
-    ts, sig = _sigmas.multistep_grid(schedule.alphas_cumprod, num_steps, spacing=timestep_spacing,
-                                     steps_offset=steps_offset, sigma_schedule=sigma_schedule,
-                                     final_sigmas_type=final_sigmas_type,
-                                     round_timesteps=sigma_schedule != "exponential")
+  ts, sig = _sigmas.multistep_grid(schedule.alphas_cumprod, num_steps, spacing=timestep_spacing,
+                                   steps_offset=steps_offset, sigma_schedule=sigma_schedule,
+                                   final_sigmas_type=final_sigmas_type, sigmas=sigmas, timesteps=timesteps,
+                                   round_timesteps=sigma_schedule != "exponential")
   n = int(num_steps)
   if singlestep:
     orders = singlestep_orders(n, order, lower_order_final=lower_order_final,

@@ -122,15 +122,11 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int | None
   if extrapolate and (final_sigmas_type != "zero" or num_steps < 2):
     raise ValueError("final_step='extrapolate' needs final_sigmas_type='zero' and num_steps >= 2")
   sigma_schedule = _pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
-  if sigmas is not None:
-    ts, sig = _sigmas.explicit_grid(schedule.alphas_cumprod, sigmas, timesteps, num_steps,
-                                    final_sigmas_type=final_sigmas_type)
-  else:
-    ts, sig = _sigmas.multistep_grid(schedule.alphas_cumprod, num_steps, spacing=timestep_spacing,
-                                     steps_offset=steps_offset, sigma_schedule=sigma_schedule,
-                                     final_sigmas_type=final_sigmas_type,
-                                     round_timesteps=sigma_schedule != "exponential",
-                                     karras_final_sigma_min="schedule")
+  ts, sig = _sigmas.multistep_grid(schedule.alphas_cumprod, num_steps, spacing=timestep_spacing,
+                                   steps_offset=steps_offset, sigma_schedule=sigma_schedule,
+                                   final_sigmas_type=final_sigmas_type, sigmas=sigmas, timesteps=timesteps,
+                                   round_timesteps=sigma_schedule != "exponential",
+                                   karras_final_sigma_min="schedule")
   n = int(num_steps)
   p_orders, c_orders = unipc_orders(n, order, lower_order_final, disable_corrector)
   if final_sigmas_type == "zero" and p_orders[-1] > 1:
