@@ -156,4 +156,5 @@ def test_two_processes_train_vae_tiny_like_one_process(tmp_path):
 
   pair = _launch_pair(cmd_for, tmp_path / "two")
   single = _run_single(cmd_for, tmp_path / "one")
-  _check_pair_equals_single(pair, single, tmp_path / "two", tmp_path / "one", "vae")
+  state = _check_pair_equals_single(pair, single, tmp_path / "two", tmp_path / "one", "vae")
+  assert int(state["step"]) == 3
