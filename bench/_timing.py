@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["timed", "alternate", "choose_torch_threads", "summary", "PeakRSS", "device_peak_bytes",
            "format_table", "write_json", "environment", "block",
-           "enable_compilation_cache"]
+           "add_common_flags", "start"]
 
 
 def block(tree: Any) -> Any:
@@ -237,18 +237,17 @@ def write_json(path: str | os.PathLike | None, payload: Mapping[str, Any]) -> No
     fh.write("\n")
 
 
-def enable_compilation_cache(folder: str | os.PathLike) -> None:
-  """Turns on JAX's persistent compilation cache in ``folder`` for every compiled program.
+def add_common_flags(p) -> None:
+  """``--torch-threads``, ``--compilation-cache`` and ``--out`` of the jdiff-vs-diffusers benchmarks."""
+  p.add_argument("--torch-threads", default="auto", help="PyTorch intra-op threads, or auto (the faster of 1 "
+                 "and the default)")
+  p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                 help="JAX persistent compilation cache folder (a second run skips XLA compilation)")
+  p.add_argument("--out", default=None, help="write results as JSON here")
 
-  The thresholds are lowered to zero so that even small programs are cached (JAX's defaults skip
-  programs that compile in under a second).
 
-  Example:
-    >>> enable_compilation_cache("/tmp/jax_cache")  # doctest: +SKIP
-  """
-  import jax
-
-  os.makedirs(folder, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.fspath(folder))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+def start(args) -> None:
+  """What every benchmark does with the common flags before it compiles anything."""
+  if args.compilation_cache:
+    from jdiff import parallel
+    parallel.enable_compilation_cache(os.fspath(args.compilation_cache), min_compile_seconds=0.0)

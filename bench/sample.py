@@ -254,20 +254,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=4, help="images per call")
   p.add_argument("--steps", type=int, default=20, help="sampler steps")
   p.add_argument("--repeats", type=int, default=5, help="alternating timed calls per side")
-  p.add_argument("--torch-threads", default="auto", help="PyTorch intra-op threads, or auto (the faster of 1 "
-                 "and the default)")
   p.add_argument("--no-components", action="store_true", help="skip the UNet / VAE breakdown")
   p.add_argument("--quick", action="store_true", help="tiny, DDIM, batch 2, 20 steps, 2 repeats (tests)")
-  p.add_argument("--compilation-cache", default=None, metavar="DIR",
-                 help="JAX persistent compilation cache folder (a second run skips XLA compilation)")
-  p.add_argument("--out", default=None, help="write results as JSON here")
+  _timing.add_common_flags(p)
   return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  if args.compilation_cache:
-    _timing.enable_compilation_cache(args.compilation_cache)
+  _timing.start(args)
   if args.quick:
     names, samplers, batch, repeats = ["tiny"], ["ddim"], 2, 2
   else:

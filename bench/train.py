@@ -297,20 +297,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--repeats", type=int, default=7, help="alternating timed rounds per side")
   p.add_argument("--steps", type=int, default=3, help="train steps per timed round")
   p.add_argument("--dtype", default="float32", help="jdiff compute dtype (diffusers: autocast)")
-  p.add_argument("--torch-threads", default="auto", help="PyTorch intra-op threads, or auto (the faster of 1 "
-                 "and the default)")
   p.add_argument("--no-torch", action="store_true", help="time jdiff only")
   p.add_argument("--quick", action="store_true", help="tiny config, 2 repeats of 1 step (for tests)")
-  p.add_argument("--compilation-cache", default=None, metavar="DIR",
-                 help="JAX persistent compilation cache folder (a second run skips XLA compilation)")
-  p.add_argument("--out", default=None, help="write results as JSON here")
+  _timing.add_common_flags(p)
   return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  if args.compilation_cache:
-    _timing.enable_compilation_cache(args.compilation_cache)
+  _timing.start(args)
   names = ["tiny"] if args.quick else [n.strip() for n in args.configs.split(",") if n.strip()]
   repeats, steps = (2, 1) if args.quick else (args.repeats, args.steps)
   results = []

@@ -339,6 +339,18 @@ def _draw_index(key, b, num_ddim_timesteps, index):
   return index
 
 
+def _draw_pair(k_idx: jax.Array, k_noise: jax.Array, schedule: Schedule, x0: jax.Array, num_ddim_timesteps: int,
+               index: jax.Array | None, noise: jax.Array | None):
+  """float32 x0, the skipping-step pair (t, s) [B] and float32 noise of one consistency loss
+  (``index`` / ``noise`` drawn from the keys unless given)."""
+  x0 = x0.astype(jnp.float32)
+  index = _draw_index(k_idx, x0.shape[0], num_ddim_timesteps, index)
+  t, s = skipping_pairs(schedule.num_timesteps, num_ddim_timesteps, index)
+  if noise is None:
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  return x0, t, s, noise.astype(jnp.float32)
+
+
 def distillation_loss(student_fn: GuidedFn, teacher_fn: GuidedFn, schedule: Schedule, x0: jax.Array,
                       key: jax.Array, *, target_fn: GuidedFn | None = None, num_ddim_timesteps: int = 50,
                       w_min: float = 3.0, w_max: float = 15.0, solver: str | Solver = "ddim",
@@ -384,15 +396,11 @@ def distillation_loss(student_fn: GuidedFn, teacher_fn: GuidedFn, schedule: Sche
   teacher_prediction = diffusion.check_prediction(teacher_prediction or prediction)
   k_idx, k_noise, k_w = jax.random.split(key, 3)
   b = x0.shape[0]
-  x0 = x0.astype(jnp.float32)
-  index = _draw_index(k_idx, b, num_ddim_timesteps, index)
-  t, s = skipping_pairs(schedule.num_timesteps, num_ddim_timesteps, index)
-  if noise is None:
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  x0, t, s, noise = _draw_pair(k_idx, k_noise, schedule, x0, num_ddim_timesteps, index, noise)
   if w is None:
     w = jax.random.uniform(k_w, (b,), jnp.float32, w_min, w_max)
   w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (b,))
-  x_t = diffusion.q_sample(schedule, x0, t, noise.astype(jnp.float32))
+  x_t = diffusion.q_sample(schedule, x0, t, noise)
   scal = dict(timestep_scaling=timestep_scaling, sigma_data=sigma_data)
 
   f_student = consistency_output(student_fn(x_t, t, w), x_t, t, schedule, prediction=prediction, **scal)
@@ -436,13 +444,7 @@ def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: j
   """
   prediction = diffusion.check_prediction(prediction)
   k_idx, k_noise = jax.random.split(key)
-  b = x0.shape[0]
-  x0 = x0.astype(jnp.float32)
-  index = _draw_index(k_idx, b, num_ddim_timesteps, index)
-  t, s = skipping_pairs(schedule.num_timesteps, num_ddim_timesteps, index)
-  if noise is None:
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  noise = noise.astype(jnp.float32)
+  x0, t, s, noise = _draw_pair(k_idx, k_noise, schedule, x0, num_ddim_timesteps, index, noise)
   x_t = diffusion.q_sample(schedule, x0, t, noise)
   x_s = diffusion.q_sample(schedule, x0, s, noise)
   scal = dict(timestep_scaling=timestep_scaling, sigma_data=sigma_data)

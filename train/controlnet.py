@@ -38,7 +38,7 @@ import numpy as np
 from jdiff import control_images, diffusion, guidance, parallel, partition, samplers
 from jdiff.models.controlnet import ControlNet, ControlNetConfig, init_from_unet
 from train import loop
-from train.lora import Base, data_config, load_base, make_loader, pop_flag
+from train.lora import Base, data_config, load_base, make_loader
 
 __all__ = ["RULES", "ControlLoader", "edges_of", "build", "make_task", "generate", "train_controlnet",
            "controlnet_path", "edge_agreement", "load_from_workdir", "evaluate", "main"]
@@ -396,7 +396,7 @@ def evaluate(workdir: str, *, per_digit: int = 10, guidance_scale: float | None 
 def main(argv: Sequence[str] | None = None) -> int:
   """``--base DIR`` plus ``train.loop``'s ``--config FILE --config.a.b=v --workdir DIR``."""
   argv = list(sys.argv if argv is None else argv)
-  argv, base = pop_flag(argv, "base")
+  argv, base = loop.pop_flag(argv, "base")
 
   def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if base is not None:

@@ -359,29 +359,12 @@ def evaluate(workdir: str, *, num_steps: int = 4, per_digit: int = 20, guidance_
 # ----------------------------------------------------------------------------- CLI
 
 
-def _pop_flag(argv: list[str], name: str, *, has_value: bool) -> tuple[list[str], Any]:
-  out, value, i = [], None if has_value else False, 0
-  while i < len(argv):
-    a = argv[i]
-    if has_value and a == f"--{name}" and i + 1 < len(argv):
-      value, i = argv[i + 1], i + 2
-      continue
-    if has_value and a.startswith(f"--{name}="):
-      value = a.split("=", 1)[1]
-    elif not has_value and a in (f"--{name}", f"--{name}=true", f"--{name}=True"):
-      value = True
-    else:
-      out.append(a)
-    i += 1
-  return out, value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   """``--teacher DIR`` and ``--lora`` set ``config.teacher`` / ``config.lcm.lora``; the rest is
   ``train.loop``'s ``--config FILE --config.a.b=v --workdir DIR``."""
   argv = list(sys.argv if argv is None else argv)
-  argv, teacher = _pop_flag(argv, "teacher", has_value=True)
-  argv, use_lora = _pop_flag(argv, "lora", has_value=False)
+  argv, teacher = loop.pop_flag(argv, "teacher")
+  argv, use_lora = loop.pop_flag(argv, "lora", has_value=False)
 
   def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if teacher is not None:

@@ -48,7 +48,7 @@ from jdiff import checkpoint, parallel, training
 
 __all__ = ["Task", "train", "save_grid", "make_grid", "main_wrapper", "load_config", "apply_overrides",
            "ProgressLogger", "Preempted", "EXIT_PREEMPTED", "EXIT_USAGE", "accumulate_gradients",
-           "validate_config"]
+           "validate_config", "pop_flag"]
 
 EXIT_USAGE = 2
 EXIT_PREEMPTED = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
@@ -535,6 +535,32 @@ def _config_error(e: BaseException, argv: list[str], default_config: str) -> str
   return _one_line(e)
 
 
+def pop_flag(argv: list[str], name: str, *, has_value: bool = True) -> tuple[list[str], Any]:
+  """Removes a CLI's own flag from ``argv`` before the config flags are parsed.
+
+  ``has_value=True``: ``--name VALUE`` / ``--name=VALUE`` -> (rest, value or None);
+  ``has_value=False``: ``--name`` / ``--name=true`` -> (rest, True or False).
+
+  Example:
+    >>> pop_flag(["prog", "--base", "d", "--workdir=w"], "base")
+    (['prog', '--workdir=w'], 'd')
+  """
+  out, value, i = [], None if has_value else False, 0
+  while i < len(argv):
+    a = argv[i]
+    if has_value and a == f"--{name}" and i + 1 < len(argv):
+      value, i = argv[i + 1], i + 2
+      continue
+    if has_value and a.startswith(f"--{name}="):
+      value = a.split("=", 1)[1]
+    elif not has_value and a in (f"--{name}", f"--{name}=true", f"--{name}=True"):
+      value = True
+    else:
+      out.append(a)
+    i += 1
+  return out, value
+
+
 def _config_path(argv: list[str], default_config: str) -> str:
   path = default_config
   for i, arg in enumerate(argv):
@@ -552,12 +578,7 @@ def _one_line(e: BaseException) -> str:
 
 def _unknown_override(argv: list[str], default_config: str) -> str | None:
   """The first ``--config.a.b=v`` of ``argv`` whose key the config file does not have, if any."""
-  path = default_config
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      path = argv[i + 1]
+  path = _config_path(argv, default_config)
   try:
     config = load_config(path)
   except Exception:  # the config itself is broken: let the original error speak

@@ -305,27 +305,11 @@ def train_lora(config: ml_collections.ConfigDict, workdir: str, *, data: str | N
 # ----------------------------------------------------------------------------- CLI
 
 
-def pop_flag(argv: list[str], name: str) -> tuple[list[str], str | None]:
-  """Removes ``--name VALUE`` / ``--name=VALUE`` from ``argv``; returns (rest, value or None)."""
-  out, value, i = [], None, 0
-  while i < len(argv):
-    a = argv[i]
-    if a == f"--{name}" and i + 1 < len(argv):
-      value, i = argv[i + 1], i + 2
-      continue
-    if a.startswith(f"--{name}="):
-      value = a.split("=", 1)[1]
-    else:
-      out.append(a)
-    i += 1
-  return out, value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   """``--base DIR`` and ``--data FOLDER|TFDS`` plus ``train.loop``'s ``--config FILE --config.a.b=v --workdir DIR``."""
   argv = list(sys.argv if argv is None else argv)
-  argv, base = pop_flag(argv, "base")
-  argv, data = pop_flag(argv, "data")
+  argv, base = loop.pop_flag(argv, "base")
+  argv, data = loop.pop_flag(argv, "data")
 
   def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if base is not None:
