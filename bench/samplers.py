@@ -209,7 +209,7 @@ def _start(sig0: float, conv: str, init_sigma: float | None, x_T: np.ndarray):
 
 def run_problem(mix: Mixture, names, nfes, batch: int, log=print) -> dict:
   """Errors of every configuration (jdiff and diffusers) on one mixture."""
-  import torch  # noqa: F401  (diffusers' loop)
+  import torch  # diffusers' loop
   sched = schedules.scaled_linear(1000, 0.00085, 0.012)
   sched_cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
   abar = np.asarray(sched.alphas_cumprod)
@@ -247,7 +247,6 @@ def run_problem(mix: Mixture, names, nfes, batch: int, log=print) -> dict:
       ref = ref_for(sig0, y0)
       out[name]["jdiff"][nfe] = float(np.linalg.norm(x0 - ref) / np.linalg.norm(ref))
       if dcls is not None:
-        import torch
         with warnings.catch_warnings():
           warnings.simplefilter("ignore")
           sch = _diffusers_scheduler(dcls, dopts, sched_cfg)
@@ -439,6 +438,28 @@ def _run_diffusers(cls_name: str, opts: dict, sched_cfg: dict, nfe: int, x_T: np
   return x.numpy().astype(np.float64), calls, sig0, y0
 
 
+FAR = 0.1  # a sample this far from its reference (relative) ended near another mode
+
+
+def sample_errors(x: np.ndarray, ref: np.ndarray) -> dict:
+  """Scores of end points ``x`` [B, D] against the reference ``ref`` [B, D].
+
+  ``error`` is the batch's relative error ||x - ref|| / ||ref|| (the ranking score); ``median`` the
+  median of the per-sample relative errors; ``far`` how many samples are more than :data:`FAR`
+  (relative) from their reference. On sharp mixtures ``error`` is decided by the few trajectories
+  near a boundary between modes (``far``), so it needs a large batch to be stable; ``median``
+  measures the typical trajectory.
+  """
+  if not np.all(np.isfinite(x)):
+    return {"error": float("inf"), "median": float("inf"), "far": int(x.shape[0])}
+  b = x.shape[0]
+  err_sq = np.sum(((x - ref) ** 2).reshape(b, -1), axis=1)  # [B]
+  ref_sq = np.sum((ref * ref).reshape(b, -1), axis=1)  # [B]
+  rel = np.sqrt(err_sq / ref_sq)
+  return {"error": float(math.sqrt(err_sq.sum() / ref_sq.sum())), "median": float(np.median(rel)),
+          "far": int(np.sum(rel > FAR))}
+
+
 def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_names=None, seed: int = 42,
                  calib_batch: int = 256, calib_iterations: int = 200, log=print) -> dict:
   """Every diffusers configuration of :func:`diffusers_sweep` and every jdiff configuration of
@@ -456,10 +477,7 @@ def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_
     k = (round(sig0, 6), round(float(y0.ravel()[0] / x_T.ravel()[0]), 6))
     if k not in refs:
       refs[k] = reference_problem(prob, y0, sig0)
-    ref = refs[k]
-    if not np.all(np.isfinite(x)):
-      return float("inf")
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+    return sample_errors(x, refs[k])
 
   jnames = tuple(jdiff_names or (tuple(JDIFF_SWEEP) + tuple(JDIFF_GRID)))
   out = {}
@@ -472,7 +490,7 @@ def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_
       except Exception as e:  # a configuration diffusers rejects at this step count
         log(f"  skipped {config_name(cls, opts)}: {type(e).__name__}: {str(e)[:80]}")
         continue
-      dscores[config_name(cls, opts)] = {"error": score(x, sig0, y0), "calls": calls}
+      dscores[config_name(cls, opts)] = {**score(x, sig0, y0), "calls": calls}
     jscores = {}
     sig0 = float(table_sig[-1])
     y0 = x_T.astype(np.float64) * math.sqrt(1 + sig0 * sig0)
@@ -496,26 +514,31 @@ def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_
       except ValueError as e:  # an option combination jdiff rejects at this step count
         log(f"  skipped {name}: {str(e)[:80]}")
         continue
-      jscores[name] = {"error": score(x, sig0, y0), "calls": nfe, **extra}
+      jscores[name] = {**score(x, sig0, y0), "calls": nfe, **extra}
     dbest = min(dscores, key=lambda k: dscores[k]["error"])
     jbest = min(jscores, key=lambda k: jscores[k]["error"])
     de, je = dscores[dbest]["error"], jscores[jbest]["error"]
     out[nfe] = {"diffusers_best": dbest, "diffusers_best_error": de, "jdiff_best": jbest, "jdiff_best_error": je,
                 "ratio": de / je if je > 0 else float("inf"), "diffusers_configs": len(dscores),
-                "diffusers": dscores, "jdiff": jscores}
+                "diffusers_best_median": dscores[dbest]["median"], "jdiff_best_median": jscores[jbest]["median"],
+                "diffusers_best_far": dscores[dbest]["far"], "jdiff_best_far": jscores[jbest]["far"],
+                "batch": batch, "diffusers": dscores, "jdiff": jscores}
     log(f"  {prob.name:8s} NFE {nfe:3d}: diffusers best {de:.3e} ({dbest}) | jdiff best {je:.3e} ({jbest}) | "
         f"ratio {de / je:.2f}x  [{len(dscores)} diffusers configs, {time.time() - t0:.0f}s]")
   return out
 
 
 def format_best(best: dict) -> str:
-  lines = ["\nbest against best: relative error at a budget of model calls (NFE)",
-           f"{'problem':8s} {'NFE':>4s} {'diffusers best':>14s} {'jdiff best':>11s} {'ratio':>6s}  configurations"]
+  lines = ["\nbest against best: relative error at a budget of model calls (NFE); median = median per-sample "
+           f"error, far = samples > {FAR} from their reference",
+           f"{'problem':8s} {'NFE':>4s} {'batch':>5s} {'diffusers best':>14s} {'jdiff best':>11s} {'ratio':>6s} "
+           f"{'median d/j':>19s} {'far d/j':>9s}  configurations"]
   for prob, per in best.items():
     for nfe, r in per.items():
-      lines.append(f"{prob:8s} {nfe:4d} {r['diffusers_best_error']:14.3e} {r['jdiff_best_error']:11.3e} "
-                   f"{r['ratio']:5.2f}x  diffusers: {r['diffusers_best']} ({r['diffusers_configs']} tried); "
-                   f"jdiff: {r['jdiff_best']}")
+      lines.append(f"{prob:8s} {nfe:4d} {r['batch']:5d} {r['diffusers_best_error']:14.3e} {r['jdiff_best_error']:11.3e} "
+                   f"{r['ratio']:5.2f}x {r['diffusers_best_median']:9.2e}/{r['jdiff_best_median']:9.2e} "
+                   f"{r['diffusers_best_far']:4d}/{r['jdiff_best_far']:<4d}  diffusers: {r['diffusers_best']} "
+                   f"({r['diffusers_configs']} tried); jdiff: {r['jdiff_best']}")
   return "\n".join(lines)
 
 
@@ -657,6 +680,7 @@ def main(argv=None) -> dict:
   p.add_argument("--train-steps", type=int, default=3000)
   p.add_argument("--calib-batch", type=int, default=256, help="calibration noises per calibrated jdiff grid")
   p.add_argument("--best-only", action="store_true", help="skip the per-sampler jdiff/diffusers twin table")
+  p.add_argument("--nfes", default=None, help="comma-separated model-call budgets of the race (default 5,10,20)")
   p.add_argument("--problems", default=None,
                  help="comma-separated subset of sharp,second,third,digits for the best-against-best race")
   args = p.parse_args(argv)
@@ -678,6 +702,8 @@ def main(argv=None) -> dict:
   problems = [mixture_problem(m, sched) for m in mixes]
   if args.trained and (wanted is None or "digits" in wanted):
     problems.append(trained_problem(sched, steps=300 if args.quick else args.train_steps))
+  if args.nfes:
+    best_nfes = tuple(int(n) for n in args.nfes.split(","))
   jnames = JDIFF_QUICK if args.quick else None
   cal = dict(calib_batch=64, calib_iterations=40) if args.quick else dict(calib_batch=args.calib_batch)
   best = {pr.name: best_vs_best(pr, best_nfes, batch, quick=args.quick, jdiff_names=jnames, **cal) for pr in problems}

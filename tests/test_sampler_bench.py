@@ -39,6 +39,22 @@ def test_diffusers_sweep_names_are_unique_and_cover_every_family():
   assert len(cfgs) > 500
 
 
+def test_sample_errors_against_a_per_sample_loop():
+  rng = np.random.default_rng(3)
+  ref = rng.standard_normal((50, 7))
+  x = ref + 0.01 * rng.standard_normal((50, 7))
+  x[4] = -ref[4]  # one sample at another mode: relative error 2
+  x[9] = ref[9] * 1.2  # relative error 0.2
+  got = bench.sample_errors(x, ref)
+  rel = [math.sqrt(sum((a - b) ** 2 for a, b in zip(x[i], ref[i])) / sum(b * b for b in ref[i])) for i in range(50)]
+  total = math.sqrt(sum(sum((a - b) ** 2 for a, b in zip(x[i], ref[i])) for i in range(50))
+                    / sum(sum(b * b for b in ref[i]) for i in range(50)))
+  assert got["far"] == 2 and math.isclose(got["error"], total, rel_tol=1e-12)
+  assert math.isclose(got["median"], sorted(rel)[24] / 2 + sorted(rel)[25] / 2, rel_tol=1e-12)
+  x[0, 0] = np.nan
+  assert bench.sample_errors(x, ref) == {"error": math.inf, "median": math.inf, "far": 50}
+
+
 @pytest.mark.slow
 def test_quick_bench(tmp_path):
   from jdiff import schedules
@@ -58,6 +74,8 @@ def test_quick_bench(tmp_path):
     assert r["diffusers"][r["diffusers_best"]]["error"] == r["diffusers_best_error"]
     assert r["jdiff"][r["jdiff_best"]]["error"] == r["jdiff_best_error"]
     assert math.isclose(r["ratio"], r["diffusers_best_error"] / r["jdiff_best_error"])
+    assert r["jdiff_best_median"] == r["jdiff"][r["jdiff_best"]]["median"]
+    assert 0 <= r["diffusers_best_far"] <= r["batch"] == 8
     assert all(v["calls"] <= 10 for v in r["diffusers"].values())
     # jdiff's twin of diffusers' DPM-Solver 3M (noise prediction, Karras, sigma_min) matches it
     twin = r["diffusers"][bench.config_name("DPMSolverMultistepScheduler", dict(
