@@ -141,22 +141,10 @@ def reference(mix: Mixture, y0: np.ndarray, sigma_start: float, sigma_end: float
   """The probability-flow ODE solved to sigma = 0 from the VE state y0 at ``sigma_start``.
 
   In u = log sigma the ODE reads dy/du = y - D(y, sigma), D the exact denoiser; DOP853 with rtol =
-  atol = 1e-10 to sigma = 1e-6, where the remaining change is O(sigma^2).
+  atol = 1e-10 to sigma = 1e-6, where the remaining change is O(sigma^2) (see
+  :func:`reference_problem`).
   """
-  from scipy.integrate import solve_ivp
-  shape = y0.shape
-
-  def rhs(u, yflat):
-    sig = math.exp(u)
-    alpha = 1 / math.sqrt(1 + sig * sig)
-    y = yflat.reshape(shape)
-    return (sig * _eps_np(mix, y * alpha, alpha, sig * alpha)).ravel()
-
-  sol = solve_ivp(rhs, (math.log(sigma_start), math.log(sigma_end)), y0.astype(np.float64).ravel(),
-                  method="DOP853", rtol=1e-10, atol=1e-10)
-  if not sol.success:
-    raise RuntimeError(f"reference ODE solve failed: {sol.message}")
-  return sol.y[:, -1].reshape(shape)
+  return reference_problem(Problem(mix.name, mix.dim, _mixture_eps(mix), None), y0, sigma_start, sigma_end)
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -248,7 +236,7 @@ def run_problem(mix: Mixture, names, nfes, batch: int, log=print) -> dict:
         sig0 = float(table_sig[-1])
         y0 = x_T.astype(np.float64) * math.sqrt(1 + sig0 * sig0)
       ref = ref_for(sig0, y0)
-      out[name]["jdiff"][nfe] = float(np.linalg.norm(x0 - ref) / np.linalg.norm(ref))
+      out[name]["jdiff"][nfe] = sample_errors(x0, ref)["error"]
       if dcls is not None:
         with warnings.catch_warnings():
           warnings.simplefilter("ignore")
@@ -257,7 +245,7 @@ def run_problem(mix: Mixture, names, nfes, batch: int, log=print) -> dict:
           x = torch.from_numpy(x_T) * sch.init_noise_sigma
           for t in sch.timesteps:
             x = sch.step(tmodel(sch.scale_model_input(x, t), t), t, x).prev_sample
-        out[name]["diffusers"][nfe] = float(np.linalg.norm(x.numpy() - ref) / np.linalg.norm(ref))
+        out[name]["diffusers"][nfe] = sample_errors(x.numpy().astype(np.float64), ref)["error"]
       log(f"  {mix.name:7s} {name:30s} NFE {nfe:3d}: jdiff {out[name]['jdiff'][nfe]:.3e}  diffusers "
           + (f"{out[name]['diffusers'][nfe]:.3e}" if dcls else "   -"))
   return out
@@ -275,11 +263,16 @@ class Problem:
   jax_fn: object
 
 
-def mixture_problem(mix: Mixture, sched) -> Problem:
+def _mixture_eps(mix: Mixture):
+  """``eps_np(x_vp [B, D], sigma_ve)`` of a mixture (float64 numpy)."""
   def eps_np(x, sig):
     alpha = 1 / math.sqrt(1 + sig * sig)
     return _eps_np(mix, x, alpha, sig * alpha)
-  return Problem(mix.name, mix.dim, eps_np, jax_model(mix, sched))
+  return eps_np
+
+
+def mixture_problem(mix: Mixture, sched) -> Problem:
+  return Problem(mix.name, mix.dim, _mixture_eps(mix), jax_model(mix, sched))
 
 
 def reference_problem(prob: Problem, y0: np.ndarray, sigma_start: float, sigma_end: float = 1e-6,
@@ -391,9 +384,7 @@ def grid_sigmas(kind: str, prob: "Problem", sched, nfe: int, *, calib_batch: int
   """The explicit grid of a ``JDIFF_GRID`` configuration on ``prob``: ``{"sigmas": [nfe + 1]}``
   plus ``"timesteps": [nfe]`` for a calibrated model shift."""
   from jdiff.samplers import _sigmas, calibrate
-  abar = np.asarray(sched.alphas_cumprod, np.float64)
-  table = np.sqrt((1 - abar) / abar)
-  lo, hi = float(np.float32(table[0])), float(np.float32(table[-1]))
+  lo, hi = calibrate.sigma_range(sched)
   if kind == "karras":
     return {"sigmas": np.concatenate([_sigmas.karras(lo, hi, nfe), [0.0]]).astype(np.float32)}
   if kind == "logsnr":

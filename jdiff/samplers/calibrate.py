@@ -42,7 +42,7 @@ import numpy as np
 from jdiff.samplers import _common, _sigmas
 from jdiff.schedules import Schedule
 
-__all__ = ["calibrate_timesteps", "sigmas_from_logits", "logits_from_sigmas", "initial_sigmas",
+__all__ = ["calibrate_timesteps", "sigma_range", "sigmas_from_logits", "logits_from_sigmas", "initial_sigmas",
            "DEFAULT_REFERENCE", "LOSSES"]
 
 # the teacher: UniPC order 3 on uniform log-SNR steps over the calibration range (explicit sigmas,
@@ -53,7 +53,14 @@ _CALIBRATABLE = ("dpm_solver", "unipc")
 LOSSES = ("log", "mean", "relative")
 
 
-def _range(schedule: Schedule, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:
+def sigma_range(schedule: Schedule, sigma_min: float | None = None,
+                sigma_max: float | None = None) -> tuple[float, float]:
+  """(sigma_min, sigma_max) of a calibrated grid: the schedule's first and last training sigmas
+  (float32-rounded) unless given.
+
+  Example:
+    >>> lo, hi = sigma_range(schedules.scaled_linear(1000, 0.00085, 0.012))  # (0.0292, 14.61)
+  """
   table = np.sqrt((1.0 - np.asarray(schedule.alphas_cumprod, np.float64))
                   / np.asarray(schedule.alphas_cumprod, np.float64))
   lo = float(np.float32(table[0])) if sigma_min is None else float(sigma_min)
@@ -171,7 +178,7 @@ def calibrate_timesteps(method: str, model_fn: Callable[[jax.Array, jax.Array], 
   n = int(num_steps)
   if n < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  lo, hi = _range(schedule, sigma_min, sigma_max)
+  lo, hi = sigma_range(schedule, sigma_min, sigma_max)
   final_type = options.get("final_sigmas_type", "zero")
   if final_type not in ("zero", "sigma_min"):
     raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_type!r}")
