@@ -205,13 +205,46 @@ def jdiff_train(spec: Spec, args, store: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def jdiff_sample(spec: Spec, args, folder: Path) -> dict[str, Any]:
+def random_pipeline(spec: Spec, *, seed: int = 0):
+  """A jdiff ``StableDiffusion`` of ``spec``'s shapes with random weights (Flax initialisers) and a
+  byte-level CLIP vocabulary: what :func:`jdiff_sample` times when no diffusers pipeline could be built
+  (a machine with only the JAX stack). Same shapes, schedule and DDIM options as that pipeline."""
+  from jdiff import schedules
+  from jdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet
+  from jdiff.pipelines import StableDiffusion
+  from jdiff.tokenizers import CLIPTokenizer
+
+  with tempfile.TemporaryDirectory() as tmp:
+    sample_bench.write_byte_vocab(Path(tmp))
+    tok = CLIPTokenizer.from_files(Path(tmp) / "vocab.json", Path(tmp) / "merges.txt", max_length=spec.context_len)
+  width = spec.unet.per_block("cross_attention_dim")[0]
+  text = CLIPTextModel(CLIPTextConfig(
+      vocab_size=len(tok.vocab), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=spec.text_layers,
+      num_attention_heads=spec.text_heads, max_position_embeddings=spec.context_len, hidden_act="quick_gelu",
+      bos_token_id=tok.vocab[tok.bos_token], eos_token_id=tok.vocab[tok.eos_token], dtype=spec.dtype))
+  unet, vae = UNet(spec.unet), AutoencoderKL(spec.vae)
+  k_unet, k_vae, k_text = jax.random.split(jax.random.key(seed), 3)
+  lat = jnp.zeros((1, spec.latent, spec.latent, spec.vae.latent_channels))
+  unet_params = jax.jit(unet.init)(k_unet, lat, jnp.zeros((1,), jnp.int32),
+                                   jnp.zeros((1, spec.context_len, width)))["params"]
+  vae_params = jax.jit(lambda k, z: vae.init(k, z, method=vae.decode))(k_vae, lat)["params"]
+  text_params = jax.jit(text.init)(k_text, jnp.zeros((1, spec.context_len), jnp.int32))["params"]
+  return StableDiffusion(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text,
+                         text_params=text_params, tokenizer=tok,
+                         schedule=schedules.scaled_linear(1000, 0.00085, 0.012),
+                         scaling_factor=spec.vae.scaling_factor,
+                         sampler_options={"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False})
+
+
+def jdiff_sample(spec: Spec, args, folder: Path | None) -> dict[str, Any]:
+  """Times 50-step guided DDIM on the saved diffusers pipeline, or (``folder`` None) on
+  :func:`random_pipeline`."""
   from jdiff.pipelines import StableDiffusion
 
   prompts = [sample_bench.PROMPTS[i % len(sample_bench.PROMPTS)] for i in range(spec.batch)]
   latents = jnp.asarray(np.random.default_rng(0).standard_normal(
       (spec.batch, spec.latent, spec.latent, 4)).astype(np.float32))
-  pipe = StableDiffusion.from_diffusers(folder, dtype=spec.dtype)
+  pipe = StableDiffusion.from_diffusers(folder, dtype=spec.dtype) if folder is not None else random_pipeline(spec)
 
   def call():
     out = pipe.generate(prompts, key=jax.random.key(0), num_steps=spec.sample_steps,
@@ -222,7 +255,8 @@ def jdiff_sample(spec: Spec, args, folder: Path) -> dict[str, Any]:
     (first, images), attention = _with_attention(args.attention, lambda: _timing.timed(call))
     times = [_timing.timed(call)[0] for _ in range(spec.sample_repeats)]
   s = _timing.summary(times)
-  out = {"attention": attention, "first_call_s": first, "latency_s": s["median_s"],
+  out = {"attention": attention, "weights": "diffusers pipeline" if folder is not None else "random (jdiff init)",
+         "first_call_s": first, "latency_s": s["median_s"],
          "images_per_s": spec.batch / s["median_s"], "image_shape": list(images.shape),
          "device_peak_mb": _device_peak_mb(), "host_peak_rss_mb": mem.peak_bytes / 2**20, "times_s": times}
   return out
@@ -343,10 +377,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     folder = Path(tmp) / "sd"
     big = not args.tiny
-    runner.phase("pipeline", lambda: build_pipeline(spec, folder), needs_s=60 if big else 5)
+    if any(importlib.util.find_spec(m) is None for m in ("torch", "diffusers", "transformers")):
+      runner.results["pipeline"] = {"status": "skipped", "reason": "torch/diffusers/transformers not installed"}
+      print("[pipeline] skipped (no torch/diffusers/transformers): jdiff samples with random weights", flush=True)
+    else:
+      runner.phase("pipeline", lambda: build_pipeline(spec, folder), needs_s=60 if big else 5)
     runner.phase("jdiff_train", lambda: jdiff_train(spec, args, store), needs_s=150 if big else 5)
-    if runner.results["pipeline"]["status"] == "ok":
-      runner.phase("jdiff_sample", lambda: jdiff_sample(spec, args, folder), needs_s=100 if big else 5)
+    # without a diffusers pipeline (no torch/diffusers here) jdiff samples with its own random weights
+    have_pipe = runner.results["pipeline"]["status"] == "ok"
+    runner.phase("jdiff_sample", lambda: jdiff_sample(spec, args, folder if have_pipe else None),
+                 needs_s=100 if big else 5)
     if torch_device is not None:
       if "init_params" in store and store["init_params"] is not None:
         runner.phase("diffusers_train", lambda: diffusers_train(spec, store, torch_device), needs_s=40 if big else 2)

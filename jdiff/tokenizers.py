@@ -27,13 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import regex
 
 __all__ = ["CLIPTokenizer", "ByteTokenizer", "bytes_to_unicode"]
 
-_WORDS = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
-_SPACES = regex.compile(r"\s+")
 _SUFFIX = "</w>"
+
+
+@functools.cache
+def _patterns():
+  """CLIP's word and whitespace patterns (the ``regex`` module: Python's ``re`` has no ``\\p{L}``), compiled
+  on first use so that ``import jdiff`` works where only the array stack is installed."""
+  import regex
+  return (regex, regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+          regex.compile(r"\s+"))
 
 
 @functools.cache
@@ -99,6 +105,7 @@ class CLIPTokenizer:
     # Special tokens are cut out of the raw text before normalisation, as transformers does: with SD 2's
     # pad token "!", every "!" in a prompt becomes that token.
     self.specials = sorted({bos_token, eos_token, pad_token, unk_token}, key=len, reverse=True)
+    regex = _patterns()[0]
     self._special_re = regex.compile("(" + "|".join(regex.escape(s) for s in self.specials) + ")")
     self._byte = bytes_to_unicode()
     self._unbyte = {c: b for b, c in self._byte.items()}
@@ -204,7 +211,7 @@ class CLIPTokenizer:
 
     Lower-casing is per character, as the tokenizers library does it (no Greek final-sigma rule).
     """
-    text = _SPACES.sub(" ", unicodedata.normalize("NFC", text))
+    text = _patterns()[2].sub(" ", unicodedata.normalize("NFC", text))
     return "".join(map(str.lower, text)) if "\u03a3" in text else text.lower()
 
   def tokenize(self, text: str) -> list[str]:
@@ -216,7 +223,7 @@ class CLIPTokenizer:
       if segment in self.specials:
         tokens.append(segment)
         continue
-      for word in _WORDS.findall(self.normalize(segment)):
+      for word in _patterns()[1].findall(self.normalize(segment)):
         tokens.extend(self._bpe("".join(self._byte[b] for b in word.encode("utf-8"))))
     return tokens
 

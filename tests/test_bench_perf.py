@@ -95,6 +95,7 @@ def test_gpu_tiny_end_to_end(tmp_path):
   assert jt["mfu"] is None and jt["peak_tflops"] is None  # no peak rate known for a CPU
   assert phases["jdiff_sample"]["image_shape"] == [2, 32, 32, 3]
   assert phases["diffusers_sample"]["image_shape"] == [2, 32, 32, 3]
+  assert phases["jdiff_sample"]["weights"] == "diffusers pipeline"  # the same weights on both sides
   for kind in ("train", "sample"):
     want = phases[f"jdiff_{kind}"]["images_per_s"] / phases[f"diffusers_{kind}"]["images_per_s"]
     assert math.isclose(res[f"{kind}_ratio"], want, rel_tol=1e-9)
@@ -153,3 +154,33 @@ def test_attention_implementation_switch():
   with pytest.raises(ValueError, match="flash"):
     with layers.attention_implementation("flash"):
       pass
+
+
+def test_gpu_random_pipeline_has_the_diffusers_pipeline_shapes(tmp_path):
+  # bench.gpu samples with jdiff's own random weights where torch/diffusers are missing (a bare JAX
+  # machine); the model it times must be the one the diffusers pipeline would have given
+  from jdiff.pipelines import StableDiffusion
+  spec = gpu_bench.tiny_spec()
+  gpu_bench.build_pipeline(spec, tmp_path / "sd")
+  want = StableDiffusion.from_diffusers(tmp_path / "sd")
+  got = gpu_bench.random_pipeline(spec)
+
+  def shapes(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(v.shape)
+            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  assert shapes(got.unet_params) == shapes(want.unet_params)
+  assert shapes(got.text_params) == shapes(want.text_params)
+  vae_want = shapes(want.vae_params)
+  vae_got = shapes(got.vae_params)
+  assert vae_got and all(vae_want[k] == v for k, v in vae_got.items())  # the decoder half, same shapes
+  assert {k for k in vae_want if k.startswith(("decoder", "post_quant_conv"))} == set(vae_got)
+  # same tokenizer vocabulary and ids, same sampler options and schedule
+  assert got.tokenizer(["a photo of a cat"]).tolist() == want.tokenizer(["a photo of a cat"]).tolist()
+  np.testing.assert_allclose(np.asarray(got.schedule.alphas_cumprod), np.asarray(want.schedule.alphas_cumprod),
+                             rtol=1e-6)
+  assert got.scaling_factor == want.scaling_factor
+  for k, v in got.sampler_options.items():
+    assert want.sampler_options[k] == v, k
+  img = got.generate(["a cat"], key=jax.random.key(0), num_steps=2, guidance_scale=3.0, sampler="ddim")
+  assert img.shape == (1, 32, 32, 3) and np.all(np.isfinite(np.asarray(img)))
