@@ -23,6 +23,10 @@ scikit-learn's 8x8 digits (reference: DOP853 on the trained network).
 
     python -m bench.samplers [--quick] [--trained] [--best-only] [--problems sharp,digits] [--nfes 10]
                              [--batch 2048] [--out DIR]
+    python -m bench.samplers --flips [--problems sharp] [--steps 10,20,40] [--batch 4096]
+
+``--flips`` measures why the sharp mixtures' batch error at 10-20 calls barely moves with the solver:
+per step count and solver order, how many samples end at another mode than their reference.
 """
 
 from __future__ import annotations
@@ -261,6 +265,7 @@ class Problem:
   dim: int
   eps_np: object
   jax_fn: object
+  means: np.ndarray | None = None  # [K, D] component means of a mixture (flips are counted against them)
 
 
 def _mixture_eps(mix: Mixture):
@@ -272,7 +277,7 @@ def _mixture_eps(mix: Mixture):
 
 
 def mixture_problem(mix: Mixture, sched) -> Problem:
-  return Problem(mix.name, mix.dim, _mixture_eps(mix), jax_model(mix, sched))
+  return Problem(mix.name, mix.dim, _mixture_eps(mix), jax_model(mix, sched), mix.means)
 
 
 def reference_problem(prob: Problem, y0: np.ndarray, sigma_start: float, sigma_end: float = 1e-6,
@@ -435,23 +440,50 @@ def _run_diffusers(cls_name: str, opts: dict, sched_cfg: dict, nfe: int, x_T: np
 FAR = 0.1  # a sample this far from its reference (relative) ended near another mode
 
 
-def sample_errors(x: np.ndarray, ref: np.ndarray) -> dict:
+def sample_errors(x: np.ndarray, ref: np.ndarray, means: np.ndarray | None = None) -> dict:
   """Scores of end points ``x`` [B, D] against the reference ``ref`` [B, D].
 
   ``error`` is the batch's relative error ||x - ref|| / ||ref|| (the ranking score); ``median`` the
   median of the per-sample relative errors; ``far`` how many samples are more than :data:`FAR`
   (relative) from their reference. On sharp mixtures ``error`` is decided by the few trajectories
   near a boundary between modes (``far``), so it needs a large batch to be stable; ``median``
-  measures the typical trajectory.
+  measures the typical trajectory. With a mixture's component ``means`` [K, D] also ``flips`` (samples
+  that end nearest another component than their reference) and ``kept_error``, the batch relative
+  error over the other samples.
   """
-  if not np.all(np.isfinite(x)):
-    return {"error": float("inf"), "median": float("inf"), "far": int(x.shape[0])}
   b = x.shape[0]
-  err_sq = np.sum(((x - ref) ** 2).reshape(b, -1), axis=1)  # [B]
-  ref_sq = np.sum((ref * ref).reshape(b, -1), axis=1)  # [B]
-  rel = np.sqrt(err_sq / ref_sq)
-  return {"error": float(math.sqrt(err_sq.sum() / ref_sq.sum())), "median": float(np.median(rel)),
-          "far": int(np.sum(rel > FAR))}
+  if not np.all(np.isfinite(x)):
+    out = {"error": float("inf"), "median": float("inf"), "far": int(b)}
+    return out if means is None else {**out, "flips": int(b), "kept_error": float("inf")}
+  p = per_sample_errors(x, ref, means)
+  rel = np.sqrt(p["err_sq"] / p["ref_sq"])
+  out = {"error": batch_error(p, np.ones(b, bool)), "median": float(np.median(rel)), "far": int(np.sum(rel > FAR))}
+  if means is not None:
+    out["flips"] = int(b - p["kept"].sum())
+    out["kept_error"] = batch_error(p, p["kept"])
+  return out
+
+
+def per_sample_errors(x: np.ndarray, ref: np.ndarray, means: np.ndarray | None = None) -> dict:
+  """Per sample: squared error ``err_sq`` [B], squared reference norm ``ref_sq`` [B] and ``kept`` [B]
+  (ends nearest the same component mean as its reference; all True without ``means``)."""
+  b = x.shape[0]
+  out = {"err_sq": np.sum(((x - ref) ** 2).reshape(b, -1), axis=1),
+         "ref_sq": np.sum((ref * ref).reshape(b, -1), axis=1)}
+  out["kept"] = (np.ones(b, bool) if means is None
+                 else nearest_component(means, x.reshape(b, -1)) == nearest_component(means, ref.reshape(b, -1)))
+  return out
+
+
+def batch_error(per_sample: dict, mask: np.ndarray) -> float:
+  """Relative error ||x - ref|| / ||ref|| over the samples selected by ``mask`` [B]."""
+  return float(math.sqrt(per_sample["err_sq"][mask].sum() / per_sample["ref_sq"][mask].sum()))
+
+
+def nearest_component(means: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """Index of the component mean (``means`` [K, D]) nearest to each end point ``x`` [B, D] -> [B]."""
+  d2 = np.sum((x[:, None, :] - means[None]) ** 2, axis=-1)  # [B, K]
+  return np.argmin(d2, axis=1)
 
 
 def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_names=None, seed: int = 42,
@@ -466,12 +498,15 @@ def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_
   table_sig = np.sqrt((1 - abar) / abar)
   x_T = np.random.default_rng(seed).standard_normal((batch, prob.dim)).astype(np.float32)
   refs: dict = {}
+  per_sample: dict = {}  # (side, name) -> per_sample_errors, for the common-set score of the best pair
 
-  def score(x, sig0, y0):
+  def score(x, sig0, y0, key):
     k = (round(sig0, 6), round(float(y0.ravel()[0] / x_T.ravel()[0]), 6))
     if k not in refs:
       refs[k] = reference_problem(prob, y0, sig0)
-    return sample_errors(x, refs[k])
+    if np.all(np.isfinite(x)):
+      per_sample[key] = per_sample_errors(x, refs[k], prob.means)
+    return sample_errors(x, refs[k], prob.means)
 
   jnames = tuple(jdiff_names or (tuple(JDIFF_SWEEP) + tuple(JDIFF_GRID)))
   out = {}
@@ -484,7 +519,8 @@ def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_
       except Exception as e:  # a configuration diffusers rejects at this step count
         log(f"  skipped {config_name(cls, opts)}: {type(e).__name__}: {str(e)[:80]}")
         continue
-      dscores[config_name(cls, opts)] = {**score(x, sig0, y0), "calls": calls}
+      dname = config_name(cls, opts)
+      dscores[dname] = {**score(x, sig0, y0, ("d", dname)), "calls": calls}
     jscores = {}
     sig0 = float(table_sig[-1])
     y0 = x_T.astype(np.float64) * math.sqrt(1 + sig0 * sig0)
@@ -508,7 +544,7 @@ def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_
       except ValueError as e:  # an option combination jdiff rejects at this step count
         log(f"  skipped {name}: {str(e)[:80]}")
         continue
-      jscores[name] = {**score(x, sig0, y0), "calls": nfe, **extra}
+      jscores[name] = {**score(x, sig0, y0, ("j", name)), "calls": nfe, **extra}
     dbest = min(dscores, key=lambda k: dscores[k]["error"])
     jbest = min(jscores, key=lambda k: jscores[k]["error"])
     de, je = dscores[dbest]["error"], jscores[jbest]["error"]
@@ -517,6 +553,14 @@ def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_
                 "diffusers_best_median": dscores[dbest]["median"], "jdiff_best_median": jscores[jbest]["median"],
                 "diffusers_best_far": dscores[dbest]["far"], "jdiff_best_far": jscores[jbest]["far"],
                 "batch": batch, "diffusers": dscores, "jdiff": jscores}
+    if prob.means is not None and ("d", dbest) in per_sample and ("j", jbest) in per_sample:
+      # the best pair on the samples that neither of them ends at another mode than the reference
+      pd_, pj = per_sample[("d", dbest)], per_sample[("j", jbest)]
+      common = pd_["kept"] & pj["kept"]
+      dc, jc = batch_error(pd_, common), batch_error(pj, common)
+      out[nfe].update(diffusers_best_flips=dscores[dbest]["flips"], jdiff_best_flips=jscores[jbest]["flips"],
+                      common_samples=int(common.sum()), diffusers_best_common_error=dc, jdiff_best_common_error=jc,
+                      common_ratio=dc / jc if jc > 0 else float("inf"))
     log(f"  {prob.name:8s} NFE {nfe:3d}: diffusers best {de:.3e} ({dbest}) | jdiff best {je:.3e} ({jbest}) | "
         f"ratio {de / je:.2f}x  [{len(dscores)} diffusers configs, {time.time() - t0:.0f}s]")
   return out
@@ -526,13 +570,68 @@ def format_best(best: dict) -> str:
   lines = ["\nbest against best: relative error at a budget of model calls (NFE); median = median per-sample "
            f"error, far = samples > {FAR} from their reference",
            f"{'problem':8s} {'NFE':>4s} {'batch':>5s} {'diffusers best':>14s} {'jdiff best':>11s} {'ratio':>6s} "
-           f"{'median d/j':>19s} {'far d/j':>9s}  configurations"]
+           f"{'median d/j':>19s} {'far d/j':>9s} {'flips d/j':>9s} {'no-flip ratio':>13s}  configurations"]
   for prob, per in best.items():
     for nfe, r in per.items():
+      flips = f"{r['diffusers_best_flips']:4d}/{r['jdiff_best_flips']:<4d}" if "common_ratio" in r else f"{'-':>9s}"
+      common = f"{r['common_ratio']:12.2f}x" if "common_ratio" in r else f"{'-':>13s}"
       lines.append(f"{prob:8s} {nfe:4d} {r['batch']:5d} {r['diffusers_best_error']:14.3e} {r['jdiff_best_error']:11.3e} "
                    f"{r['ratio']:5.2f}x {r['diffusers_best_median']:9.2e}/{r['jdiff_best_median']:9.2e} "
-                   f"{r['diffusers_best_far']:4d}/{r['jdiff_best_far']:<4d}  diffusers: {r['diffusers_best']} "
-                   f"({r['diffusers_configs']} tried); jdiff: {r['jdiff_best']}")
+                   f"{r['diffusers_best_far']:4d}/{r['jdiff_best_far']:<4d} {flips} {common}  diffusers: "
+                   f"{r['diffusers_best']} ({r['diffusers_configs']} tried); jdiff: {r['jdiff_best']}")
+  lines.append("flips = samples ending nearest another component than their reference; no-flip ratio = the same "
+               "pair's batch errors over the samples neither of them flips")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- mode flips vs steps
+
+FLIP_STEPS = (10, 20, 40, 80, 160)
+
+
+def flip_study(mix: Mixture, *, steps=FLIP_STEPS, orders=(1, 2, 3), batch: int = 4096, seed: int = 7,
+               log=print) -> list[dict]:
+  """How the end-point errors on a mixture fall with the number of steps, per solver order.
+
+  DPM-Solver (noise prediction, multistep, ``order`` 1-3) on a Karras grid of ``n`` exact noise levels
+  with the extrapolated last step, for each ``n`` in ``steps``, against the DOP853 reference of the
+  same ``batch`` noises. Each row has the batch relative error, the median per-sample error, ``far``
+  (samples > :data:`FAR` from their reference) and ``flips``: samples whose end point is nearest to
+  another component's mean than the reference's is. The median falls like ``h^order``; the flips
+  fall far more slowly (the trajectories that start near a boundary between two modes), so on sharp
+  mixtures they decide the batch error at 10-20 calls whatever the order.
+  """
+  from jdiff.samplers import _sigmas, calibrate
+  sched = schedules.scaled_linear(1000, 0.00085, 0.012)
+  prob = mixture_problem(mix, sched)
+  lo, hi = calibrate.sigma_range(sched)
+  x_T = np.random.default_rng(seed).standard_normal((batch, mix.dim)).astype(np.float32)
+  t0 = time.time()
+  ref = reference_problem(prob, x_T.astype(np.float64) * math.sqrt(1 + hi * hi), hi)
+  log(f"  {mix.name}: reference for {batch} noises in {time.time() - t0:.0f}s")
+  rows = []
+  for n in steps:
+    sig = np.concatenate([_sigmas.karras(lo, hi, n), [0.0]]).astype(np.float32)
+    for order in orders:
+      run = jax.jit(lambda z, order=order, sig=sig: samplers.sample(
+          "dpm_solver", prob.jax_fn, sched, z, order=order, algorithm="dpmsolver", final_step="extrapolate",
+          sigmas=sig))
+      x = np.asarray(run(jnp.asarray(x_T)), np.float64)
+      row = {"problem": mix.name, "steps": n, "order": order, "batch": batch, **sample_errors(x, ref, mix.means)}
+      rows.append(row)
+      log(f"  {mix.name:7s} steps {n:4d} order {order}: error {row['error']:.3e} median {row['median']:.2e} "
+          f"far {row['far']:4d} flips {row['flips']:4d} error without flips {row['kept_error']:.3e}")
+  return rows
+
+
+def format_flips(rows: list[dict]) -> str:
+  lines = ["\nmode flips vs steps: DPM-Solver (noise prediction), Karras grid at exact levels, extrapolated "
+           "last step; flips = end point nearest another component than the reference's",
+           f"{'problem':8s} {'steps':>5s} {'order':>5s} {'batch':>5s} {'error':>10s} {'median':>9s} {'far':>5s} "
+           f"{'flips':>5s} {'error without flips':>19s}"]
+  for r in rows:
+    lines.append(f"{r['problem']:8s} {r['steps']:5d} {r['order']:5d} {r['batch']:5d} {r['error']:10.3e} "
+                 f"{r['median']:9.2e} {r['far']:5d} {r['flips']:5d} {r['kept_error']:19.3e}")
   return "\n".join(lines)
 
 
@@ -679,9 +778,14 @@ def main(argv=None) -> dict:
   p.add_argument("--nfes", default=None, help="comma-separated model-call budgets of the race (default 5,10,20)")
   p.add_argument("--problems", default=None,
                  help="comma-separated subset of sharp,second,third,digits for the best-against-best race")
+  p.add_argument("--flips", action="store_true",
+                 help="only the mode-flip study: errors and flips vs steps (10-160) per solver order")
+  p.add_argument("--steps", default=None, help="comma-separated step counts of --flips (default 10,20,40,80,160)")
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   sched = schedules.scaled_linear(1000, 0.00085, 0.012)
+  if args.flips:
+    return _flips_main(args)
   if args.quick:
     names, nfes, best_nfes, batch = QUICK, (10,), (10,), args.batch or 8
     mixes = [sharp_mixture(8), second_mixture(6)]
@@ -713,6 +817,20 @@ def main(argv=None) -> dict:
   if results:
     plot(results, nfes, os.path.join(args.out, "samplers.png"))
   return {"results": results, "best": best, "summary": summary}
+
+
+def _flips_main(args) -> dict:
+  """``--flips``: :func:`flip_study` on the chosen mixtures; prints the table, writes flips.json."""
+  steps = tuple(int(n) for n in args.steps.split(",")) if args.steps else FLIP_STEPS
+  mixes = [sharp_mixture(8), second_mixture(6)] if args.quick else [sharp_mixture(), second_mixture(), third_mixture()]
+  if args.problems is not None:
+    mixes = [m for m in mixes if m.name in set(args.problems.split(","))]
+  batch = args.batch or (64 if args.quick else 4096)
+  rows = [r for m in mixes for r in flip_study(m, steps=steps, batch=batch)]
+  print(format_flips(rows))
+  with open(os.path.join(args.out, "flips.json"), "w") as f:
+    json.dump({"rows": rows}, f, indent=1)
+  return {"flips": rows}
 
 
 if __name__ == "__main__":

@@ -55,6 +55,37 @@ def test_sample_errors_against_a_per_sample_loop():
   assert bench.sample_errors(x, ref) == {"error": math.inf, "median": math.inf, "far": 50}
 
 
+def test_flips_and_the_error_without_them():
+  means = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+  rng = np.random.default_rng(5)
+  lab = rng.integers(0, 3, 40)
+  ref = means[lab] + 0.1 * rng.standard_normal((40, 2))
+  x = ref + 0.01 * rng.standard_normal((40, 2))
+  x[[3, 17]] = means[(lab[[3, 17]] + 1) % 3]  # two samples end at another component
+  x[21] = ref[21] + np.array([1.5, -1.5])  # far (relative error > 0.1) but at its own component
+  got = bench.sample_errors(x, ref, means)
+  nearest = [min(range(3), key=lambda k: sum((x[i, d] - means[k, d]) ** 2 for d in range(2))) for i in range(40)]
+  kept = [i for i in range(40) if nearest[i] == lab[i]]
+  assert got["flips"] == 2 and len(kept) == 38
+  want = math.sqrt(sum(((x[i] - ref[i]) ** 2).sum() for i in kept) / sum((ref[i] ** 2).sum() for i in kept))
+  assert math.isclose(got["kept_error"], want, rel_tol=1e-12)
+  assert got["error"] > got["kept_error"] and got["far"] >= 3
+  # without means the keys of the plain score
+  assert set(bench.sample_errors(x, ref)) == {"error", "median", "far"}
+
+
+def test_flip_study_rows_converge_with_steps():
+  mix = bench.sharp_mixture(8)
+  rows = bench.flip_study(mix, steps=(10, 40), orders=(1, 3), batch=64, log=lambda *_: None)
+  assert [(r["steps"], r["order"]) for r in rows] == [(10, 1), (10, 3), (40, 1), (40, 3)]
+  by = {(r["steps"], r["order"]): r for r in rows}
+  for r in rows:
+    assert 0 <= r["flips"] <= r["far"] <= 64 and r["kept_error"] <= r["error"] + 1e-15
+  # the typical trajectory converges: order 3 beats order 1, and 40 steps beat 10
+  assert by[(10, 3)]["median"] < by[(10, 1)]["median"] and by[(40, 3)]["median"] < by[(10, 3)]["median"] / 4
+  assert "flips" in bench.format_flips(rows)
+
+
 @pytest.mark.slow
 def test_quick_bench(tmp_path):
   from jdiff import schedules
@@ -76,6 +107,12 @@ def test_quick_bench(tmp_path):
     assert math.isclose(r["ratio"], r["diffusers_best_error"] / r["jdiff_best_error"])
     assert r["jdiff_best_median"] == r["jdiff"][r["jdiff_best"]]["median"]
     assert 0 <= r["diffusers_best_far"] <= r["batch"] == 8
+    # the no-flip comparison: the best pair's errors over the samples neither flips
+    fd, fj = r["diffusers_best_flips"], r["jdiff_best_flips"]
+    assert 8 - fd - fj <= r["common_samples"] <= 8 - max(fd, fj)
+    assert r["diffusers_best_flips"] == r["diffusers"][r["diffusers_best"]]["flips"]
+    if fd == 0 and fj == 0:
+      assert r["common_samples"] == 8 and math.isclose(r["common_ratio"], r["ratio"])
     assert all(v["calls"] <= 10 for v in r["diffusers"].values())
     # jdiff's twin of diffusers' DPM-Solver 3M (noise prediction, Karras, sigma_min) matches it
     twin = r["diffusers"][bench.config_name("DPMSolverMultistepScheduler", dict(
