@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jdiff.convert import unet_param_shapes, vae_param_shapes
-from jdiff.models import AutoencoderKL, DiagonalGaussian, UNet, UNetConfig, VAEConfig, layers
+from jdiff.models import AutoencoderKL, CLIPTextConfig, DiagonalGaussian, UNet, UNetConfig, VAEConfig, layers
 
 # One level, no downsampling: the cheapest UNet that still has every kind of block.
 MINI = dict(sample_size=8, block_out_channels=(32,), layers_per_block=1,
@@ -109,7 +109,8 @@ def test_remat_and_dropout_forward(mini_unet):
 
 
 @pytest.mark.slow
-def test_remat_gradients_match(mini_unet):
+@pytest.mark.parametrize("policy", [True, "matmuls", "weights"])
+def test_remat_gradients_match(mini_unet, policy):
   cfg, params, (x, t, ctx) = mini_unet
   rngs = {"dropout": jax.random.key(7)}
 
@@ -117,10 +118,35 @@ def test_remat_gradients_match(mini_unet):
     return jnp.mean(jnp.square(module.apply({"params": p}, x, t, ctx, train=True, rngs=rngs)))
 
   plain = jax.jit(jax.value_and_grad(lambda p: loss(p, UNet(cfg))))(params)
-  remat_cfg = UNetConfig(**MINI, dropout=0.3, remat=True)
+  remat_cfg = UNetConfig(**MINI, dropout=0.3, remat=policy)
   remat = jax.jit(jax.value_and_grad(lambda p: loss(p, UNet(remat_cfg))))(params)
   np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat[1], plain[1])
+
+
+def test_remat_policies_save_what_they_name(mini_unet):
+  """What the backward pass keeps, by policy: everything > matmul outputs >= weight-matmul outputs >
+  block inputs only (bytes of the residuals that jax.vjp's backward function holds)."""
+  _, params, (x, t, ctx) = mini_unet
+
+  def saved_bytes(remat):
+    module = UNet(UNetConfig(**MINI, remat=remat))
+    f = lambda p: jnp.mean(module.apply({"params": p}, x, t, ctx))
+    backward = jax.jit(lambda p: jax.vjp(f, p)[1])(params)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(backward))
+
+  none, matmuls, weights, full = (saved_bytes(r) for r in (False, "matmuls", "weights", True))
+  assert none > matmuls >= weights > full, (none, matmuls, weights, full)
+  assert saved_bytes("full") == full
+
+
+@pytest.mark.parametrize("make", [lambda r: UNetConfig(**MINI, remat=r), lambda r: VAEConfig.tiny(remat=r),
+                                  lambda r: CLIPTextConfig(remat=r)])
+def test_unknown_remat_policy_is_refused(make):
+  for ok in (False, True, "full", "matmuls", "weights"):
+    make(ok)
+  with pytest.raises(ValueError, match="remat='dots'.*matmuls"):
+    make("dots")
 
 
 @pytest.mark.parametrize("flip,shift,dim", [(True, 0, 320), (False, 1, 33)])

@@ -70,6 +70,23 @@ def _per_block(value: Any, n: int, name: str) -> tuple:
   return (value,) * n
 
 
+REMAT_POLICIES = ("full", "matmuls", "weights")
+
+
+def check_remat(remat: Any) -> None:
+  """Raises ValueError unless ``remat`` is False, True or one of :data:`REMAT_POLICIES`.
+
+  ``False`` keeps every activation for the backward pass; ``True`` / ``"full"`` keeps only each block's
+  inputs and recomputes the block; ``"matmuls"`` keeps the outputs of convolutions and matmuls and
+  recomputes the cheap element-wise work (norms, activations, softmax); ``"weights"`` keeps only the
+  outputs of convolutions and matmuls against weights (not attention's batched matmuls, whose
+  [B, heads, T, S] products are the largest activations at high resolution).
+  """
+  if remat is False or remat is True or remat in REMAT_POLICIES:
+    return
+  raise ValueError(f"remat={remat!r} is not supported (use False, True or one of {REMAT_POLICIES})")
+
+
 def _resolve_dtype(dtype: Any) -> Any:
   try:
     return jnp.dtype(dtype)
@@ -127,7 +144,8 @@ class UNetConfig:
     time_cond_proj_dim: width of an extra embedding added to the timestep features (LCM's w embedding).
     conv_in_kernel, conv_out_kernel: kernel sizes of the first and last convs.
     dtype: compute dtype ("float32", "bfloat16", ...); parameters are float32.
-    remat: rematerialise resnets and transformer blocks (``nn.remat``) to save memory.
+    remat: rematerialise resnets and transformer blocks (``nn.remat``) to save memory: False, True
+      (= "full") or a policy of :data:`REMAT_POLICIES` (see :func:`check_remat`).
   """
 
   sample_size: int = 64
@@ -162,9 +180,10 @@ class UNetConfig:
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
   dtype: str = "float32"
-  remat: bool = False
+  remat: bool | str = False
 
   def __post_init__(self):
+    check_remat(self.remat)
     for name in ("down_block_types", "up_block_types", "block_out_channels"):
       object.__setattr__(self, name, _tuple(getattr(self, name)))
     for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
@@ -326,7 +345,7 @@ class VAEConfig:
     use_quant_conv, use_post_quant_conv: the 1x1 convs around the latent.
     mid_block_add_attention: attention in the middle blocks.
     dtype: compute dtype; parameters are float32.
-    remat: rematerialise resnets.
+    remat: rematerialise resnets: False, True or a policy (see :func:`check_remat`).
   """
 
   sample_size: int = 32
@@ -344,9 +363,10 @@ class VAEConfig:
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
   dtype: str = "float32"
-  remat: bool = False
+  remat: bool | str = False
 
   def __post_init__(self):
+    check_remat(self.remat)
     for name in ("down_block_types", "up_block_types", "block_out_channels"):
       object.__setattr__(self, name, _tuple(getattr(self, name)))
     n = len(self.block_out_channels)

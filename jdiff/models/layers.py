@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdiff.models.configs import check_remat
+
 __all__ = [
     "attention_implementation",
     "Conv2D",
@@ -33,6 +35,7 @@ __all__ = [
     "Transformer2D",
     "Downsample2D",
     "Upsample2D",
+    "remat_module",
 ]
 
 Dtype = Any
@@ -197,6 +200,39 @@ class ResnetBlock2D(nn.Module):
     if self.output_scale_factor != 1.0:
       out = out / self.output_scale_factor
     return out
+
+
+def _save_matmuls(prim, *_, **params) -> bool:
+  return prim.name in ("dot_general", "conv_general_dilated")
+
+
+def _save_weight_matmuls(prim, *_, **params) -> bool:
+  if prim.name == "conv_general_dilated":
+    return True
+  if prim.name == "dot_general":
+    (_, _), (lhs_batch, _) = params["dimension_numbers"]
+    return not lhs_batch  # a matmul against a weight; attention's products carry batch dimensions
+  return False
+
+
+_POLICIES = {True: None, "full": None, "matmuls": _save_matmuls, "weights": _save_weight_matmuls}
+
+
+def remat_module(cls: type[nn.Module], remat: bool | str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+  """``cls`` as is (``remat`` False) or wrapped in ``nn.remat`` with the policy named by ``remat``.
+
+  True / "full" saves nothing inside the block (recomputes all of it in the backward pass);
+  "matmuls" saves the outputs of convolutions and matmuls; "weights" saves those of convolutions and
+  weight matmuls only (see :func:`jdiff.models.configs.check_remat`). The values are the same in
+  every case; only memory and recomputation differ.
+
+  Example:
+    >>> Block = remat_module(ResnetBlock2D, "matmuls", static_argnums=(3,))
+  """
+  check_remat(remat)
+  if remat is False:
+    return cls
+  return nn.remat(cls, static_argnums=static_argnums, policy=_POLICIES[remat])
 
 
 _ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
@@ -419,7 +455,7 @@ class Transformer2D(nn.Module):
   use_linear_projection: bool = False
   upcast_attention: bool = False
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -431,7 +467,7 @@ class Transformer2D(nn.Module):
       h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(b, hgt * wid, c))
     else:
       h = _conv(inner, 1, self.dtype, "proj_in")(h).reshape(b, hgt * wid, inner)
-    block = nn.remat(BasicTransformerBlock, static_argnums=(3,)) if self.remat else BasicTransformerBlock
+    block = remat_module(BasicTransformerBlock, self.remat, static_argnums=(3,))
     for i in range(self.num_layers):
       h = block(self.heads, self.head_dim, upcast_attention=self.upcast_attention,
                 dropout=self.dropout, dtype=self.dtype, name=f"transformer_blocks_{i}")(h, context, train)

@@ -26,6 +26,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jdiff.models import layers
+from jdiff.models.configs import check_remat
+
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTextOutput", "ACTIVATIONS"]
 
 
@@ -64,7 +67,8 @@ class CLIPTextConfig:
       largest id in each row, as transformers does.
     pad_token_id: padding id (informational; the tokenizer decides padding).
     dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
-    remat: rematerialise each block in the backward pass (``nn.remat``).
+    remat: rematerialise each block in the backward pass (``nn.remat``): False, True or a policy
+      (see :func:`jdiff.models.configs.check_remat`).
 
   Example:
     >>> CLIPTextConfig.sd15().hidden_size
@@ -82,7 +86,7 @@ class CLIPTextConfig:
   eos_token_id: int = 2
   pad_token_id: int = 1
   dtype: str = "float32"
-  remat: bool = False
+  remat: bool | str = False
 
   def __post_init__(self):
     if self.hidden_act not in ACTIVATIONS:
@@ -90,6 +94,7 @@ class CLIPTextConfig:
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
                        f"num_attention_heads={self.num_attention_heads}")
+    check_remat(self.remat)
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"dtype={self.dtype!r}; expected float32, bfloat16 or float16")
 
@@ -266,7 +271,7 @@ class _Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> list[jax.Array]:
-    block = nn.remat(CLIPEncoderLayer) if self.config.remat else CLIPEncoderLayer
+    block = layers.remat_module(CLIPEncoderLayer, self.config.remat)
     hidden = [x]
     for i in range(self.num_layers):
       x = block(self.config, name=f"layers_{i}")(x, mask)

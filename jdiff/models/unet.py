@@ -28,8 +28,8 @@ __all__ = ["UNet", "DownBlock", "MidBlock", "UpBlock", "class_embedding"]
 Dtype = Any
 
 
-def _resnet_cls(remat: bool):
-  return nn.remat(layers.ResnetBlock2D, static_argnums=(3,)) if remat else layers.ResnetBlock2D
+def _resnet_cls(remat: bool | str):
+  return layers.remat_module(layers.ResnetBlock2D, remat, static_argnums=(3,))
 
 
 class DownBlock(nn.Module):
@@ -47,7 +47,7 @@ class DownBlock(nn.Module):
   use_linear_projection: bool = False
   upcast_attention: bool = False
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -87,7 +87,7 @@ class MidBlock(nn.Module):
   use_linear_projection: bool = False
   upcast_attention: bool = False
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -117,7 +117,7 @@ class UpBlock(nn.Module):
   use_linear_projection: bool = False
   upcast_attention: bool = False
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
 
   @nn.compact

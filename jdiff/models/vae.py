@@ -70,8 +70,8 @@ class DiagonalGaussian:
     return 0.5 * jnp.sum(jnp.square(self.mean) + self.var - 1.0 - self.logvar, axis=(1, 2, 3))
 
 
-def _resnet_cls(remat: bool):
-  return nn.remat(layers.ResnetBlock2D, static_argnums=(3,)) if remat else layers.ResnetBlock2D
+def _resnet_cls(remat: bool | str):
+  return layers.remat_module(layers.ResnetBlock2D, remat, static_argnums=(3,))
 
 
 class _VAEMidBlock(nn.Module):
@@ -80,7 +80,7 @@ class _VAEMidBlock(nn.Module):
   features: int
   groups: int
   add_attention: bool = True
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -100,7 +100,7 @@ class _EncoderBlock(nn.Module):
   num_layers: int
   groups: int
   add_downsample: bool
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -119,7 +119,7 @@ class _DecoderBlock(nn.Module):
   num_layers: int
   groups: int
   add_upsample: bool
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
