@@ -455,10 +455,15 @@ def sample_errors(x: np.ndarray, ref: np.ndarray, means: np.ndarray | None = Non
   if not np.all(np.isfinite(x)):
     out = {"error": float("inf"), "median": float("inf"), "far": int(b)}
     return out if means is None else {**out, "flips": int(b), "kept_error": float("inf")}
-  p = per_sample_errors(x, ref, means)
+  return _scores(per_sample_errors(x, ref, means), flips=means is not None)
+
+
+def _scores(p: dict, *, flips: bool) -> dict:
+  """:func:`sample_errors`' fields from :func:`per_sample_errors`' arrays."""
+  b = p["err_sq"].shape[0]
   rel = np.sqrt(p["err_sq"] / p["ref_sq"])
   out = {"error": batch_error(p, np.ones(b, bool)), "median": float(np.median(rel)), "far": int(np.sum(rel > FAR))}
-  if means is not None:
+  if flips:
     out["flips"] = int(b - p["kept"].sum())
     out["kept_error"] = batch_error(p, p["kept"])
   return out
@@ -504,9 +509,10 @@ def best_vs_best(prob: Problem, nfes, batch: int, *, quick: bool = False, jdiff_
     k = (round(sig0, 6), round(float(y0.ravel()[0] / x_T.ravel()[0]), 6))
     if k not in refs:
       refs[k] = reference_problem(prob, y0, sig0)
-    if np.all(np.isfinite(x)):
-      per_sample[key] = per_sample_errors(x, refs[k], prob.means)
-    return sample_errors(x, refs[k], prob.means)
+    if not np.all(np.isfinite(x)):
+      return sample_errors(x, refs[k], prob.means)
+    per_sample[key] = per_sample_errors(x, refs[k], prob.means)
+    return _scores(per_sample[key], flips=prob.means is not None)
 
   jnames = tuple(jdiff_names or (tuple(JDIFF_SWEEP) + tuple(JDIFF_GRID)))
   out = {}

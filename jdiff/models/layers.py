@@ -210,7 +210,7 @@ def _save_weight_matmuls(prim, *_, **params) -> bool:
   if prim.name == "conv_general_dilated":
     return True
   if prim.name == "dot_general":
-    (_, _), (lhs_batch, _) = params["dimension_numbers"]
+    lhs_batch = params["dimension_numbers"][1][0]
     return not lhs_batch  # a matmul against a weight; attention's products carry batch dimensions
   return False
 
