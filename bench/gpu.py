@@ -209,9 +209,8 @@ def random_pipeline(spec: Spec, *, seed: int = 0):
   """A jdiff ``StableDiffusion`` of ``spec``'s shapes with random weights (Flax initialisers) and a
   byte-level CLIP vocabulary: what :func:`jdiff_sample` times when no diffusers pipeline could be built
   (a machine with only the JAX stack). Same shapes, schedule and DDIM options as that pipeline."""
-  from jdiff import schedules
   from jdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet
-  from jdiff.pipelines import StableDiffusion
+  from jdiff.pipelines import StableDiffusion, sampler_options_from_config, schedule_from_config
   from jdiff.tokenizers import CLIPTokenizer
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -231,9 +230,9 @@ def random_pipeline(spec: Spec, *, seed: int = 0):
   text_params = jax.jit(text.init)(k_text, jnp.zeros((1, spec.context_len), jnp.int32))["params"]
   return StableDiffusion(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text,
                          text_params=text_params, tokenizer=tok,
-                         schedule=schedules.scaled_linear(1000, 0.00085, 0.012),
+                         schedule=schedule_from_config(sample_bench.SCHEDULER_CONFIG),
                          scaling_factor=spec.vae.scaling_factor,
-                         sampler_options={"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False})
+                         sampler_options=sampler_options_from_config(sample_bench.SCHEDULER_CONFIG))
 
 
 def jdiff_sample(spec: Spec, args, folder: Path | None) -> dict[str, Any]:

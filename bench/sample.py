@@ -39,6 +39,9 @@ GUIDANCE = 7.5
 # jdiff sampler name -> diffusers scheduler class
 SAMPLERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 _JDIFF_SAMPLER = {"ddim": "ddim", "dpm": "dpm_solver"}
+# The benchmark pipelines' scheduler (SD 1.5's schedule, DDIM options), as a diffusers scheduler config.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +99,7 @@ def build_diffusers_pipeline(case: SampleCase, folder: Path, *, seed: int = 0) -
       vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=case.text_layers,
       num_attention_heads=case.text_heads, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-  sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+  sched = diffusers.DDIMScheduler(**SCHEDULER_CONFIG)
   pipe = diffusers.StableDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(),
                                            tokenizer=tok, scheduler=sched, safety_checker=None,
                                            feature_extractor=None, requires_safety_checker=False)
