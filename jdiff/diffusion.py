@@ -201,8 +201,8 @@ def loss_weight(schedule: Schedule, t: jax.Array, *, prediction: str, weighting:
 
 def loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *,
          prediction: str = "epsilon", weighting: str | None = None, min_snr_gamma: float = 5.0,
-         t: jax.Array | None = None, noise: jax.Array | None = None,
-         reduce: bool = True) -> jax.Array:
+         t: jax.Array | None = None, noise: jax.Array | None = None, noise_offset: float = 0.0,
+         input_perturbation: float = 0.0, reduce: bool = True) -> jax.Array:
   """The denoising training loss (L_simple and its weighted variants).
 
   Draws t ~ U{0, ..., T-1} and eps ~ N(0, I) per example (unless given), forms x_t with
@@ -218,6 +218,11 @@ def loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *
     min_snr_gamma: gamma of Min-SNR weighting.
     t: optional fixed timesteps [B].
     noise: optional fixed noise, shape of x0.
+    noise_offset: offset noise: ``noise_offset * N(0, 1)`` drawn per example and channel (shape
+      [B, 1, ..., 1, C]) is added to the noise, so the model also learns to change an image's mean
+      brightness. The target is the offset noise.
+    input_perturbation: x_t is made from ``noise + input_perturbation * N(0, I)`` while the target
+      keeps ``noise`` (Ning et al.'s input perturbation against exposure bias).
     reduce: mean over the batch (True) or per-example losses [B] (False).
 
   Returns:
@@ -232,7 +237,14 @@ def loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *
     t = jax.random.randint(k_t, (b,), 0, schedule.num_timesteps, dtype=jnp.int32)
   if noise is None:
     noise = jax.random.normal(k_n, x0.shape, jnp.float32).astype(x0.dtype)
-  x_t = q_sample(schedule, x0, t, noise)
+  if noise_offset:
+    shape = (b,) + (1,) * (x0.ndim - 2) + (x0.shape[-1],)
+    noise = noise + noise_offset * jax.random.normal(jax.random.fold_in(key, 1), shape, noise.dtype)
+  noised_with = noise
+  if input_perturbation:
+    noised_with = noise + input_perturbation * jax.random.normal(jax.random.fold_in(key, 2), noise.shape,
+                                                                 noise.dtype)
+  x_t = q_sample(schedule, x0, t, noised_with)
   out = model_fn(x_t, t)
   if out.shape != x0.shape:
     raise ValueError(f"model output shape {out.shape} != input shape {x0.shape}")

@@ -83,6 +83,33 @@ def test_loss_matches_float64_recomputation(pred, weighting, key):
   np.testing.assert_allclose(float(got), (per * w).mean(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("pred", ["epsilon", "v"])
+def test_loss_offset_noise_and_input_perturbation(pred, key):
+  """Offset noise is one draw per example and channel added to the noise (which stays the target);
+  input perturbation changes only the noise x_t is made from. The draws are those of the documented
+  keys (``fold_in(key, 1)`` and ``fold_in(key, 2)``); the rest is recomputed in float64."""
+  x0 = jax.random.normal(key, (3, 4, 4, 2))
+  t = jnp.array([10, 500, 990], jnp.int32)
+  noise = jax.random.normal(jax.random.key(7), x0.shape)
+  model = lambda x, tt: 0.3 * x - 0.1  # noqa: E731
+  got = diffusion.loss(model, SCHED, x0, key, prediction=pred, t=t, noise=noise, noise_offset=0.1,
+                       input_perturbation=0.2)
+  offset = 0.1 * np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (3, 1, 1, 2)), np.float64)
+  extra = 0.2 * np.asarray(jax.random.normal(jax.random.fold_in(key, 2), x0.shape), np.float64)
+  abar = np.cumprod(1 - np.asarray(SCHED.betas, np.float64))[np.asarray(t)].reshape(-1, 1, 1, 1)
+  x0n = np.asarray(x0, np.float64)
+  nn = np.asarray(noise, np.float64) + offset
+  xt = np.sqrt(abar) * x0n + np.sqrt(1 - abar) * (nn + extra)
+  tgt = nn if pred == "epsilon" else np.sqrt(abar) * nn - np.sqrt(1 - abar) * x0n
+  want = ((0.3 * xt - 0.1 - tgt) ** 2).mean()
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # Both options off: exactly the plain loss.
+  plain = diffusion.loss(model, SCHED, x0, key, prediction=pred, t=t, noise=noise)
+  assert float(diffusion.loss(model, SCHED, x0, key, prediction=pred, t=t, noise=noise, noise_offset=0.0,
+                              input_perturbation=0.0)) == float(plain)
+  assert abs(float(plain) - want) > 1e-3 * want  # the options change the loss (far beyond rtol)
+
+
 def test_loss_is_zero_for_the_exact_predictor(key):
   x0 = jax.random.normal(key, (4, 2, 2, 1))
   noise = jax.random.normal(jax.random.key(1), x0.shape)
