@@ -92,10 +92,10 @@ def test_loss_offset_noise_and_input_perturbation(pred, key):
   t = jnp.array([10, 500, 990], jnp.int32)
   noise = jax.random.normal(jax.random.key(7), x0.shape)
   model = lambda x, tt: 0.3 * x - 0.1  # noqa: E731
-  got = diffusion.loss(model, SCHED, x0, key, prediction=pred, t=t, noise=noise, noise_offset=0.1,
-                       input_perturbation=0.2)
-  offset = 0.1 * np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (3, 1, 1, 2)), np.float64)
-  extra = 0.2 * np.asarray(jax.random.normal(jax.random.fold_in(key, 2), x0.shape), np.float64)
+  got = diffusion.loss(model, SCHED, x0, key, prediction=pred, t=t, noise=noise, noise_offset=0.5,
+                       input_perturbation=0.5)
+  offset = 0.5 * np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (3, 1, 1, 2)), np.float64)
+  extra = 0.5 * np.asarray(jax.random.normal(jax.random.fold_in(key, 2), x0.shape), np.float64)
   abar = np.cumprod(1 - np.asarray(SCHED.betas, np.float64))[np.asarray(t)].reshape(-1, 1, 1, 1)
   x0n = np.asarray(x0, np.float64)
   nn = np.asarray(noise, np.float64) + offset
@@ -107,7 +107,7 @@ def test_loss_offset_noise_and_input_perturbation(pred, key):
   plain = diffusion.loss(model, SCHED, x0, key, prediction=pred, t=t, noise=noise)
   assert float(diffusion.loss(model, SCHED, x0, key, prediction=pred, t=t, noise=noise, noise_offset=0.0,
                               input_perturbation=0.0)) == float(plain)
-  assert abs(float(plain) - want) > 1e-3 * want  # the options change the loss (far beyond rtol)
+  assert abs(float(plain) - want) > 1e-2 * want  # the options change the loss (far beyond rtol)
 
 
 def test_loss_is_zero_for_the_exact_predictor(key):
