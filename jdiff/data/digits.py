@@ -2,15 +2,16 @@
 
 scikit-learn ships 1,797 8x8 grayscale digits (values 0..16) inside its wheel, so this builder
 needs no download. Each image is upscaled to ``size`` x ``size`` (bilinear, 32 by default) and
-stored as an 8-bit grayscale PNG together with its label and a caption such as
-"a handwritten digit seven". The dataset is written in the ``array_record`` format and read back
+stored as an 8-bit grayscale PNG together with its label and a caption in one of two spellings,
+"a handwritten digit seven" or "a handwritten digit 7": the examples of each digit alternate
+between them (in scikit-learn's order), so a model trained on the captions answers both. The dataset is written in the ``array_record`` format and read back
 with ``tfds.data_source`` (random access), which needs neither TensorFlow nor a network: PNG
 encoding/decoding goes through PIL.
 
 Example:
   >>> source = digits.load(data_dir="~/tensorflow_datasets")["train"]
-  >>> source[0]["caption"]
-  b'a handwritten digit zero'
+  >>> source[0]["caption"] in (b"a handwritten digit zero", b"a handwritten digit 0")
+  True
 """
 
 from __future__ import annotations
@@ -20,14 +21,20 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-__all__ = ["JdiffDigits", "NUMBER_WORDS", "caption_for", "upscale", "prepare", "load"]
+__all__ = ["JdiffDigits", "NUMBER_WORDS", "caption_for", "captions_for", "upscale", "prepare", "load"]
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def caption_for(label: int) -> str:
-  """The caption of a digit: ``caption_for(7) == "a handwritten digit seven"``."""
-  return f"a handwritten digit {NUMBER_WORDS[int(label)]}"
+def caption_for(label: int, *, numeral: bool = False) -> str:
+  """The caption of a digit: ``caption_for(7) == "a handwritten digit seven"``,
+  ``caption_for(7, numeral=True) == "a handwritten digit 7"``."""
+  return f"a handwritten digit {int(label) if numeral else NUMBER_WORDS[int(label)]}"
+
+
+def captions_for(label: int) -> tuple[str, str]:
+  """Both spellings the dataset trains: (number word, numeral)."""
+  return caption_for(label), caption_for(label, numeral=True)
 
 
 def upscale(images8: np.ndarray, size: int = 32) -> np.ndarray:
@@ -44,8 +51,9 @@ def upscale(images8: np.ndarray, size: int = 32) -> np.ndarray:
 class JdiffDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's digits, upscaled, with captions and labels (one "train" split)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "Captions alternate per digit between the number word and the numeral."}
   SIZE = 32
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -69,10 +77,13 @@ class JdiffDigits(tfds.core.GeneratorBasedBuilder):
     from sklearn.datasets import load_digits
     d = load_digits()
     images = upscale(d.images, self.SIZE)
+    seen = np.zeros(10, np.int64)  # examples of each digit so far: even -> word, odd -> numeral
     for i, (img, label) in enumerate(zip(images, d.target)):
+      label = int(label)
+      caption = captions_for(label)[seen[label] % 2]
+      seen[label] += 1
       # A PIL image is PNG-encoded by PIL, so building the dataset needs no TensorFlow.
-      yield i, {"image": Image.fromarray(img[:, :, 0], mode="L"), "label": int(label),
-                "caption": caption_for(int(label))}
+      yield i, {"image": Image.fromarray(img[:, :, 0], mode="L"), "label": label, "caption": caption}
 
 
 def prepare(data_dir: str | os.PathLike) -> str:

@@ -150,6 +150,7 @@ class Loader:
     crop, flip: fine-tuning preprocessing (:class:`Preprocess`); batches gain ``original_size`` and
       ``crops_coords_top_left`` (int32 [B, 2]).
     max_bad_fraction: the share of unreadable examples per epoch and process that is tolerated.
+    prefetch: batches prepared ahead by background threads (bounds the memory they hold).
 
   Example:
     >>> it = Loader(src, batch_size=128, seed=0, image_size=32, channels=1)
@@ -159,7 +160,8 @@ class Loader:
   def __init__(self, source, *, batch_size: int, seed: int = 0, image_size: int | None = None,
                channels: int | None = None, tokenize: Callable[[str], np.ndarray] | None = None,
                shard_index: int | None = None, shard_count: int | None = None, shuffle: bool = True,
-               crop: str | None = None, flip: bool = False, max_bad_fraction: float = 0.01):
+               crop: str | None = None, flip: bool = False, max_bad_fraction: float = 0.01,
+               prefetch: int = 8):
     import jax
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
@@ -192,7 +194,8 @@ class Loader:
     self._stream = stream.repeat(None)
     ds = self._stream.batch(batch_size, drop_remainder=True).map_with_index(self._local_batch)
     self.dataset = ds
-    self._iter = iter(ds.to_iter_dataset())
+    options = grain.ReadOptions(num_threads=max(1, min(int(prefetch), 4)), prefetch_buffer_size=max(1, int(prefetch)))
+    self._iter = iter(ds.to_iter_dataset(options))
 
   def _read(self, position: int) -> tuple[dict[str, Any], list[str]]:
     """The example at stream ``position`` of this host's slice (or its replacement) and the
