@@ -101,6 +101,14 @@ def test_missing_tfds_dataset_is_one_line(tmp_path):
   assert "no_such_dataset_xyz" in msg and "\n" not in msg
 
 
+def test_missing_tfds_feature_is_one_line(digits_dir, digits_source):
+  with pytest.raises(ValueError) as e:
+    data.tfds_source("jdiff_digits", data_dir=digits_dir, caption_key="text")
+  msg = str(e.value)
+  assert "'text'" in msg and "caption_key" in msg and "'caption'" in msg and "\n" not in msg
+  assert data.tfds_source("jdiff_digits", data_dir=digits_dir, label_key="digit")[0]["label"] == -1
+
+
 def test_loader_epochs_are_permutations_and_deterministic():
   src = ArraySource(20)
   a = data.Loader(src, batch_size=5, seed=3, shard_index=0, shard_count=1)

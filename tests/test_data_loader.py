@@ -170,3 +170,27 @@ def test_check_resolution_and_bad_options():
     data.Loader(FlakySource(8), batch_size=4, shard_index=0, shard_count=1, image_size=4, crop="left")
   with pytest.raises(ValueError, match="image_size"):
     data.Loader(FlakySource(8), batch_size=4, shard_index=0, shard_count=1, crop="random")
+
+
+def test_large_folder_with_one_percent_corrupt_files(tmp_path):
+  """2,000 images, 1% truncated after the header (they pass the cheap build-time check): an epoch
+  goes through at a 1% limit with every one counted, and stops at a 0.5% limit with one line."""
+  from PIL import Image
+  n, bad = 2000, set(range(7, 2000, 100))
+  for k in range(n):
+    Image.fromarray(np.full((4, 4, 1), k % 251, np.uint8)[:, :, 0]).save(tmp_path / f"{k:04d}.png")
+  for k in bad:
+    raw = (tmp_path / f"{k:04d}.png").read_bytes()
+    (tmp_path / f"{k:04d}.png").write_bytes(raw[:raw.index(b"IDAT") + 6])  # cut inside the pixel data
+  src = data.ImageFolder(tmp_path)  # header check: all 2,000 pass
+  assert len(src) == n and not src.rejected
+  loader = data.Loader(src, batch_size=50, seed=0, shard_index=0, shard_count=1, max_bad_fraction=0.01)
+  for _ in range(n // 50):
+    assert next(loader)["image"].shape == (50, 4, 4, 3)
+  assert loader.metrics()["data/bad_examples"] == len(bad) == 20
+  strict = data.Loader(src, batch_size=50, seed=0, shard_index=0, shard_count=1, max_bad_fraction=0.005)
+  with pytest.raises(ValueError) as e:
+    for _ in range(n // 50):
+      next(strict)
+  assert "max_bad_fraction=0.005" in str(e.value) and "\n" not in str(e.value)
+  assert strict.bad_examples == 11

@@ -92,7 +92,7 @@ def tfds_source(name: str, *, data_dir: str | os.PathLike | None = None, split: 
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} is not available in data_dir="
                             f"{data_dir!r} (prepare it in the array_record format): {first}") from None
-  _check_features(ds, name, image_key=image_key, label_key=label_key, caption_key=caption_key)
+  _check_features(ds, name, image_key=image_key, caption_key=caption_key)  # a missing label reads as -1
   return TfdsSource(ds, image_key=image_key, label_key=label_key, caption_key=caption_key)
 
 
