@@ -87,6 +87,8 @@ def test_symlinks_out_of_the_folder_are_not_followed(tmp_path):
   os.symlink(outside, folder / "linked_dir")  # a linked folder is not walked
   os.symlink(outside / "secret.txt", folder / "a.txt")  # a sidecar link out is not read
   (outside / "secret.txt").write_text("do not read")
+  _jsonl(outside / "meta.jsonl", {"file_name": "a.png", "text": "do not read either"})
+  os.symlink(outside / "meta.jsonl", folder / "metadata.jsonl")
   with pytest.warns(RuntimeWarning, match="link_out.png"):
     src = data.ImageFolder(folder)
   assert [os.path.basename(f) for f in src.files] == ["a.png", "link_in.png"]
@@ -164,5 +166,6 @@ def test_folder_without_readable_image_is_one_line(tmp_path):
 def test_special_files_are_not_opened(tmp_path):
   _png(tmp_path / "a.png", 10)
   os.mkfifo(tmp_path / "fifo.png")  # opening it would block forever
+  os.mkfifo(tmp_path / "metadata.jsonl")
   src = data.ImageFolder(tmp_path)
   assert [os.path.basename(f) for f in src.files] == ["a.png"]

@@ -130,3 +130,21 @@ def test_precompute_refusals(tmp_path, folder, encoders):
   assert "part 1 of 2" in str(e.value) and "\n" not in str(e.value)
   with pytest.raises(FileNotFoundError, match="no precomputed data"):
     data.PrecomputedSource(tmp_path)
+
+
+def test_precompute_reuses_a_complete_part_with_the_same_settings(tmp_path, folder, encoders):
+  posterior = encoders[0]
+  calls = []
+
+  def counting(x):
+    calls.append(len(x))
+    return posterior(x)
+
+  src = data.ImageFolder(folder, verify="none")
+  kw = dict(encode_image=counting, image_size=RES, batch_size=BATCH, shard_index=0, shard_count=1)
+  data.precompute(src, tmp_path / "p", tag="vae-a", **kw)
+  assert calls == [BATCH] * 3  # 10 readable examples: two full calls and one padded
+  data.precompute(src, tmp_path / "p", tag="vae-a", **kw)
+  assert len(calls) == 3
+  data.precompute(src, tmp_path / "p", tag="vae-b", **kw)  # other encoders: written again
+  assert len(calls) == 6 and data.PrecomputedSource(tmp_path / "p").config["tag"] == "vae-b"

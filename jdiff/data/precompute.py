@@ -61,8 +61,8 @@ def precompute(source, out_dir: str | os.PathLike, *,
                encode_text: Callable[[np.ndarray], Any] | None = None,
                tokenize: Callable[[str], np.ndarray] | None = None, batch_size: int = 16,
                image_size: int, crop: str = "center", flip: bool = False, seed: int = 0,
-               channels: int | None = None, text_trainable: bool = False,
-               shard_index: int | None = None, shard_count: int | None = None) -> str:
+               channels: int | None = None, text_trainable: bool = False, tag: str = "",
+               reuse: bool = True, shard_index: int | None = None, shard_count: int | None = None) -> str:
   """Encodes this process's block of ``source`` once and writes it under ``out_dir``.
 
   Args:
@@ -76,7 +76,13 @@ def precompute(source, out_dir: str | os.PathLike, *,
     image_size, crop, flip, seed, channels: the preprocessing (:class:`jdiff.data.Preprocess`);
       each example's crop and flip are those the loader would draw in epoch 0.
     text_trainable: whether the run trains its text encoder, which precomputing cannot serve.
+    tag: names the encoders (e.g. the checkpoint path); stored with the settings.
+    reuse: keep this process's part when it exists with the same settings and tag (a restarted
+      run does not encode again).
     shard_index, shard_count: this process's block (default: ``jax.process_index/count``).
+
+  With several JAX processes every process waits for the others' parts before returning, so
+  :class:`PrecomputedSource` can open them all.
 
   Returns:
     ``out_dir``.
@@ -90,8 +96,6 @@ def precompute(source, out_dir: str | os.PathLike, *,
   if encode_text is not None and tokenize is None:
     raise ValueError("precompute with encode_text needs tokenize")
   import jax
-  from array_record.python.array_record_module import ArrayRecordWriter
-  from flax import serialization
   shard_index = jax.process_index() if shard_index is None else int(shard_index)
   shard_count = jax.process_count() if shard_count is None else int(shard_count)
   if not 0 <= shard_index < shard_count:
@@ -99,8 +103,39 @@ def precompute(source, out_dir: str | os.PathLike, *,
   out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
   os.makedirs(out_dir, exist_ok=True)
   prep = Preprocess(image_size=image_size, channels=channels, tokenize=tokenize, crop=crop, flip=flip, seed=seed)
-  block = np.array_split(np.arange(len(source)), shard_count)[shard_index]
+  config = {"image_size": int(image_size), "crop": prep.crop, "flip": prep.flip, "seed": int(seed),
+            "channels": channels, "source_len": len(source), "shard_count": shard_count, "tag": str(tag)}
   name = _part_name(shard_index, shard_count)
+  if not (reuse and _part_config(os.path.join(out_dir, name)) == config):
+    _write_part(source, os.path.join(out_dir, name), prep, config, encode_image=encode_image,
+                encode_text=encode_text, batch_size=batch_size,
+                block=np.array_split(np.arange(len(source)), shard_count)[shard_index])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"jdiff precompute {out_dir}")
+  return out_dir
+
+
+def _part_config(name: str) -> dict[str, Any] | None:
+  """The settings a complete part was written with (None: no complete part)."""
+  if not (os.path.exists(name + ".json") and os.path.exists(name + ".array_record")):
+    return None
+  try:
+    with open(name + ".json") as fh:
+      meta = json.load(fh)
+  except (OSError, ValueError):
+    return None
+  return meta.get("config") if meta.get("format") == FORMAT else None
+
+
+def _write_part(source, name: str, prep: Preprocess, config: dict[str, Any], *, encode_image, encode_text,
+                batch_size: int, block: np.ndarray) -> None:
+  import jax
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from flax import serialization
+  out_dir, name = os.path.dirname(name), os.path.basename(name)
+  if os.path.exists(os.path.join(out_dir, name + ".json")):  # the part is incomplete until rewritten
+    os.remove(os.path.join(out_dir, name + ".json"))
   tmp = os.path.join(out_dir, f".{name}.array_record.tmp")
   writer = ArrayRecordWriter(tmp, "group_size:1")
   unreadable: list[str] = []
@@ -142,16 +177,13 @@ def precompute(source, out_dir: str | os.PathLike, *,
     writer.close()
   if not count and len(block):
     os.remove(tmp)
-    raise ValueError(f"no readable example in block {shard_index} of {shard_count} of the dataset "
-                     f"(first unreadable: {unreadable[0]})")
+    raise ValueError(f"no readable example in {name} of the dataset (first unreadable: {unreadable[0]})")
+  # The records first, then the JSON that marks the part complete.
   os.replace(tmp, os.path.join(out_dir, name + ".array_record"))
-  meta = {"format": FORMAT, "count": count, "unreadable": unreadable,
-          "config": {"image_size": int(image_size), "crop": prep.crop, "flip": prep.flip, "seed": int(seed),
-                     "channels": channels, "source_len": len(source), "shard_count": shard_count}}
+  meta = {"format": FORMAT, "count": count, "unreadable": unreadable, "config": config}
   with open(os.path.join(out_dir, f".{name}.json.tmp"), "w") as fh:
     json.dump(meta, fh)
   os.replace(os.path.join(out_dir, f".{name}.json.tmp"), os.path.join(out_dir, name + ".json"))
-  return out_dir
 
 
 class PrecomputedSource:

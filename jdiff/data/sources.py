@@ -146,8 +146,8 @@ class ImageFolder:
 
   Every caption is cut to ``CAPTION_MAX_BYTES`` bytes of UTF-8 (far beyond any text encoder's
   context; the tokenizer truncates further), so no caption file can make the reader hold megabytes.
-  Symbolic links whose target lies outside the folder are not followed (their images are left out),
-  nor are linked subfolders; only regular files are read.
+  Symbolic links whose target lies outside the folder are not followed (their images, metadata and
+  captions are left out), nor are linked subfolders; only regular files are read.
 
   At construction each image is checked by ``verify``: "header" (opens it and reads the header,
   cheap), "full" (decodes it) or "none" (for very large folders). Images that fail are left out with
@@ -180,13 +180,12 @@ class ImageFolder:
       dirs.sort()
       for n in sorted(names):
         f = os.path.join(root, n)
-        if n in METADATA_FILES:
-          metadata.append(f)
-        elif n.lower().endswith(IMAGE_EXTENSIONS):
-          if not _inside(os.path.realpath(f), self.root):
-            self.outside_links.append(f)
-          elif os.path.isfile(f):
-            files.append(f)
+        if n not in METADATA_FILES and not n.lower().endswith(IMAGE_EXTENSIONS):
+          continue
+        if not _inside(os.path.realpath(f), self.root):
+          self.outside_links.append(f)
+        elif os.path.isfile(f):  # regular files only (a FIFO would block the reader)
+          (metadata if n in METADATA_FILES else files).append(f)
     if self.outside_links:
       warnings.warn(f"image folder {self.path}: {len(self.outside_links)} symbolic link(s) pointing outside "
                     f"it are not followed (first: {self.outside_links[0]})", RuntimeWarning, stacklevel=2)
