@@ -191,8 +191,14 @@ class ImageFolder:
                     f"it are not followed (first: {self.outside_links[0]})", RuntimeWarning, stacklevel=2)
     if not files:
       raise FileNotFoundError(f"image folder {self.path} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+    files.sort()
     self.captions = self._read_metadata(metadata, set(files))
-    self.rejected = [] if verify == "none" else [f for f in files if not _check_image(f, verify)]
+    self.rejected = []
+    if verify != "none":
+      from concurrent.futures import ThreadPoolExecutor
+      with ThreadPoolExecutor(max_workers=8) as pool:  # file opens overlap (network storage)
+        ok = list(pool.map(lambda f: _check_image(f, verify), files, chunksize=64))
+      self.rejected = [f for f, good in zip(files, ok) if not good]
     if self.rejected:
       bad = set(self.rejected)
       files = [f for f in files if f not in bad]
