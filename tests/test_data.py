@@ -72,7 +72,8 @@ def test_digits_caption_words():
 
 def test_digits_builder_version_changed_with_captions():
   # Data prepared by 1.0.0 (number words only) must not be reused.
-  assert str(digits.JdiffDigits.VERSION) != "1.0.0" and str(digits.JdiffDigits.VERSION) in digits.JdiffDigits.RELEASE_NOTES
+  version = str(digits.JdiffDigits.VERSION)
+  assert version != "1.0.0" and version in digits.JdiffDigits.RELEASE_NOTES
 
 
 def test_upscale_preserves_area_means():

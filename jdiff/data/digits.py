@@ -4,9 +4,9 @@ scikit-learn ships 1,797 8x8 grayscale digits (values 0..16) inside its wheel, s
 needs no download. Each image is upscaled to ``size`` x ``size`` (bilinear, 32 by default) and
 stored as an 8-bit grayscale PNG together with its label and a caption in one of two spellings,
 "a handwritten digit seven" or "a handwritten digit 7": the examples of each digit alternate
-between them (in scikit-learn's order), so a model trained on the captions answers both. The dataset is written in the ``array_record`` format and read back
-with ``tfds.data_source`` (random access), which needs neither TensorFlow nor a network: PNG
-encoding/decoding goes through PIL.
+between them (in scikit-learn's order), so a model trained on the captions answers both. The
+dataset is written in the ``array_record`` format and read back with ``tfds.data_source`` (random
+access), which needs neither TensorFlow nor a network: PNG encoding/decoding goes through PIL.
 
 Example:
   >>> source = digits.load(data_dir="~/tensorflow_datasets")["train"]

@@ -194,7 +194,8 @@ class Loader:
     self._stream = stream.repeat(None)
     ds = self._stream.batch(batch_size, drop_remainder=True).map_with_index(self._local_batch)
     self.dataset = ds
-    options = grain.ReadOptions(num_threads=max(1, min(int(prefetch), 4)), prefetch_buffer_size=max(1, int(prefetch)))
+    prefetch = max(1, int(prefetch))
+    options = grain.ReadOptions(num_threads=min(prefetch, 4), prefetch_buffer_size=prefetch)
     self._iter = iter(ds.to_iter_dataset(options))
 
   def _read(self, position: int) -> tuple[dict[str, Any], list[str]]:

@@ -249,7 +249,8 @@ class ImageFolder:
     keys = (self.caption_key,) if self.caption_key else ("text", "caption")
     text = next((rec[k] for k in keys if k in rec), None)
     if text is None:
-      what = f"caption column {self.caption_key!r} (data.caption_key)" if self.caption_key else "'text' or 'caption'"
+      what = (f"caption column {self.caption_key!r} (data.caption_key)" if self.caption_key
+              else "'text' or 'caption'")
       raise ValueError(f"{jsonl}:{n}: no {what}; columns are {sorted(rec)}")
     return name, str(text)
 
