@@ -3,6 +3,7 @@ encoders run on the fly on the same crops, and batched by the loader."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from jdiff import data
-from jdiff.models import AutoencoderKL, VAEConfig
+from jdiff.models import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 RES, BATCH, VOCAB, WIDTH, LENGTH = 16, 4, 32, 6, 5
 
@@ -21,7 +22,8 @@ RES, BATCH, VOCAB, WIDTH, LENGTH = 16, 4, 32, 6, 5
 def encoders():
   cfg = VAEConfig.preset("tiny", block_out_channels=(8, 8), norm_num_groups=4, latent_channels=2)
   vae = AutoencoderKL(cfg)
-  params = vae.init(jax.random.key(0), jnp.zeros((1, RES, RES, 3)))["params"]
+  init = jax.jit(functools.partial(vae.init, method=AutoencoderKL.encode))  # the encoder only
+  params = init(jax.random.key(0), jnp.zeros((1, RES, RES, 3)))["params"]
   table = jax.random.normal(jax.random.key(1), (VOCAB, WIDTH))
 
   @jax.jit
@@ -94,7 +96,6 @@ def test_round_trip_equals_encoding_on_the_fly(tmp_path, folder, encoders):
     # The latent drawn from stored moments with a step key is the live posterior's draw.
     key = jax.random.fold_in(jax.random.key(3), j)
     live = posterior(ex["image"][None])
-    from jdiff.models.vae import DiagonalGaussian
     want = DiagonalGaussian(mean=live[0], logvar=live[1]).sample(key)
     got = data.sample_latents(rec["latent_mean"][None], rec["latent_logvar"][None], key)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
@@ -129,7 +130,7 @@ def test_precompute_refusals(tmp_path, folder, encoders):
     data.PrecomputedSource(tmp_path / "half")
   assert "part 1 of 2" in str(e.value) and "\n" not in str(e.value)
   with pytest.raises(FileNotFoundError, match="no precomputed data"):
-    data.PrecomputedSource(tmp_path)
+    data.make_source(kind="precomputed", path=str(tmp_path))
 
 
 def test_precompute_reuses_a_complete_part_with_the_same_settings(tmp_path, folder, encoders):
