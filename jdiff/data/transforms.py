@@ -8,9 +8,10 @@ number of hosts). The original size and the crop's top-left corner are returned 
 SDXL's micro-conditioning reads them as ``original_size`` and ``crops_coords_top_left``.
 
 Example:
-  >>> out = crop_and_flip(image, 512, crop="random", flip=True, rng=example_rng(0, 17, 2))
+  >>> out = crop_and_flip(np.zeros((768, 1024, 3), np.uint8), 512)   # center crop
   >>> out.image.shape, out.original_size, out.crop_top_left
-  ((512, 512, 3), (768, 1024), (0, 171))
+  ((512, 512, 3), (768, 1024), (0, 85))
+  >>> out = crop_and_flip(image, 512, crop="random", flip=True, rng=example_rng(seed, index, epoch))
 """
 
 from __future__ import annotations
