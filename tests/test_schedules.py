@@ -51,7 +51,8 @@ def rescaled_reference(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
   err_a = 2 * err_d + 2 * U32  # square (one ulp)
   err_k = 2 * err_s + 3 * U32  # k = s_0 / (s_0 - s_L): only alpha_0 keeps it; it cancels in the ratios
   err_alpha = np.concatenate([[err_a[0] + 2 * err_k], err_a[1:] + err_a[:-1] + U32])
-  bound_beta = alpha * err_alpha + U32 * beta
+  with np.errstate(invalid="ignore"):  # 0 * inf at L, set next
+    bound_beta = alpha * err_alpha + U32 * beta
   bound_beta[-1] = 0.0  # alpha_L = 0 / a_{L-1} is exactly 0 whatever the rounding
   # alphas_cumprod: the float64 product of fl(1 - beta') rounded once; each factor carries its beta's
   # error and one rounding.
