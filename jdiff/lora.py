@@ -266,18 +266,18 @@ def save_diffusers(file: str | os.PathLike, adapters: Mapping[str, LoRA]) -> Non
 
 
 def _read(file: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  from safetensors import SafetensorError, safe_open
+  from jdiff.convert import _io
   file = os.fspath(file)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"LoRA file not found: {file}")
+  _io.refuse_pickle(file, what="LoRA file")
   if not file.endswith(".safetensors"):
     raise ValueError(f"{file}: only .safetensors LoRA files are loaded (pickled files are never unpickled)")
   try:
-    with safe_open(file, framework="numpy") as fh:
-      meta = fh.metadata() or {}
-      return {k: fh.get_tensor(k).astype(np.float32) for k in fh.keys()}, meta
-  except (SafetensorError, OSError, ValueError) as e:
-    raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+    tensors, meta = _io.read_safetensors(file)  # sizes checked against the file before reading
+  except ValueError as e:
+    raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+  return {k: v.astype(np.float32) for k, v in tensors.items()}, meta
 
 
 def _metadata_alphas(meta: Mapping[str, str], comp: str) -> tuple[float | None, int | None]:

@@ -12,6 +12,7 @@ Pickle-based files (``.bin``, ``.ckpt``, ``.pt``, ``.pth``) are never opened: un
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -20,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 __all__ = ["read_config", "write_config", "load_tensors", "save_tensors", "check_tensors",
-           "parse_size"]
+           "parse_size", "read_safetensors", "refuse_pickle", "MAX_HEADER_BYTES"]
 
 PathLike = str | os.PathLike
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -32,6 +32,8 @@ _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 def _folder(folder: PathLike) -> Path:
   path = Path(folder)
+  if not path.is_dir():
+    refuse_pickle(path)
   if not path.exists():
     raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
   if not path.is_dir():
@@ -83,35 +85,135 @@ def write_config(folder: PathLike, config: Mapping[str, Any], *, name: str = "co
   return out
 
 
-def _header(path: Path) -> tuple[dict[str, Any], int]:
-  """The JSON header of a safetensors file (name -> {dtype, shape, data_offsets}) and the data start."""
+# safetensors dtype name -> (numpy dtype of the stored bytes, bytes per element)
+_DTYPES = {"BOOL": ("|b1", 1), "U8": ("|u1", 1), "I8": ("|i1", 1), "U16": ("<u2", 2), "I16": ("<i2", 2),
+           "F16": ("<f2", 2), "BF16": ("<u2", 2), "U32": ("<u4", 4), "I32": ("<i4", 4), "F32": ("<f4", 4),
+           "U64": ("<u8", 8), "I64": ("<i8", 8), "F64": ("<f8", 8)}
+MAX_HEADER_BYTES = 100 * 10**6  # the safetensors format's own limit on the JSON header
+
+
+def refuse_pickle(path: PathLike, *, what: str = "checkpoint") -> None:
+  """Raises one-line ValueError when ``path`` names a pickle-based file (``.ckpt``, ``.bin``, ``.pt``,
+  ``.pth``, ``.pkl``): those are never opened, since unpickling runs arbitrary code.
+
+  Example:
+    >>> refuse_pickle("model.safetensors")
+  """
+  suffix = Path(path).suffix.lower()
+  if suffix in _PICKLE_SUFFIXES:
+    raise ValueError(f"{what} {str(path)!r} is a pickle file ({suffix}, the torch.save format); pickled files "
+                     "are never unpickled (that runs arbitrary code): convert it to safetensors first")
+
+
+def _checked_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], int]:
+  """The validated header of a safetensors file: name -> (dtype, shape, begin, end), the metadata, and
+  the offset where the data section starts. Every size is checked against the file's length before
+  anything but the header itself is read (and the header only when the file really holds it)."""
+  where = f"safetensors file {str(path)!r}"
+  size = path.stat().st_size
   with open(path, "rb") as f:
-    (size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(size))
-  header.pop("__metadata__", None)
-  return header, 8 + size
+    head = f.read(8)
+    if len(head) < 8:
+      raise ValueError(f"{where} is {size} bytes long: too short for the 8-byte header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+      raise ValueError(f"{where}: header claims {n} bytes but the file holds only {size - 8} after the length")
+    if n > MAX_HEADER_BYTES:
+      raise ValueError(f"{where}: header of {n} bytes exceeds the format's limit of {MAX_HEADER_BYTES}")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ValueError(f"{where}: header is not valid JSON ({err})") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{where}: header must be a JSON object, got {type(header).__name__}")
+  metadata = header.pop("__metadata__", None) or {}
+  if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    raise ValueError(f"{where}: __metadata__ must map names to strings")
+  data_len = size - 8 - n
+  entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+  for name, info in header.items():
+    if not isinstance(info, dict):
+      raise ValueError(f"{where}: tensor {name!r} has no dtype/shape/data_offsets entry")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPES:
+      raise ValueError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r} "
+                       f"(known: {', '.join(_DTYPES)})")
+    if (not isinstance(shape, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+      raise ValueError(f"{where}: tensor {name!r} has invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+      raise ValueError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+      raise ValueError(f"{where}: tensor {name!r} lies at bytes [{begin}, {end}) outside the file's "
+                       f"{data_len}-byte data section")
+    count = 1
+    for d in shape:
+      count *= d  # Python ints: absurd shapes cannot overflow
+    nbytes = count * _DTYPES[dtype][1]
+    if nbytes != end - begin:
+      raise ValueError(f"{where}: tensor {name!r} of shape {tuple(shape)} and dtype {dtype} needs {nbytes} "
+                       f"bytes but its data_offsets span {end - begin}")
+    entries[name] = (dtype, tuple(shape), begin, end)
+  spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
+  for (_, e0, a), (b1, _, b) in zip(spans, spans[1:]):
+    if b1 < e0:
+      raise ValueError(f"{where}: tensors {a!r} and {b!r} overlap in the data section")
+  return entries, dict(metadata), 8 + n
+
+
+def read_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """All tensors of one safetensors file as numpy (memory-mapped, read-only), and its metadata.
+
+  The header is validated first: its length, every tensor's dtype, shape and byte range against the
+  file's actual length, and that no two tensors overlap; a file whose header claims more than the
+  file holds is refused before anything is allocated. Tensors are then views of a read-only memory
+  map (pages are read when used); float16 and bfloat16 tensors are widened to float32 (a copy).
+
+  Args:
+    path: a ``.safetensors`` file.
+
+  Returns:
+    (name -> array, ``__metadata__`` dict).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a pickle file (by suffix), or a malformed or inconsistent file; one line naming the file
+      and, where one is to blame, the tensor.
+
+  Example:
+    >>> tensors, meta = read_safetensors("unet/diffusion_pytorch_model.safetensors")  # doctest: +SKIP
+  """
+  path = Path(path)
+  refuse_pickle(path, what="weights file")
+  if not path.is_file():
+    raise FileNotFoundError(f"safetensors file {str(path)!r} does not exist")
+  try:
+    entries, metadata, start = _checked_header(path)
+    out: dict[str, np.ndarray] = {}
+    if not entries:
+      return out, metadata
+    with open(path, "rb") as f:
+      view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays alive through the arrays
+    for name, (dtype, shape, begin, end) in entries.items():
+      stored, itemsize = _DTYPES[dtype]
+      arr = np.frombuffer(view, dtype=np.dtype(stored), count=(end - begin) // itemsize,
+                          offset=start + begin).reshape(shape)
+      if dtype == "BF16":  # numpy has no bfloat16: widen the raw 16 bits to float32's upper half
+        arr = (arr.astype(np.uint32) << np.uint32(16)).view(np.float32)
+      elif dtype == "F16":
+        arr = arr.astype(np.float32)
+      out[name] = arr
+  except OSError as err:
+    raise ValueError(f"cannot read safetensors file {str(path)!r}: {err}") from None
+  return out, metadata
 
 
 def _read_file(path: Path) -> dict[str, np.ndarray]:
-  """All tensors of one safetensors file as numpy, half floats upcast to float32."""
-  out: dict[str, np.ndarray] = {}
-  try:
-    with safe_open(str(path), framework="np") as f:  # validates header and offsets
-      names = list(f.keys())
-      header, start = _header(path)
-      for name in names:
-        dtype = header[name]["dtype"]
-        if dtype == "BF16":  # numpy has no bfloat16: read the raw 16 bits and widen them
-          lo, hi = header[name]["data_offsets"]
-          raw = np.fromfile(path, dtype="<u2", count=(hi - lo) // 2, offset=start + lo)
-          bits = raw.astype(np.uint32) << np.uint32(16)
-          out[name] = bits.view(np.float32).reshape(header[name]["shape"])
-        else:
-          arr = f.get_tensor(name)
-          out[name] = arr.astype(np.float32) if arr.dtype == np.float16 else np.asarray(arr)
-  except (SafetensorError, OSError, ValueError, KeyError, struct.error, TypeError) as err:
-    raise ValueError(f"cannot read safetensors file {str(path)!r}: {err}") from None
-  return out
+  """All tensors of one safetensors file (see :func:`read_safetensors`)."""
+  return read_safetensors(path)[0]
 
 
 def _index_path(folder: Path, prefix: str) -> Path:
