@@ -32,8 +32,10 @@ import os
 from typing import Any
 
 import logging
+import re
 import shutil
 import sys
+import time
 import warnings
 
 import jax
@@ -45,13 +47,55 @@ from jdiff import parallel
 
 from jdiff import training
 
-__all__ = ["Checkpointer", "check_shapes", "fingerprint", "CorruptCheckpointError", "abstract_like"]
+__all__ = ["Checkpointer", "check_shapes", "fingerprint", "CorruptCheckpointError", "CheckpointSaveError",
+           "check_writable", "abstract_like", "ENV_RETRIES"]
 
 _FINGERPRINT_KEY = "_fingerprint"
 
 
+ENV_RETRIES = "JDIFF_CHECKPOINT_RETRIES"
+
+
 class CorruptCheckpointError(ValueError):
   """A saved step cannot be read back or does not match its recorded fingerprint."""
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (disk full, permission denied, ...); the message is one line
+  naming the step, the directory and the latest complete checkpoint, which is left untouched."""
+
+
+def check_writable(directory: str | os.PathLike, *, what: str = "workdir") -> str:
+  """Creates ``directory`` if needed and checks that this process can write, sync and delete a file in it.
+
+  Meant to run before anything expensive (model building, compilation), so a read-only or missing
+  mount is reported at once rather than at the first checkpoint. Each process of a multi-process
+  job probes with its own file name.
+
+  Returns:
+    The absolute path.
+
+  Raises:
+    CheckpointSaveError: one line naming the directory and the operating system's reason.
+
+  Example:
+    >>> check_writable("/tmp/run")  # doctest: +SKIP
+    '/tmp/run'
+  """
+  path = os.path.abspath(os.fspath(directory))
+  probe = os.path.join(path, f".jdiff-write-probe-{jax.process_index()}-{os.getpid()}")
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+      os.write(fd, b"jdiff")
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise _storage_error(f"{what} {path} is not writable: {e.strerror or _one_line(e)}", e) from None
+  return path
 
 
 def _leaf_bits(x: jax.Array) -> jax.Array:
@@ -127,16 +171,37 @@ def check_shapes(saved: Any, expected: Any, *, what: str = "checkpoint") -> None
 class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` for TrainState + data position.
 
+  Failed saves: a save that cannot be written (disk full, permission denied) never replaces the
+  latest complete checkpoint (Orbax renames a step's temporary folder only once every file of
+  every process is written). Its error is raised as :class:`CheckpointSaveError` by the call that
+  finds it: :meth:`save` itself, or, for an asynchronous write, the next :meth:`save`,
+  :meth:`wait` or :meth:`close`. With ``retries > 0`` each save is retried up to that many times
+  (``retry_wait_s`` apart) before the error is raised; such saves block until written, so a
+  retry rewrites the same state.
+
   Args:
     directory: where step folders are written (created if needed).
     max_to_keep: how many recent checkpoints to keep.
     async_save: write in a background thread (``wait_until_finished`` in :meth:`close`).
     save_interval_steps: ``should_save`` cadence (the loop always saves at the end).
+    retries: attempts after a failed save; None reads ``$JDIFF_CHECKPOINT_RETRIES`` (default 0).
+    retry_wait_s: pause before each retry.
   """
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True,
-               save_interval_steps: int = 1):
+               save_interval_steps: int = 1, retries: int | None = None, retry_wait_s: float = 5.0):
     self.directory = os.path.abspath(os.fspath(directory))
+    if retries is None:
+      raw = os.environ.get(ENV_RETRIES, "0") or "0"
+      try:
+        retries = int(raw)
+      except ValueError:
+        raise ValueError(f"environment variable {ENV_RETRIES}={raw!r} is not an integer") from None
+    if retries < 0:
+      raise ValueError(f"checkpoint retries must be >= 0, got {retries}")
+    self.retries, self.retry_wait_s = int(retries), float(retry_wait_s)
+    self._pending: int | None = None  # step of an asynchronous save not yet known to be written
+    self._failed = False
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save,
                                            save_interval_steps=save_interval_steps,
@@ -155,14 +220,66 @@ class Checkpointer:
 
     Raises:
       ValueError: if any floating leaf of the state is NaN/inf (nothing is written).
+      CheckpointSaveError: this save, or the previous asynchronous one, could not be written
+        (after the configured retries); the latest complete checkpoint is unchanged.
     """
     if not training.check_finite(state):
       raise ValueError(f"refusing to checkpoint step {step}: the train state contains NaN/inf")
+    self._finish_pending()
     data = dict(data_state or {})
     data[_FINGERPRINT_KEY] = fingerprint(_state_dict(state))
     args = ocp.args.Composite(state=ocp.args.StandardSave(_state_dict(state)),
                               data=ocp.args.JsonSave(data))
-    return self.manager.save(int(step), args=args, force=force)
+    attempt = 0
+    while True:
+      try:
+        saved = self.manager.save(int(step), args=args, force=force)
+        if self.retries:
+          self.manager.wait_until_finished()  # a retry must rewrite this same state
+        elif saved:
+          self._pending = int(step)
+        return saved
+      except Exception as e:  # tensorstore/OS errors of several types
+        if attempt == self.retries:
+          raise self._save_error(int(step), e) from None
+        attempt += 1
+        msg = (f"checkpoint step {step} could not be written to {self.directory} ({_storage_reason(e)}); "
+               f"retrying in {self.retry_wait_s:g} s ({attempt} of {self.retries})")
+        logging.warning(msg)
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+        self._discard_partial(int(step))
+        time.sleep(self.retry_wait_s)
+
+  def _finish_pending(self) -> None:
+    """Waits for the pending asynchronous save; its failure becomes CheckpointSaveError."""
+    if self._failed:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      step, self._pending = self._pending, None
+      raise self._save_error(step, e) from None
+    self._pending = None
+
+  def _save_error(self, step: int | None, e: BaseException) -> CheckpointSaveError:
+    self._failed = True
+    try:
+      self.manager.reload()
+      latest = self.manager.latest_step()
+    except Exception:  # the directory itself may be gone
+      latest = None
+    what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+    tail = (f"the latest complete checkpoint, step {latest}, is unchanged" if latest is not None
+            else "there is no complete checkpoint yet")
+    return _storage_error(f"{what} could not be written to {self.directory}: {_storage_reason(e)}; {tail}", e)
+
+  def _discard_partial(self, step: int) -> None:
+    """Removes what a failed attempt left of ``step`` (process 0; its temporary folder)."""
+    if parallel.is_main_process():
+      for name in os.listdir(self.directory):
+        if name == str(step) or name.startswith(f"{step}.orbax-checkpoint-tmp"):
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    self.manager.reload()
 
   def saved_shapes(self, step: int | None = None) -> Any:
     """The saved state's tree of array metadata (shapes/dtypes) without reading the arrays."""
@@ -248,18 +365,56 @@ class Checkpointer:
     return dst
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the pending asynchronous save (CheckpointSaveError if it could not be written)."""
+    self._finish_pending()
 
   def close(self) -> None:
-    """Waits for pending asynchronous saves and releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for pending asynchronous saves and releases the manager.
+
+    Raises:
+      CheckpointSaveError: the last asynchronous save could not be written (the manager is
+        released all the same); nothing is raised again after an earlier CheckpointSaveError.
+    """
+    try:
+      self._finish_pending()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # a manager whose save failed may fail to close: already reported
+        if not self._failed:
+          raise
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
     self.close()
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _os_errno(e: BaseException) -> int | None:
+  """The operating system's error number of ``e``: an OSError's, or the one tensorstore quotes."""
+  if isinstance(getattr(e, "errno", None), int):
+    return e.errno
+  match = _OS_ERROR_CODE.search(str(e))
+  return int(match.group(1)) if match else None
+
+
+def _storage_reason(e: BaseException) -> str:
+  """A short reason for a failed write: the OS error (``No space left on device [errno 28]``) when
+  there is one, else the error's own first line."""
+  code = _os_errno(e)
+  if code is not None and not isinstance(e, OSError):
+    return f"{os.strerror(code)} [errno {code}] ({_one_line(e)[:160]})"
+  return _one_line(e)
+
+
+def _storage_error(message: str, cause: BaseException) -> CheckpointSaveError:
+  err = CheckpointSaveError(message)
+  err.errno = _os_errno(cause)  # ENOSPC, EACCES, ... when the OS gave one
+  return err
 
 
 def abstract_like(tree: Any) -> Any:
