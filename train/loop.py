@@ -292,8 +292,7 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
 def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
   out = stream or sys.stdout
   main = parallel.is_main_process()
-  if main:
-    os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_writable(workdir)  # CheckpointSaveError before anything is compiled
   mesh = parallel.make_mesh(fsdp=int(cfg.fsdp))
   accum = int(cfg.get("grad_accum", 1) or 1)
   local_b = getattr(loader, "local_batch", None)
@@ -459,9 +458,9 @@ def main_wrapper(run: Callable[[ml_collections.ConfigDict, str], Any], *, defaul
 
   Exit codes: 0 done; 2 (:data:`EXIT_USAGE`) a user mistake (unknown config key, bad value or type,
   broken config file, missing or corrupt dataset, unreadable images, a checkpoint of a different
-  model, every checkpoint corrupt, diverged training), reported as ONE line ``error: ...`` on
-  stderr; 143 / 130 (:data:`EXIT_PREEMPTED`) stopped by SIGTERM / SIGINT after saving a checkpoint
-  (rerun to resume).
+  model, every checkpoint corrupt, diverged training, a workdir that is not writable, a checkpoint
+  that could not be written), reported as ONE line ``error: ...`` on stderr; 143 / 130
+  (:data:`EXIT_PREEMPTED`) stopped by SIGTERM / SIGINT after saving a checkpoint (rerun to resume).
 
   Example:
     >>> sys.exit(main_wrapper(run, default_config="configs/ldm_digits.py", default_workdir="workdir/ldm"))
@@ -494,7 +493,8 @@ def main_wrapper(run: Callable[[ml_collections.ConfigDict, str], Any], *, defaul
   try:
     parallel.initialize(coordinator=fv.coordinator, num_processes=fv.num_processes,
                         process_id=fv.process_id)
-  except ValueError as e:
+    checkpoint.check_writable(fv.workdir)  # before anything is built or compiled
+  except (ValueError, checkpoint.CheckpointSaveError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_USAGE
   quiet = None
@@ -510,7 +510,7 @@ def main_wrapper(run: Callable[[ml_collections.ConfigDict, str], Any], *, defaul
   except Preempted as e:
     print(f"preempted: {e}", file=sys.stderr, flush=True)
     return EXIT_PREEMPTED.get(e.signum, 128 + int(e.signum))
-  except (ValueError, FileNotFoundError, KeyError, training.NonFiniteError) as e:
+  except (ValueError, FileNotFoundError, KeyError, training.NonFiniteError, checkpoint.CheckpointSaveError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_USAGE
   finally:
