@@ -2,8 +2,9 @@
 
 For each guidance scale, the teacher (a ``train.ldm`` workdir) samples with DPM-Solver++ (2M, the
 ``dpm_solver`` defaults) at ``--teacher_steps`` and the student (a ``train.lcm`` workdir of that
-teacher) with multistep consistency sampling at ``--student_steps``. Every row is scored by
-``sample.evaluate`` (independent classifier accuracy, Frechet distance of 8x8 pixel features)
+teacher) with multistep consistency sampling at ``--student_steps``. Both load with
+``StableDiffusion.from_workdir``; every row is scored by :func:`jdiff.evaluation.evaluate_digits`
+(independent classifier accuracy, Frechet distance of 8x8 pixel features)
 on the same prompts and seed, with the generation wall time per image (batch 100, compile
 excluded), all in one process so the timings are side by side.
 
@@ -27,19 +28,21 @@ def run(teacher: str, student: str, *, teacher_steps: Sequence[int] = (4, 10, 25
         student_steps: Sequence[int] = (1, 2, 4, 8), guidances: Sequence[float] = (3.0, 5.0),
         per_digit: int = 20, seed: int = 0, log=print) -> list[dict[str, Any]]:
   """Rows ``{"model", "sampler", "steps", "guidance", "accuracy", "frechet", "ms/image"}``."""
-  from sample import evaluate as ev
-  from train import lcm
+  from jdiff.evaluation import evaluate_digits
+  from jdiff.pipelines import StableDiffusion
 
+  teacher_pipe, student_pipe = StableDiffusion.from_workdir(teacher), StableDiffusion.from_workdir(student)
   rows = []
   for g in guidances:
     for n in teacher_steps:
-      r = ev.evaluate(teacher, per_digit=per_digit, guidance_scale=g, num_steps=n, sampler="dpm_solver", seed=seed)
+      r = evaluate_digits(teacher_pipe, per_digit=per_digit, guidance_scale=g, num_steps=n, sampler="dpm_solver",
+                          seed=seed)
       rows.append({"model": "teacher", "sampler": "dpm_solver++ 2M", "steps": n, "guidance": g,
                    "accuracy": r["accuracy"], "frechet": r["frechet_distance"],
                    "ms/image": 1e3 * r["seconds_per_image"]})
       log(rows[-1])
     for n in student_steps:
-      r = lcm.evaluate(student, num_steps=n, per_digit=per_digit, guidance_scale=g, seed=seed)
+      r = evaluate_digits(student_pipe, num_steps=n, per_digit=per_digit, guidance_scale=g, sampler="lcm", seed=seed)
       rows.append({"model": "lcm", "sampler": "lcm", "steps": n, "guidance": g, "accuracy": r["accuracy"],
                    "frechet": r["frechet_distance"], "ms/image": 1e3 * r["seconds_per_image"]})
       log(rows[-1])

@@ -1,8 +1,9 @@
 """jdiff: diffusion models as pure functions over arrays and pytrees, in JAX/Flax.
 
 Submodules: ``consistency``, ``schedules``, ``diffusion``, ``guidance``, ``samplers``, ``models``, ``lora``,
-``partition``, ``tokenizers``; ``convert``, ``pipelines``, ``training``, ``checkpoint``,
-``parallel`` and ``data`` are imported on first use (``import jdiff.pipelines``).
+``partition``, ``tokenizers``; ``convert``, ``pipelines`` (the latent diffusion bundle), ``ldm`` (bundles
+of training workdirs), ``evaluation``, ``training``, ``checkpoint``, ``parallel`` and ``data`` are
+imported on first use (``import jdiff.pipelines``).
 """
 
 from jdiff import consistency, diffusion, guidance, lora, models, partition, samplers, schedules, tokenizers
@@ -13,7 +14,8 @@ from jdiff.schedules import Schedule
 
 __version__ = "0.1.0"
 
-_LAZY = ("checkpoint", "control_images", "convert", "data", "parallel", "pipelines", "training")
+_LAZY = ("checkpoint", "control_images", "convert", "data", "evaluation", "ldm", "parallel", "pipelines",
+         "training")
 
 
 def __getattr__(name):

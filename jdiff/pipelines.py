@@ -43,7 +43,7 @@ from jdiff.models.controlnet import combine_residuals, guidance_active
 from jdiff.schedules import Schedule
 from jdiff.tokenizers import ByteTokenizer, CLIPTokenizer
 
-__all__ = ["StableDiffusion", "schedule_from_config", "sampler_options_from_config", "step_timesteps"]
+__all__ = ["StableDiffusion", "Control", "schedule_from_config", "sampler_options_from_config", "step_timesteps"]
 
 # scheduler_config.json keys that define the training schedule rather than a sampler option
 _SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -120,6 +120,20 @@ def _per_net(value: Any, n: int, name: str) -> list[Any]:
   return [value] * n
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Control:
+  """A ControlNet as a transformation of the model function (:meth:`StableDiffusion.model_fn`): its
+  residuals for control images ``image`` ``[B, H, W, 3]``, times ``scale``, are added to the UNet's.
+
+  Example:
+    >>> fn = pipe.model_fn(params, ctx, controls=[Control(net, net_params, edges)])  # doctest: +SKIP
+  """
+  net: Any
+  params: Any
+  image: jax.Array
+  scale: float | jax.Array = 1.0
+
+
 @dataclasses.dataclass(eq=False)
 class StableDiffusion:
   """A latent text-to-image model: modules, parameter trees, tokenizer and schedule.
@@ -137,6 +151,17 @@ class StableDiffusion:
     clip_skip: use the text encoder's output this many blocks before the last (diffusers' ``clip_skip``).
     controlnets, controlnet_params: ControlNet modules (:class:`jdiff.models.ControlNet`) and their
       parameter trees, one per net; empty for plain text-to-image.
+    shift_factor: subtracted from VAE latents before scaling (0 for SD 1.x/2.x).
+    image_size: default image height/width (None: the UNet's ``sample_size`` times the VAE factor).
+    cfg: whether a guidance scale means classifier-free guidance (False for consistency-distilled
+      models, sampled unguided; a UNet with a guidance embedding takes the scale as ``timestep_cond``).
+    defaults: the generation defaults of a trained run (``sampler``, ``num_steps``, ``guidance_scale``).
+    data_config: the data section of the training run that produced the model (None otherwise).
+
+  Pure pieces for trainers and research code: :meth:`tokenize`, :meth:`null_ids`, :meth:`encode_text`,
+  :meth:`encode_images`, :meth:`decode`, :meth:`init_unet`, :meth:`model_fn`, :meth:`sample`.
+  Constructors: :meth:`from_diffusers` (a diffusers folder), :meth:`from_workdir` (a training workdir,
+  :mod:`jdiff.ldm`).
 
   Example:
     >>> pipe = StableDiffusion.from_diffusers("sd15")  # doctest: +SKIP
@@ -156,6 +181,11 @@ class StableDiffusion:
   clip_skip: int = 0
   controlnets: Sequence[Any] = ()
   controlnet_params: Sequence[Any] = ()
+  shift_factor: float = 0.0
+  image_size: int | None = None
+  cfg: bool = True
+  defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  data_config: Any = None
   _programs: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
   _loras: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
@@ -223,11 +253,26 @@ class StableDiffusion:
     return cls(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text,
                text_params=text_params, tokenizer=tokenizer, schedule=schedule_from_config(sched_config),
                prediction=sched_config.get("prediction_type", "epsilon"),
-               scaling_factor=float(vae.config.scaling_factor),
+               scaling_factor=float(vae.config.scaling_factor), shift_factor=float(vae.config.shift_factor or 0.0),
                sampler_options=sampler_options_from_config(sched_config), clip_skip=clip_skip,
                controlnets=tuple(nets), controlnet_params=tuple(net_params))
 
-  # ---- pieces ----
+  @classmethod
+  def from_workdir(cls, workdir: str | os.PathLike) -> StableDiffusion:
+    """Loads a training workdir of ``train.ldm``, ``train.lora``, ``train.lcm`` or ``train.controlnet``
+    (EMA weights; see :func:`jdiff.ldm.load`).
+
+    Raises:
+      FileNotFoundError: no ``config.json``, VAE or checkpoint; ValueError: a checkpoint of another model.
+
+    Example:
+      >>> pipe = StableDiffusion.from_workdir("workdir/ldm_digits")  # doctest: +SKIP
+    """
+    from jdiff import ldm
+
+    return ldm.load(os.fspath(workdir))
+
+  # ---- pieces (pure functions of parameter trees: jit them, differentiate them, train with them) ----
 
   @property
   def latent_channels(self) -> int:
@@ -239,33 +284,190 @@ class StableDiffusion:
 
   @property
   def default_size(self) -> int:
-    """Default image height/width: the UNet's ``sample_size`` times the VAE's downsampling factor."""
+    """Default image height/width: ``image_size`` when set, else the UNet's ``sample_size`` times the
+    VAE's downsampling factor."""
+    if self.image_size:
+      return int(self.image_size)
     return int(self.unet.config.sample_size) * self.vae_factor
 
-  def _encode_text(self, text_params, ids: jax.Array) -> jax.Array:
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    """(h, w, C) of the latents at the default size."""
+    h = self.default_size // self.vae_factor
+    return (h, h, self.latent_channels)
+
+  @property
+  def guidance_embedding_dim(self) -> int | None:
+    """The width of the UNet's guidance-scale embedding (a guidance-distilled model), or None."""
+    return self.unet.config.time_cond_proj_dim
+
+  def tokenize(self, text: str | Sequence[str]) -> np.ndarray:
+    """Token ids: ``[L]`` for one string, ``[B, L]`` for a sequence of strings (numpy int32)."""
+    if isinstance(text, str):
+      return np.asarray(self.tokenizer([text]))[0]
+    return np.asarray(self.tokenizer(list(text)))
+
+  def null_ids(self) -> jax.Array:
+    """Token ids ``[1, L]`` of the empty prompt (the unconditional text of classifier-free guidance)."""
+    return jnp.asarray(self.tokenize(""))[None]
+
+  def encode_text(self, text_params: Any, ids: jax.Array) -> jax.Array:
+    """Token ids ``[B, L]`` -> the UNet's ``encoder_hidden_states`` ``[B, L, D]`` (``clip_skip`` applied)."""
     out = self.text_encoder.apply({"params": text_params}, ids, clip_skip=self.clip_skip)
     return out.last_hidden_state  # [B, L, D]
 
   def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
     """Text embeddings ``[B, L, D]`` of prompts (the UNet's ``encoder_hidden_states``)."""
-    return self._encode_text(self.text_params, jnp.asarray(self.tokenizer(list(prompts))))
+    return self.encode_text(self.text_params, jnp.asarray(self.tokenizer(list(prompts))))
+
+  def encode_images(self, vae_params: Any, images: jax.Array, key: jax.Array | None,
+                    sample: bool | jax.Array = True) -> jax.Array:
+    """Images ``[B, H, W, C]`` in [-1, 1] -> latents as the UNet sees them, ``(z - shift) * scaling``
+    ``[B, h, w, C_latent]``, with ``z`` a posterior sample drawn with ``key`` (or, where the possibly
+    traced flag ``sample`` is false, the posterior mean)."""
+    posterior = self.vae.apply({"params": vae_params}, images, method=self.vae.encode)
+    if sample is True:
+      z = posterior.sample(key)
+    elif sample is False:
+      z = posterior.mode()
+    else:
+      z = jnp.where(sample, posterior.sample(key), posterior.mode())
+    if self.shift_factor:
+      z = z - self.shift_factor
+    return z * self.scaling_factor  # [B, h, w, C]
+
+  def decode(self, vae_params: Any, latents: jax.Array) -> jax.Array:
+    """Latents ``[B, h, w, C]`` (as the UNet sees them) -> float32 images ``[B, H, W, C_img]`` in [-1, 1]."""
+    z = latents / self.scaling_factor
+    if self.shift_factor:
+      z = z + self.shift_factor
+    images = self.vae.apply({"params": vae_params}, z, method=self.vae.decode)
+    return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+  def init_unet(self, key: jax.Array) -> Any:
+    """Fresh UNet parameters for this bundle's latents and text width (trainers start from these)."""
+    h, w, c = self.latent_shape
+    length = int(self.tokenize("").shape[0])
+    ctx = jnp.zeros((1, length, self.unet.config.per_block("cross_attention_dim")[0]), jnp.float32)
+    return self.unet.init(key, jnp.zeros((1, h, w, c), jnp.float32), jnp.zeros((1,), jnp.int32), ctx)["params"]
+
+  def model_fn(self, unet_params: Any, context: jax.Array, *, null_context: jax.Array | None = None,
+               guidance_scale: float | jax.Array | None = None, timestep_cond: jax.Array | None = None,
+               controls: Sequence[Control] = (), lora: _lora.LoRA | None = None, lora_scale: float = 1.0,
+               lora_dropout: float = 0.0, key: jax.Array | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The denoiser as ``model_fn(x_t [B, h, w, C], t [B]) -> output`` for text ``context [B, L, D]``.
+
+    Each option is a transformation of the plain UNet call: ``lora`` merges an adapter into
+    ``unet_params`` (:func:`jdiff.lora.merge`, with rank dropout ``lora_dropout`` keyed by ``key``);
+    ``controls`` add ControlNet residuals (:class:`Control`, summed over nets); ``guidance_scale``
+    with ``null_context`` ``[1 or B, L, D]`` wraps the result in classifier-free guidance
+    (:func:`jdiff.guidance.cfg`, one doubled batch); ``timestep_cond`` ``[B, d]`` feeds a
+    guidance-scale embedding (unguided calls only).
+
+    Example:
+      >>> fn = pipe.model_fn(pipe.unet_params, ctx, null_context=null, guidance_scale=3.0)  # doctest: +SKIP
+      >>> loss = diffusion.loss(pipe.model_fn(params, ctx), pipe.schedule, z, key)  # doctest: +SKIP
+    """
+    from jdiff.ldm import class_kwargs
+
+    if lora is not None:
+      unet_params = _lora.merge(unet_params, lora, lora_scale, dropout=lora_dropout,
+                                key=key if lora_dropout else None)
+    extra = {} if timestep_cond is None else {"timestep_cond": timestep_cond}
+    if guidance_scale is not None and timestep_cond is not None:
+      raise ValueError("timestep_cond (a guidance embedding) and classifier-free guidance exclude each other")
+    if not controls:
+      def apply(x, t, c):
+        return self.unet.apply({"params": unet_params}, x, t, c, **extra)
+
+      cond, uncond = context, null_context
+    else:
+      controls = tuple(controls)
+      images = tuple(ctl.image for ctl in controls)
+
+      def apply(x, t, c):
+        outs = [ctl.net.apply({"params": ctl.params}, x, t, c["text"], c["images"][k],
+                              conditioning_scale=ctl.scale, **class_kwargs(self.unet.config, c["text"]))
+                for k, ctl in enumerate(controls)]
+        down, mid = outs[0] if len(outs) == 1 else combine_residuals(outs)
+        return self.unet.apply({"params": unet_params}, x, t, c["text"], down_residuals=down, mid_residual=mid,
+                               **extra)
+
+      cond = {"text": context, "images": images}
+      uncond = None if null_context is None else {"text": null_context, "images": images}
+    if guidance_scale is None:
+      return lambda x, t: apply(x, t, cond)
+    if null_context is None:
+      raise ValueError("classifier-free guidance needs null_context (the empty prompt's embedding)")
+    return guidance.cfg(apply, cond, uncond, guidance_scale)
+
+  def guidance_kwargs(self, text_params: Any, batch: int, guidance_scale: float | jax.Array | None,
+                      neg_ids: jax.Array | None = None) -> dict[str, Any]:
+    """How this model takes a guidance scale, as :meth:`model_fn` keywords: classifier-free guidance
+    against the empty (or ``neg_ids``) prompt; the scale embedding ``w = scale - 1`` of a
+    guidance-distilled UNet; nothing for a model sampled unguided (``cfg`` false) or a None scale."""
+    if guidance_scale is None:
+      return {}
+    if self.guidance_embedding_dim:
+      from jdiff.consistency import guidance_scale_embedding
+
+      w = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32) - 1.0, (batch,))
+      return {"timestep_cond": guidance_scale_embedding(w, self.guidance_embedding_dim)}
+    if not self.cfg:
+      return {}
+    null = self.encode_text(text_params, self.null_ids() if neg_ids is None else neg_ids)
+    return {"null_context": null, "guidance_scale": guidance_scale}
+
+  def sample(self, unet_params: Any, ids: jax.Array, noise: jax.Array, *, key: jax.Array | None = None,
+             guidance_scale: float | jax.Array | None = None, sampler: str | None = None,
+             num_steps: int | None = None, neg_ids: jax.Array | None = None, text_params: Any = None,
+             vae_params: Any = None, controls: Sequence[Control] = (), **options: Any) -> jax.Array:
+    """Pure generation (jit it): token ids ``[B, L]`` and initial noise ``[B, h, w, C]`` -> images
+    ``[B, H, W, C_img]`` in [-1, 1].
+
+    Args:
+      unet_params: the denoiser's parameters (e.g. a trainer's EMA tree).
+      ids, noise: the prompts' token ids and the starting latents x_T.
+      key: the sampler's key (stochastic samplers); None for deterministic ones.
+      guidance_scale: see :meth:`guidance_kwargs` (classifier-free guidance at any scale, even <= 1).
+      sampler, num_steps: default ``defaults["sampler"]`` / ``defaults["num_steps"]`` (else ddim, 25).
+      neg_ids: unconditional prompts' ids (default: the empty prompt).
+      text_params, vae_params: default the bundle's own.
+      controls: ControlNets (:class:`Control`) applied in every model call.
+      **options: sampler options over the bundle's ``sampler_options``.
+    """
+    text_params = self.text_params if text_params is None else text_params
+    vae_params = self.vae_params if vae_params is None else vae_params
+    sampler = sampler or self.defaults.get("sampler", "ddim")
+    num_steps = int(num_steps or self.defaults.get("num_steps", 25))
+    context = self.encode_text(text_params, ids)  # [B, L, D]
+    fn = self.model_fn(unet_params, context, controls=controls,
+                       **self.guidance_kwargs(text_params, ids.shape[0], guidance_scale, neg_ids))
+    z0 = samplers.sample(sampler, fn, self.schedule, noise, num_steps=num_steps, key=key, prediction=self.prediction,
+                         **{**_accepted(sampler, self.sampler_options), **options})
+    return self.decode(vae_params, z0)
 
   def _model_fn(self, params, ids, neg_ids, scale, guided: bool, control=None,
                 guess_mode: bool = False) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    from jdiff.ldm import class_kwargs
+
     unet_params, _, text_params, cn_params = params
-    cond = self._encode_text(text_params, ids)  # [B, L, D]
+    cond = self.encode_text(text_params, ids)  # [B, L, D]
     if control is None:
-      apply = lambda x, t, c: self.unet.apply({"params": unet_params}, x, t, c)
+      if self.guidance_embedding_dim:
+        return self.model_fn(unet_params, cond, **self.guidance_kwargs(text_params, ids.shape[0], scale))
       if guided:
-        return guidance.cfg(apply, cond, self._encode_text(text_params, neg_ids), scale)
-      return lambda x, t: apply(x, t, cond)
+        return self.model_fn(unet_params, cond, null_context=self.encode_text(text_params, neg_ids),
+                             guidance_scale=scale)
+      return self.model_fn(unet_params, cond)
 
     def apply_controlled(x, t, c):
       # t [N] with N = B (or 2B under guidance); c["on"] [N] is 0 where guess mode drops the residuals
       t_index = jnp.clip(jnp.asarray(t).astype(jnp.int32), 0, control["keep"].shape[1] - 1)
       outputs, weights = [], []
       for k, (net, p) in enumerate(zip(self.controlnets, cn_params)):
-        outputs.append(net.apply({"params": p}, x, t, c["text"], c["images"][k], guess_mode=guess_mode))
+        outputs.append(net.apply({"params": p}, x, t, c["text"], c["images"][k], guess_mode=guess_mode,
+                                 **class_kwargs(self.unet.config, c["text"])))
         w = control["scales"][k] * control["keep"][k][t_index] * c["on"]  # [N]
         weights.append(w.reshape((-1, 1, 1, 1)))
       down, mid = combine_residuals(outputs, weights)
@@ -277,19 +479,8 @@ class StableDiffusion:
       return lambda x, t: apply_controlled(x, jnp.broadcast_to(jnp.asarray(t), (b,)), c_cond)
     # diffusers' guess mode runs the ControlNets on the conditional half only (zeros for the other)
     on_uncond = jnp.zeros((b,), jnp.float32) if guess_mode else jnp.ones((b,), jnp.float32)
-    c_uncond = {"text": self._encode_text(text_params, neg_ids), "images": control["images"], "on": on_uncond}
+    c_uncond = {"text": self.encode_text(text_params, neg_ids), "images": control["images"], "on": on_uncond}
     return guidance.cfg(apply_controlled, c_cond, c_uncond, scale)
-
-  def _decode(self, vae_params, z: jax.Array) -> jax.Array:
-    images = self.vae.apply({"params": vae_params}, z / self.scaling_factor, method=self.vae.decode)
-    return jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)  # [B, H, W, 3] in [0, 1]
-
-  def _encode_images(self, vae_params, images: jax.Array, key: jax.Array, sample: jax.Array) -> jax.Array:
-    """Images [B, H, W, 3] in [0, 1] -> scaled latents: a posterior sample drawn with ``key`` where the
-    boolean ``sample`` is true, else the posterior mean (a traced flag: one program for both)."""
-    posterior = self.vae.apply({"params": vae_params}, images * 2.0 - 1.0, method=self.vae.encode)
-    z = jnp.where(sample, posterior.sample(key), posterior.mode())
-    return z * self.scaling_factor  # [B, h, w, C]
 
   def _program(self, kind: str, method: str, num_steps: int, guided: bool, options: dict[str, Any],
                extra: tuple = ()) -> Callable[..., jax.Array]:
@@ -305,24 +496,35 @@ class StableDiffusion:
         model_fn = self._model_fn(params, ids, neg_ids, scale, guided, control, guess_mode)
         z0 = samplers.sample(method, model_fn, schedule, latents, num_steps=num_steps, key=key,
                              prediction=self.prediction, **options)
-        return self._decode(params[1], z0)
+        return self.decode(params[1], z0) * 0.5 + 0.5  # [B, H, W, 3] in [0, 1]
     elif kind == "img2img":
       start_step, start_t = extra
 
       def run(params, schedule, ids, neg_ids, images, noise, scale, key, sample_posterior):
         encode_key, sample_key = jax.random.split(key)
-        z = self._encode_images(params[1], images, encode_key, sample_posterior)
+        z = self.encode_images(params[1], images * 2.0 - 1.0, encode_key, sample_posterior)
         t = jnp.full((z.shape[0],), start_t, jnp.int32)
         z_t = diffusion.q_sample(schedule, z, t, noise)
         model_fn = self._model_fn(params, ids, neg_ids, scale, guided)
         z0 = samplers.sample(method, model_fn, schedule, z_t, num_steps=num_steps, key=sample_key,
                              prediction=self.prediction, start_step=start_step, **options)
-        return self._decode(params[1], z0)
+        return self.decode(params[1], z0) * 0.5 + 0.5  # [B, H, W, 3] in [0, 1]
     else:
       raise ValueError(f"unknown program kind {kind!r}")
     program = jax.jit(run)
     self._programs[cache_key] = program
     return program
+
+  def _defaults(self, num_steps, guidance_scale, sampler) -> tuple[int, float, str]:
+    """``generate``'s None arguments from :attr:`defaults`, else diffusers' pipeline defaults."""
+    num_steps = int(self.defaults.get("num_steps", 50) if num_steps is None else num_steps)
+    guidance_scale = float(self.defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale)
+    sampler = str(self.defaults.get("sampler", "ddim") if sampler is None else sampler)
+    return num_steps, guidance_scale, sampler
+
+  def _guided(self, guidance_scale: float) -> bool:
+    """Whether ``generate`` runs classifier-free guidance (diffusers: scale > 1, a cfg model, no embedding)."""
+    return bool(self.cfg and not self.guidance_embedding_dim and float(guidance_scale) > 1.0)
 
   def _options(self, sampler: str, user: Mapping[str, Any]) -> dict[str, Any]:
     samplers._common.get(sampler)  # a clear error for an unknown sampler name
@@ -457,8 +659,8 @@ class StableDiffusion:
 
   # ---- generation ----
 
-  def generate(self, prompts: str | Sequence[str], *, key: jax.Array, num_steps: int = 50,
-               guidance_scale: float = 7.5, sampler: str = "ddim",
+  def generate(self, prompts: str | Sequence[str], *, key: jax.Array, num_steps: int | None = None,
+               guidance_scale: float | None = None, sampler: str | None = None,
                negative_prompts: str | Sequence[str] | None = None, height: int | None = None,
                width: int | None = None, latents: jax.Array | None = None, lora: Any = None,
                lora_scale: float = 1.0, control_images: Any = None,
@@ -470,9 +672,13 @@ class StableDiffusion:
     Args:
       prompts: one prompt or a list (one image each; repeat a prompt for several images).
       key: PRNG key for the initial latents (when ``latents`` is None) and stochastic samplers.
-      num_steps: sampler steps (model evaluations for first-order samplers).
-      guidance_scale: classifier-free guidance weight; <= 1 runs the conditional model alone.
-      sampler: a registered sampler name (``jdiff.samplers.available()``).
+      num_steps: sampler steps (model evaluations for first-order samplers); default
+        ``defaults["num_steps"]``, else 50.
+      guidance_scale: classifier-free guidance weight; <= 1 runs the conditional model alone (a
+        guidance-distilled UNet gets it as its embedding, a ``cfg=False`` model ignores it); default
+        ``defaults["guidance_scale"]``, else 7.5.
+      sampler: a registered sampler name (``jdiff.samplers.available()``); default
+        ``defaults["sampler"]``, else "ddim".
       negative_prompts: the unconditional prompts (default: the empty prompt).
       height, width: image size in pixels (default: the size of ``latents``, else of the first control
         image, else the UNet's sample size times the VAE factor).
@@ -499,6 +705,7 @@ class StableDiffusion:
       >>> imgs = canny_pipe.generate("a bird", key=key, control_images=edges,
       ...                            controlnet_conditioning_scale=0.7)  # doctest: +SKIP
     """
+    num_steps, guidance_scale, sampler = self._defaults(num_steps, guidance_scale, sampler)
     ids, neg_ids = self._prompt_ids(prompts, negative_prompts)
     batch = ids.shape[0]
     noise_key, sample_key = jax.random.split(key)
@@ -516,7 +723,7 @@ class StableDiffusion:
       latents = jax.random.normal(noise_key, shape, jnp.float32)
     height, width = shape[1] * self.vae_factor, shape[2] * self.vae_factor
     options = self._options(sampler, sampler_options)
-    guided = float(guidance_scale) > 1.0
+    guided = self._guided(guidance_scale)
     control = None
     if self.controlnets:
       control = self._control_inputs(control_images, batch, height, width, controlnet_conditioning_scale,
@@ -620,7 +827,7 @@ class StableDiffusion:
       noise = jnp.asarray(noise, jnp.float32)
       if noise.shape != latent_shape:
         raise ValueError(f"noise must have shape {latent_shape}, got {noise.shape}")
-    guided = float(guidance_scale) > 1.0
+    guided = self._guided(guidance_scale)
     program = self._program("img2img", sampler, n, guided, options, (start_step, start_t))
     params = self._params(lora, lora_scale)
     return program(params, self.schedule, ids, neg_ids, images, noise, jnp.float32(guidance_scale), run_key,

@@ -1,11 +1,10 @@
 """Shared helpers of the sampling programs: argument parsing with one-line errors, loading a pipeline
 from a source, PNG grids.
 
-Extension point: :data:`SOURCES` maps a source kind (the command-line flag name, e.g. ``diffusers``) to a
-function ``path -> pipeline`` returning an object with ``generate(prompts, *, key, ...)`` like
-:class:`jdiff.pipelines.StableDiffusion`. A training program registers its own kind with
-:func:`register_source` (``register_source("workdir", load_from_workdir)``) and ``txt2img`` gains a
-``--workdir`` flag.
+Extension point: :data:`SOURCES` maps a source kind (the command-line flag name: ``diffusers``, ``workdir``)
+to a function ``path -> pipeline`` returning an object with ``generate(prompts, *, key, ...)`` like
+:class:`jdiff.pipelines.StableDiffusion`; :func:`register_source` adds a kind (``txt2img`` gains a
+``--KIND`` flag).
 """
 
 from __future__ import annotations
@@ -41,12 +40,13 @@ def _load_diffusers(path: str, **options: Any) -> Any:
 
 
 def _load_workdir(path: str, **options: Any) -> Any:
-  """A ``train.ldm`` workdir as a :class:`~jdiff.pipelines.StableDiffusion` (EMA weights, byte tokenizer)."""
+  """A training workdir (``train.ldm``, ``train.lora``, ``train.lcm``, ``train.controlnet``) as a
+  :class:`~jdiff.pipelines.StableDiffusion` (EMA weights; :func:`jdiff.ldm.load_path`)."""
   if options:
     raise UsageError(f"--workdir models take no {', '.join(sorted(options))} option")
-  from train.lora import load_base
+  from jdiff.ldm import load_path
   try:
-    return load_base(path, flag="--workdir").pipe
+    return load_path(path, what="--workdir model", flag="--workdir")
   except FileNotFoundError as err:
     raise UsageError(str(err)) from None
 

@@ -1,10 +1,10 @@
-"""``python -m sample.evaluate --workdir DIR``: score a digits ``train.ldm`` run; prints JSON.
+"""``python -m sample.evaluate --workdir DIR``: score a digits model; prints JSON.
 
-The same command scores a ``train.lcm`` workdir (:func:`train.lcm.evaluate`: accuracy and
-distance of the distilled student at ``--num_steps``, default 4) and a ``train.controlnet`` workdir
-(:func:`train.controlnet.evaluate`: how often samples follow the control edges, with and without
-the ControlNet; ``--grid out.png`` writes a side-by-side grid); the kind is read from the run's
-config.
+The workdir may be a ``train.ldm`` run, a ``train.lora`` or ``train.lcm`` run (a distilled student is
+scored at ``--num_steps``, default 4), or a ``train.controlnet`` run (how often samples follow the
+control edges, with and without the ControlNet; ``--grid out.png`` writes a side-by-side grid); the
+kind is read from the run's config. The model is loaded with
+:meth:`jdiff.pipelines.StableDiffusion.from_workdir` and scored by :mod:`jdiff.evaluation`:
 
 * ``accuracy``: an independent classifier (scikit-learn SVC, RBF kernel) trained on scikit-learn's
   real 8x8 digits labels CFG samples of every prompted digit ("a handwritten digit seven", ...);
@@ -26,140 +26,76 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from scipy import linalg
 
-__all__ = ["downscale_to_8x8", "frechet_distance", "digit_classifier", "generate_batched", "evaluate", "workdir_kind", "main"]
+__all__ = ["evaluate", "evaluate_controlnet", "workdir_kind", "main"]
 
-
-def downscale_to_8x8(images: np.ndarray) -> np.ndarray:
-  """Images [N, H, W, C] in [-1, 1] (H, W multiples of 8) -> [N, 64] in the digits' 0..16 range."""
-  images = np.asarray(images, np.float64)
-  n, h, w, _ = images.shape
-  if h % 8 or w % 8:
-    raise ValueError(f"image size {h}x{w} is not a multiple of 8")
-  gray = images.mean(axis=-1)  # [N, H, W]
-  small = gray.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))  # [N, 8, 8]
-  return ((small + 1.0) * 8.0).reshape(n, 64)
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-  """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)) between Gaussians fitted to rows of a, b."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  mu_a, mu_b = a.mean(0), b.mean(0)
-  c_a, c_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-  eps = 1e-6 * np.eye(a.shape[1])  # constant pixels (the digits' borders) make C singular
-  covmean = np.real(linalg.sqrtm((c_a + eps) @ (c_b + eps)))
-  return float(np.sum(np.square(mu_a - mu_b)) + np.trace(c_a + c_b - 2.0 * covmean))
-
-
-def digit_classifier(seed: int = 0):
-  """(classifier fitted on all real digits, held-out accuracy of one fitted on 80%, round-trip accuracy)."""
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-  from sklearn.svm import SVC
-  from jdiff.data import digits as digits_data
-
-  d = load_digits()
-  x_tr, x_te, y_tr, y_te = train_test_split(d.data, d.target, test_size=0.2, random_state=seed,
-                                            stratify=d.target)
-  holdout = float(SVC(gamma=0.001, C=10.0).fit(x_tr, y_tr).score(x_te, y_te))
-  clf = SVC(gamma=0.001, C=10.0).fit(d.data, d.target)
-  big = digits_data.upscale(d.images, 32).astype(np.float64) / 127.5 - 1.0  # [N, 32, 32, 1]
-  roundtrip = float(clf.score(downscale_to_8x8(big), d.target))
-  return clf, holdout, roundtrip
-
-
-def generate_batched(gen: Callable[..., Any], *inputs: np.ndarray, key: jax.Array,
-                     batch: int = 100) -> tuple[np.ndarray, float]:
-  """Runs ``gen(*input_rows, key) -> images`` over the rows of ``inputs`` in fixed-size batches.
-
-  The last batch is padded with copies of the first row (one compiled shape), the first call
-  compiles outside the timing, and batch ``i`` uses ``fold_in(key, i)``.
-
-  Returns:
-    ``(images [N, ...] as numpy, seconds spent generating, compile excluded)``.
-  """
-  n = inputs[0].shape[0]
-  images, seconds = [], 0.0
-  for i in range(0, n, batch):
-    rows = [x[i:i + batch] for x in inputs]
-    pad = batch - rows[0].shape[0]
-    if pad:
-      rows = [np.concatenate([r, np.repeat(r[:1], pad, axis=0)]) for r in rows]
-    rows = [jnp.asarray(r) for r in rows]
-    if i == 0:  # compile outside the timing
-      jax.block_until_ready(gen(*rows, key))
-    t0 = time.perf_counter()
-    out = np.asarray(gen(*rows, jax.random.fold_in(key, i)))
-    seconds += time.perf_counter() - t0
-    images.append(out[:batch - pad] if pad else out)
-  return np.concatenate(images), seconds
-
-
-def evaluate(workdir: str, *, per_digit: int = 20, guidance_scale: float | None = None,
-             num_steps: int | None = None, sampler: str | None = None, seed: int = 0,
-             batch: int = 100) -> dict:
-  """Generates ``per_digit`` CFG samples of each digit from the run's EMA UNet and scores them."""
-  from sklearn.datasets import load_digits
-  from train import ldm as ldm_train
-
-  t0 = time.perf_counter()
-  config, ldm, params = ldm_train.load_from_workdir(workdir)
-  s = config.sample
-  scale = float(s.guidance_scale if guidance_scale is None else guidance_scale)
-  steps = int(s.num_steps if num_steps is None else num_steps)
-  method = s.sampler if sampler is None else sampler
-  prompts, labels = ldm_train.digit_prompts(per_digit)
-  tokens = np.stack([ldm.tokenize(p) for p in prompts])
-  gen = jax.jit(lambda p, tok, k: ldm.generate(p, tok, k, sampler=method, num_steps=steps,
-                                               guidance_scale=scale))
-  images, seconds = generate_batched(lambda tok, k: gen(params, tok, k), tokens,
-                                     key=jax.random.key(seed), batch=batch)
-  feats = downscale_to_8x8(images)
-  clf, holdout, roundtrip = digit_classifier(seed)
-  pred = clf.predict(feats)
-  real = load_digits().data
-  rng = np.random.default_rng(seed)
-  perm = rng.permutation(len(real))
-  half = len(real) // 2
-  per_class = [float(np.mean(pred[labels == k] == k)) for k in range(10)]
-  return {
-      "workdir": workdir,
-      "accuracy": float(np.mean(pred == labels)),
-      "per_digit_accuracy": per_class,
-      "frechet_distance": frechet_distance(real, feats),
-      "frechet_distance_real_halves": frechet_distance(real[perm[:half]], real[perm[half:]]),
-      "feature_space": "8x8 pixels (64-d, 0..16)",
-      "num_samples": int(len(labels)),
-      "guidance_scale": scale,
-      "sampler": method,
-      "num_steps": steps,
-      "seconds_per_image": seconds / len(labels),
-      "classifier": "sklearn SVC(gamma=0.001, C=10) on real 8x8 digits",
-      "classifier_holdout_accuracy": holdout,
-      "classifier_roundtrip_accuracy": roundtrip,
-      "seconds": time.perf_counter() - t0,
-  }
+GRID_ROWS = ("control", "conflicting/without", "conflicting/with", "empty/without", "empty/with")
 
 
 def workdir_kind(workdir: str) -> str:
-  """"ldm", "lcm" or "controlnet": which training CLI wrote ``workdir`` (from its config.json)."""
-  from train import loop
-  config = loop.read_config(workdir)
-  for kind in ("lcm", "controlnet"):
+  """"ldm", "lora", "lcm" or "controlnet": which training CLI wrote ``workdir`` (from its config.json)."""
+  from jdiff.ldm import read_config
+
+  config = read_config(workdir)
+  for kind in ("lcm", "controlnet", "lora"):
     if kind in config:
       return kind
   return "ldm"
 
 
+def evaluate(workdir: str, *, per_digit: int = 20, guidance_scale: float | None = None,
+             num_steps: int | None = None, sampler: str | None = None, seed: int = 0,
+             batch: int = 100) -> dict[str, Any]:
+  """Generates ``per_digit`` samples of each digit from the run's EMA model and scores them
+  (:func:`jdiff.evaluation.evaluate_digits`); defaults from the run's sample section."""
+  from jdiff.evaluation import evaluate_digits
+  from jdiff.pipelines import StableDiffusion
+
+  t0 = time.perf_counter()
+  pipe = StableDiffusion.from_workdir(workdir)
+  result = {"workdir": workdir, **evaluate_digits(pipe, per_digit=per_digit, guidance_scale=guidance_scale,
+                                                  num_steps=num_steps, sampler=sampler, seed=seed, batch=batch)}
+  result["seconds"] = time.perf_counter() - t0
+  return result
+
+
+def evaluate_controlnet(workdir: str, *, per_digit: int = 10, guidance_scale: float | None = None,
+                        num_steps: int | None = None, seed: int = 0, batch: int = 100, tolerance: int = 1,
+                        grid: str | None = None) -> dict[str, Any]:
+  """:func:`jdiff.evaluation.evaluate_controlnet` of a ``train.controlnet`` run (its Canny thresholds);
+  writes a grid (rows: control, then without / with ControlNet for the conflicting and the empty
+  prompt) when ``grid`` is a path."""
+  from jdiff.evaluation import evaluate_controlnet as score
+  from jdiff.ldm import read_config
+  from jdiff.pipelines import StableDiffusion
+
+  t0 = time.perf_counter()
+  c = read_config(workdir).controlnet
+  pipe = StableDiffusion.from_workdir(workdir)
+  result, shown = score(pipe, canny_low=c.canny_low, canny_high=c.canny_high, per_digit=per_digit,
+                        guidance_scale=guidance_scale, num_steps=num_steps, seed=seed, batch=batch,
+                        tolerance=tolerance)
+  result = {"workdir": workdir, **result}
+  if grid:
+    from sample import _cli
+
+    like = shown["empty/with"]
+    rows = np.concatenate([np.broadcast_to(shown[k], like.shape) for k in GRID_ROWS])  # [-1, 1]
+    tiles = _cli.make_grid(rows * 0.5 + 0.5, cols=10, pad=1)
+    result["grid"] = str(_cli.save_png(grid, np.repeat(np.repeat(tiles, 3, axis=0), 3, axis=1)))
+    result["grid_rows"] = ["control edges", "conflicting prompt, without ControlNet",
+                           "conflicting prompt, with ControlNet", "empty prompt, without", "empty prompt, with"]
+    result["grid_conflicting_prompts"] = result.pop("conflicting_prompts")
+  result["seconds"] = time.perf_counter() - t0
+  return result
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m sample.evaluate", description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", required=True, help="a train.ldm workdir")
+  p.add_argument("--workdir", required=True, help="a train.ldm / train.lora / train.lcm / train.controlnet workdir")
   p.add_argument("--per_digit", type=int, default=20, help="samples per prompted digit")
   p.add_argument("--guidance_scale", type=float, default=None, help="default: the run's config")
   p.add_argument("--num_steps", type=int, default=None, help="sampler steps (default: the run's config)")
@@ -171,19 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     kind = workdir_kind(args.workdir)
     if kind != "controlnet" and args.grid:
       raise ValueError("--grid is only for train.controlnet workdirs")
-    if kind != "ldm" and args.sampler:
+    if kind in ("lcm", "controlnet") and args.sampler:
       raise ValueError(f"--sampler is fixed for a train.{kind} workdir")
-    if kind == "lcm":
-      from train import lcm
-      result = lcm.evaluate(args.workdir, num_steps=args.num_steps or 4, per_digit=args.per_digit,
-                            guidance_scale=args.guidance_scale, seed=args.seed)
-    elif kind == "controlnet":
-      from train import controlnet
-      result = controlnet.evaluate(args.workdir, per_digit=args.per_digit, guidance_scale=args.guidance_scale,
+    if kind == "controlnet":
+      result = evaluate_controlnet(args.workdir, per_digit=args.per_digit, guidance_scale=args.guidance_scale,
                                    num_steps=args.num_steps, seed=args.seed, grid=args.grid)
     else:
+      steps = (args.num_steps or 4) if kind == "lcm" else args.num_steps
       result = evaluate(args.workdir, per_digit=args.per_digit, guidance_scale=args.guidance_scale,
-                        num_steps=args.num_steps, sampler=args.sampler, seed=args.seed)
+                        num_steps=steps, sampler=args.sampler, seed=args.seed)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

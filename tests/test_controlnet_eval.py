@@ -1,4 +1,4 @@
-"""train.controlnet.evaluate: the edge-agreement metric against a brute-force distance computation,
+"""ControlNet evaluation: the edge-agreement metric (jdiff.evaluation) against a brute-force distance computation,
 and the whole evaluation (sample.evaluate CLI dispatch, grid) on a tiny trained run."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from jdiff import evaluation
 from train import controlnet as cn_train
 
 
@@ -41,7 +42,7 @@ def test_edge_agreement_matches_brute_force(tol):
   ref = rng.random((6, 12, 10)) < 0.08
   edges[0] = False  # an empty sample
   ref[1] = False    # an empty reference
-  got = cn_train.edge_agreement(edges, ref, tolerance=tol)
+  got = evaluation.edge_agreement(edges, ref, tolerance=tol)
   want = _brute_force(edges, ref, tol)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=0, err_msg=k)
@@ -51,19 +52,19 @@ def test_edge_agreement_closed_forms():
   line = np.zeros((1, 16, 16), bool)
   line[0, 8, 3:13] = True
   shifted = np.roll(line, 1, axis=1)  # one pixel down
-  one = cn_train.edge_agreement(shifted, line, tolerance=1)
-  zero = cn_train.edge_agreement(shifted, line, tolerance=0)
+  one = evaluation.edge_agreement(shifted, line, tolerance=1)
+  zero = evaluation.edge_agreement(shifted, line, tolerance=0)
   assert float(one["f1"][0]) == 1.0 and float(one["iou"][0]) == 0.0
   assert float(zero["f1"][0]) == 0.0
-  same = cn_train.edge_agreement(line, line, tolerance=0)
+  same = evaluation.edge_agreement(line, line, tolerance=0)
   assert float(same["f1"][0]) == 1.0 and float(same["iou"][0]) == 1.0
   half = line.copy()
   half[0, 8, 8:13] = False  # 5 of the 10 reference pixels: precision 1, recall 1/2, F1 2/3
-  got = cn_train.edge_agreement(half, line, tolerance=0)
+  got = evaluation.edge_agreement(half, line, tolerance=0)
   np.testing.assert_allclose([got["precision"][0], got["recall"][0], got["f1"][0], got["iou"][0]],
                              [1.0, 0.5, 2.0 / 3.0, 0.5], rtol=1e-12)
   with pytest.raises(ValueError, match=r"\[N, H, W\]"):
-    cn_train.edge_agreement(line[0], line[0])
+    evaluation.edge_agreement(line[0], line[0])
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""sample.evaluate's pieces: the Frechet distance against its closed form for diagonal Gaussians,
+"""jdiff.evaluation's pieces: the Frechet distance against its closed form for diagonal Gaussians,
 the 8x8 reduction against a direct loop, and batched generation (padding, keys, timing)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from sample import evaluate as ev
+from jdiff import evaluation as ev
 
 
 def test_frechet_distance_of_diagonal_gaussians():

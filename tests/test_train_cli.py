@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jdiff import checkpoint
+from jdiff import checkpoint, ldm
+from jdiff.pipelines import StableDiffusion
 from train import ldm as ldm_train
 from train import vae as vae_train
 
@@ -92,18 +93,18 @@ def test_ldm_one_step_end_to_end(tmp_path, data_dir, capsys):
   grid = np.asarray(Image.open(tmp_path / "samples" / "ldm_000001.png"))
   assert grid.ndim == 2 and grid.shape[1] == 2 * (10 * 33 - 1)  # 10 prompts per row, 2x upscaled
   assert glob.glob(str(tmp_path / "tensorboard" / "ldm" / "events.out.tfevents.*"))
-  cfg, ldm, params = ldm_train.load_from_workdir(str(tmp_path))
-  assert cfg.train.steps == 1
-  jax.tree.map(np.testing.assert_array_equal, params, state["ema_params"]["unet"])
-  jax.tree.map(np.testing.assert_array_equal, ldm.text_params, state["ema_params"]["text"])
+  pipe = StableDiffusion.from_workdir(str(tmp_path))
+  assert pipe.defaults["num_steps"] == 2 and pipe.default_size == 32
+  jax.tree.map(np.testing.assert_array_equal, pipe.unet_params, state["ema_params"]["unet"])
+  jax.tree.map(np.testing.assert_array_equal, pipe.text_params, state["ema_params"]["text"])
   # The text encoder was trained: its step-1 parameters moved away from the seeded initialisation.
-  init_text = ldm_train.build(cfg, ldm.vae, ldm.vae_params).text_params
+  cfg = ldm.read_config(str(tmp_path))
+  init_text = ldm_train.build(cfg, pipe.vae, pipe.vae_params).text_params
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), init_text, state["params"]["text"])
   assert max(jax.tree.leaves(moved)) > 0
-  # The EMA weights sample images of the data's shape in [-1, 1].
-  tokens = np.stack([ldm.tokenize("a handwritten digit three")] * 2)
-  images = np.asarray(ldm.generate(params, tokens, jax.random.key(0), num_steps=2))
-  assert images.shape == (2, 32, 32, 1) and np.abs(images).max() <= 1.0
+  # The EMA weights sample images of the data's shape in [0, 1].
+  images = np.asarray(pipe.generate(["a handwritten digit three"] * 2, key=jax.random.key(0), num_steps=2))
+  assert images.shape == (2, 32, 32, 1) and images.min() >= 0.0 and images.max() <= 1.0
 
 
 def test_byte_tokenize():
@@ -143,7 +144,7 @@ def test_text_unet_feeds_the_last_text_state_to_the_class_embedding():
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 4))
   t = np.array([10, 700])
   ctx = jax.random.normal(jax.random.key(1), (2, 7, 32))
-  text_unet = ldm_train.TextUNet(cfg)
+  text_unet = ldm.TextUNet(cfg)
   params = text_unet.init(jax.random.key(2), x, t, ctx)["params"]
   assert "class_embedding" in params
   pooled = np.asarray(ctx)[:, -1]  # [B, D]: the causal encoder's last position
@@ -156,7 +157,7 @@ def test_text_unet_feeds_the_last_text_state_to_the_class_embedding():
   # Without a pooled class embedding it is the plain UNet.
   plain = UNetConfig.tiny()
   p2 = UNet(plain).init(jax.random.key(3), x, t, ctx)["params"]
-  np.testing.assert_array_equal(ldm_train.TextUNet(plain).apply({"params": p2}, x, t, ctx),
+  np.testing.assert_array_equal(ldm.TextUNet(plain).apply({"params": p2}, x, t, ctx),
                                 UNet(plain).apply({"params": p2}, x, t, ctx))
 
 

@@ -61,7 +61,7 @@ def test_trains_only_the_controlnet_and_resumes(base_dir, tmp_path):
   digest = tree_digest(base_dir)
   workdir = str(tmp_path / "cn")
   base = lora_train.load_base(base_dir)
-  before = {k: v.copy() for k, v in _flat(base.pipe.unet_params).items()}
+  before = {k: v.copy() for k, v in _flat(base.unet_params).items()}
   config = tiny_config(base_dir, stop_at=1)
   net, labels, init_params, frozen_part = cn_train.build(config, base)
   flat_labels = {k: str(v) for k, v in _flat(labels).items()}

@@ -3,6 +3,7 @@ end-to-end run (teacher from a tiny train.ldm run) checkpoints, samples and resu
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 
@@ -14,22 +15,20 @@ import pytest
 
 from configs import lcm_digits, ldm_tiny
 from jdiff.models import AutoencoderKL
+from jdiff.pipelines import StableDiffusion
 from train import lcm
 from train import ldm as ldm_train
 from train import vae as vae_train
 
 
-def _tiny_teacher(seed: int = 0) -> lcm.Teacher:
+def _tiny_teacher(seed: int = 0) -> StableDiffusion:
   """A teacher of random tiny networks built the way train.ldm builds them (no training)."""
   config = ldm_tiny.get_config()
   vae = AutoencoderKL(vae_train.vae_config(config.vae))
   vae_params = jax.jit(lambda k: vae.init(k, jnp.zeros((1, 32, 32, 1)))["params"])(jax.random.key(seed))
-  ldm = ldm_train.build(config, vae, vae_params)
-  params = jax.jit(ldm.init_unet)(jax.random.key(seed + 1))
-  return lcm.Teacher(unet=ldm.unet, params=params, vae=vae, vae_params=vae_params, text_params=ldm.text_params,
-                     encode_text=ldm.encode_text, tokenize=ldm.tokenize, schedule=ldm.schedule,
-                     prediction=ldm.prediction, latent_shape=tuple(ldm.latent_shape), data=config.data,
-                     source="memory")
+  bundle = ldm_train.build(config, vae, vae_params)
+  params = jax.jit(bundle.init_unet)(jax.random.key(seed + 1))
+  return dataclasses.replace(bundle, unet_params=params, data_config=config.data)
 
 
 def _config(**lcm_overrides):
@@ -56,18 +55,18 @@ def batch(teacher):
 def test_student_starts_as_the_teacher(teacher, batch, use_lora):
   student, init_params = lcm.build(_config(lora=use_lora), teacher)
   trained = init_params(jax.random.key(5))
-  params = student.unet_params(trained, teacher.params)
+  params = student.unet_params(trained, teacher.unet_params)
   x = jax.random.normal(jax.random.key(1), (4,) + teacher.latent_shape)
   t = jnp.array([19, 399, 999, 0])
   ctx = jax.jit(teacher.encode_text)(teacher.text_params, batch["tokens"])
-  ref = jax.jit(lambda p: teacher.unet.apply({"params": p}, x, t, ctx))(teacher.params)
+  ref = jax.jit(lambda p: teacher.unet.apply({"params": p}, x, t, ctx))(teacher.unet_params)
   run = jax.jit(lambda p: student.model_fn(p, ctx)(x, t, jnp.array([1.0, 2.0, 3.5, 0.0])))
   got = run(params)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   if use_lora:
     assert student.w_dim is None and set(jax.tree.leaves(jax.tree.map(lambda a: a.ndim, trained))) <= {2, 4}
     n_lora = sum(a.size for a in jax.tree.leaves(trained))
-    assert 0 < n_lora < sum(a.size for a in jax.tree.leaves(teacher.params)) // 2
+    assert 0 < n_lora < sum(a.size for a in jax.tree.leaves(teacher.unet_params)) // 2
   else:
     assert trained["time_embedding"]["cond_proj"]["kernel"].shape == (8, 16)
     # The w embedding reaches the output once cond_proj is non-zero.
@@ -146,12 +145,17 @@ def test_end_to_end_checkpoint_and_resume(teacher_workdir, tmp_path, capsys):
             if " loss " in line]
   assert len(losses) == 3 and np.all(np.isfinite(losses)), losses
   assert os.path.exists(os.path.join(workdir, "samples", "lcm_000003.png"))
-  # The run reloads for sampling: 1- and 2-step LCM images in [-1, 1].
-  _, student, params = lcm.load_from_workdir(workdir)
-  tokens = jnp.asarray(np.stack([student.teacher.tokenize("a handwritten digit two")] * 2))
+  # The run reloads for sampling: 1- and 2-step LCM images in [0, 1], equal to the trainer's generate
+  # on the restored EMA student.
+  pipe = StableDiffusion.from_workdir(workdir)
+  assert pipe.defaults["sampler"] == "lcm" and pipe.guidance_embedding_dim == 8 and not pipe.cfg
+  student, _ = lcm.build(config, lcm.load_teacher(teacher_workdir))
+  tokens = jnp.asarray(pipe.tokenize(["a handwritten digit two"] * 2))
   for n in (1, 2):
-    img = lcm.generate(student, params, tokens, jax.random.key(0), num_steps=n)
-    assert img.shape == (2, 32, 32, 1) and bool(jnp.all(jnp.abs(img) <= 1.0))
+    img = pipe.generate(["a handwritten digit two"] * 2, key=jax.random.key(0), num_steps=n, guidance_scale=3.0)
+    assert img.shape == (2, 32, 32, 1) and bool(jnp.all((img >= 0.0) & (img <= 1.0)))
+    ref = lcm.generate(student, pipe.unet_params, tokens, jax.random.key(0), num_steps=n, guidance_scale=3.0)
+    np.testing.assert_allclose(np.asarray(img), np.asarray(ref) * 0.5 + 0.5, rtol=0, atol=1e-6)
   # sample.evaluate recognises the run; bench.lcm puts student and teacher rows side by side.
   import json
   from bench import lcm as bench_lcm
@@ -176,7 +180,7 @@ def test_cli_lora_run(teacher_workdir, tmp_path):
                  "--config.train.sample_every=0", "--config.train.checkpoint_every=1"])
   assert rc == 0
   assert os.listdir(os.path.join(workdir, "checkpoints"))
-  cfg, student, _ = lcm.load_from_workdir(workdir)
-  assert cfg.lcm.lora and student.is_lora
+  pipe = StableDiffusion.from_workdir(workdir)
+  assert pipe.defaults["sampler"] == "lcm" and not pipe.cfg and pipe.guidance_embedding_dim is None
   # A user mistake is one line and exit code 2.
   assert lcm.main(["train.lcm", "--teacher", str(tmp_path / "missing"), f"--workdir={workdir}_x"]) == 2

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import lora_digits, ldm_tiny
-from jdiff import checkpoint, lora
+from jdiff import checkpoint, ldm, lora
 from jdiff.models import AutoencoderKL
 from train import ldm as ldm_train
 from train import loop
@@ -39,8 +39,8 @@ def save_random_base(workdir: str, seed: int = 0) -> str:
                "step": 1}, fh)
   with checkpoint.Checkpointer(os.path.join(vdir, "checkpoints")) as ckpt:
     ckpt.save(1, {"ema_params": vae_params}, force=True)
-  ldm = ldm_train.build(config, vae, vae_params)
-  params = jax.jit(ldm.init_params)(jax.random.key(seed + 1))  # UNet (and text encoder when trained)
+  bundle = ldm_train.build(config, vae, vae_params)
+  params = jax.jit(ldm_train.init_params(config, bundle))(jax.random.key(seed + 1))  # UNet (+ text when trained)
   loop.write_config(config, workdir)
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     ckpt.save(1, {"ema_params": params}, force=True)
@@ -88,7 +88,7 @@ def test_trains_only_the_factors_and_resumes(base_dir, tmp_path):
   digest = tree_digest(base_dir)
   workdir = str(tmp_path / "lora")
   base = lora_train.load_base(base_dir)
-  before = {k: v.copy() for k, v in _flat(base.pipe.unet_params).items()}
+  before = {k: v.copy() for k, v in _flat(base.unet_params).items()}
   config = tiny_config(base_dir, stop_at=1)
   scales, init_params = lora_train.build(config, base)
   task = lora_train.make_task(config, base, scales, init_params)
@@ -107,10 +107,10 @@ def test_trains_only_the_factors_and_resumes(base_dir, tmp_path):
   assert tree_digest(base_dir) == digest
 
   # Trained tree = factors of the targeted kernels only; the optimizer state holds nothing else.
-  n_base = lora.num_params(base.pipe.unet_params)
+  n_base = lora.num_params(base.unet_params)
   flat = _flat(state.params)
   assert flat and all(k.endswith(("/down", "/up")) for k in flat)
-  targets = lora.target_paths(base.pipe.unet_params, lora_train._targets(config.lora.targets))
+  targets = lora.target_paths(base.unet_params, ldm.lora_targets(config.lora.targets))
   assert sorted({k.rsplit("/", 1)[0] for k in flat}) == targets
   n_factors = lora.num_params(state.params)
   assert 0 < n_factors < n_base // 10
@@ -128,9 +128,9 @@ def test_trains_only_the_factors_and_resumes(base_dir, tmp_path):
   file = str(tmp_path / "adapter.safetensors")
   adapter = lora_train.tree_to_lora(jax.device_get(state.ema_params), scales)
   lora.save_diffusers(file, {"unet": adapter})
-  loaded = lora.load(file, {"unet": base.pipe.unet_params})["unet"]
-  want = _flat(lora.merge(base.pipe.unet_params, adapter))
-  got = _flat(lora.merge(base.pipe.unet_params, loaded))
+  loaded = lora.load(file, {"unet": base.unet_params})["unet"]
+  want = _flat(lora.merge(base.unet_params, adapter))
+  got = _flat(lora.merge(base.unet_params, loaded))
   for k in targets:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
     # independent float64 reference of the merged kernel: W + (alpha/r) A B
@@ -199,8 +199,8 @@ def test_cli_on_an_image_folder_and_pipeline_loads_the_adapter(base_dir, tmp_pat
   adapter = lora_train.tree_to_lora(trained, scales)
   key = jax.random.key(3)
   kw = dict(key=key, num_steps=2, guidance_scale=2.0, height=32, width=32)
-  from_file = base.pipe.generate(["a noisy square 1"], lora=file, **kw)
-  from_tree = base.pipe.generate(["a noisy square 1"], lora=adapter, **kw)
-  plain = base.pipe.generate(["a noisy square 1"], **kw)
+  from_file = base.generate(["a noisy square 1"], lora=file, **kw)
+  from_tree = base.generate(["a noisy square 1"], lora=adapter, **kw)
+  plain = base.generate(["a noisy square 1"], **kw)
   np.testing.assert_allclose(np.asarray(from_file), np.asarray(from_tree), atol=1e-5)
   assert float(jnp.max(jnp.abs(from_tree - plain))) > 1e-5

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdiff import checkpoint, data, parallel, training
+from jdiff import data, parallel
+from jdiff.ldm import load_vae, restore_checked_ema, restore_ema
 from jdiff.models import AutoencoderKL, VAEConfig
 from train import loop
 
@@ -101,60 +102,6 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, train_cfg: ml_
     with open(os.path.join(workdir, "vae.json"), "w") as fh:
       json.dump(meta, fh, indent=2)
   return AutoencoderKL(final), params
-
-
-def load_vae(workdir: str) -> tuple[AutoencoderKL, Any]:
-  """Loads a trained VAE (EMA params) from a ``train.vae`` workdir.
-
-  Raises:
-    FileNotFoundError: ``workdir`` has no finished VAE (``vae.json`` and a checkpoint).
-  """
-  meta_path = os.path.join(workdir, "vae.json")
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"no trained VAE in {workdir} (missing {meta_path})")
-  with open(meta_path) as fh:
-    meta = json.load(fh)
-  cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-  vae = AutoencoderKL(cfg)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no VAE checkpoint in {ckpt.directory}")
-    params = restore_ema(ckpt, step)
-  finally:
-    ckpt.close()
-  return vae, params
-
-
-def restore_ema(ckpt: checkpoint.Checkpointer, step: int | None = None) -> Any:
-  """The EMA parameters of a saved TrainState, restored replicated (shapes from the checkpoint)."""
-  import orbax.checkpoint as ocp
-  step = ckpt.latest_step() if step is None else step
-  sharding = parallel.replicated(parallel.make_mesh())
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
-                        ckpt.saved_shapes(step))
-  out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  return out["state"]["ema_params"]
-
-
-def restore_checked_ema(workdir: str, expected: Any, *, what: str) -> Any:
-  """The EMA parameters of the latest checkpoint in ``WORKDIR/checkpoints``, checked leaf by leaf
-  against the abstract tree ``expected`` (one-line error naming ``what`` on a mismatch).
-
-  Raises:
-    FileNotFoundError: no checkpoint saved yet.
-    ValueError: the checkpoint's tree or shapes differ from ``expected``.
-  """
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no {what} in {ckpt.directory}")
-    params = restore_ema(ckpt)
-  finally:
-    ckpt.close()
-  checkpoint.check_shapes(params, expected, what=f"{what} in {workdir}")
-  return params
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

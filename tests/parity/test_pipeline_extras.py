@@ -170,3 +170,31 @@ def test_lora_errors(ours, tmp_path):
     ours.lora_params(tmp_path / "junk.safetensors")
   with pytest.raises(ValueError, match="lora must be"):
     ours.lora_params(3.0)
+
+
+# ---- the bundle's pure pieces (what a trainer composes) ----
+
+def test_pieces_match_diffusers_modules(saved, ours):
+  """encode_images (posterior mean), encode_text and model_fn of a from_diffusers bundle against the
+  diffusers / transformers modules of the same folder on the same inputs."""
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(saved, safety_checker=None, requires_safety_checker=False)
+  images = _images(2) * 2.0 - 1.0  # [-1, 1]
+  with torch.no_grad():
+    post = pipe.vae.encode(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).latent_dist
+    want_z = post.mode().numpy().transpose(0, 2, 3, 1) * pipe.vae.config.scaling_factor
+  got_z = ours.encode_images(ours.vae_params, jnp.asarray(images), None, sample=False)
+  np.testing.assert_allclose(np.asarray(got_z), want_z, rtol=1e-4, atol=1e-4 * float(np.abs(want_z).max()))
+
+  ids = ours.tokenize(PROMPTS)
+  with torch.no_grad():
+    want_ctx = pipe.text_encoder(torch.from_numpy(ids.astype(np.int64)))[0].numpy()
+  ctx = ours.encode_text(ours.text_params, jnp.asarray(ids))
+  np.testing.assert_allclose(np.asarray(ctx), want_ctx, rtol=1e-4, atol=1e-4)
+
+  x = _latents(2)
+  t = np.array([10, 700])
+  with torch.no_grad():
+    want = pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
+                     torch.from_numpy(want_ctx)).sample.numpy().transpose(0, 2, 3, 1)
+  got = ours.model_fn(ours.unet_params, jnp.asarray(want_ctx))(jnp.asarray(x), jnp.asarray(t))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
