@@ -6,6 +6,23 @@ are either replicated or, with FSDP, each leaf is split along its largest axis d
 size of ``"fsdp"`` (small or indivisible leaves stay replicated). The same code runs on one CPU,
 on 8 fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) and on a pod.
 
+Multi-process liveness: when one process of a ``jax.distributed`` job dies, every other process
+stops within a bounded time with one line naming the lost process and exit code
+:data:`EXIT_PEER_LOST` (75), so a cluster scheduler can relaunch the job, which resumes from the
+last complete checkpoint. Two mechanisms (see :func:`initialize`):
+
+* a watchdog thread in each process: a heartbeat counter per process in the coordination service's
+  key-value store, bumped every ``liveness_timeout / 10`` seconds (at most 2 s); a peer whose
+  counter has not moved for ``liveness_timeout`` seconds (``$JDIFF_LIVENESS_TIMEOUT``, default 60)
+  is lost. The runtime's own heartbeat timeout is set to at least twice that, so the watchdog
+  speaks first. A worker's death is therefore reported within ``liveness_timeout`` plus two
+  heartbeat intervals.
+* a supervising parent (``supervise=True``, what the training programs use): the runtime aborts a
+  process from native code (SIGABRT) the moment the coordinator (process 0) disappears; the parent
+  runs the real program as its child, forwards SIGTERM/SIGINT/SIGHUP to it, dies with it (the child
+  is killed when the parent is), and turns such an abort into the one line and exit code when the
+  coordinator's address no longer answers: a coordinator's death is reported within seconds.
+
 Example:
   >>> mesh = parallel.make_mesh(fsdp=2)
   >>> shardings = parallel.param_shardings(jax.eval_shape(init, key), mesh, fsdp=True)
@@ -13,6 +30,15 @@ Example:
 
 from __future__ import annotations
 
+import atexit
+import inspect
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from typing import Any, Sequence
 
 import jax
@@ -33,6 +59,8 @@ __all__ = [
     "is_main_process",
     "sync_flag",
     "barrier",
+    "EXIT_PEER_LOST",
+    "liveness_timeout",
 ]
 
 AXES = ("data", "fsdp")
@@ -42,6 +70,11 @@ BATCH_AXES = ("data", "fsdp")
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
+ENV_LIVENESS_TIMEOUT = "JDIFF_LIVENESS_TIMEOUT"
+ENV_SUPERVISOR = "JDIFF_SUPERVISOR_PID"  # set in a supervised child: its parent's pid
+
+EXIT_PEER_LOST = 75  # sysexits' EX_TEMPFAIL: another process of the job died; relaunch to resume
+DEFAULT_LIVENESS_TIMEOUT = 60.0
 
 
 def _cluster_detected(env: dict[str, str]) -> bool:
@@ -68,7 +101,6 @@ def distributed_args(*, coordinator: str | None = None, num_processes: int | Non
     >>> distributed_args(coordinator="127.0.0.1:1234", num_processes=2, process_id=1)
     {'coordinator_address': '127.0.0.1:1234', 'num_processes': 2, 'process_id': 1}
   """
-  import os
   env = dict(os.environ if environ is None else environ)
 
   def pick(value, name, cast):
@@ -104,10 +136,34 @@ def distributed_args(*, coordinator: str | None = None, num_processes: int | Non
 
 
 _INITIALIZED = False
+_WATCHDOG: "_Watchdog | None" = None
+
+
+def liveness_timeout(value: float | None = None, *, environ: dict[str, str] | None = None) -> float:
+  """Seconds without a heartbeat after which a process counts as lost: ``value``, else
+  ``$JDIFF_LIVENESS_TIMEOUT``, else 60.
+
+  Raises:
+    ValueError: not a number >= 1.
+
+  Example:
+    >>> liveness_timeout(environ={"JDIFF_LIVENESS_TIMEOUT": "20"})
+    20.0
+  """
+  env = os.environ if environ is None else environ
+  raw = value if value is not None else env.get(ENV_LIVENESS_TIMEOUT, "") or DEFAULT_LIVENESS_TIMEOUT
+  try:
+    seconds = float(raw)
+  except (TypeError, ValueError):
+    raise ValueError(f"liveness timeout {raw!r} ({ENV_LIVENESS_TIMEOUT}) is not a number of seconds") from None
+  if not seconds >= 1:
+    raise ValueError(f"liveness timeout must be >= 1 second, got {raw!r} ({ENV_LIVENESS_TIMEOUT})")
+  return seconds
 
 
 def initialize(*, coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, timeout_s: int = 300) -> bool:
+               process_id: int | None = None, timeout_s: int = 300, liveness_timeout_s: float | None = None,
+               supervise: bool = False) -> bool:
   """Starts JAX's multi-controller runtime when this is one of several processes.
 
   Call once per process before anything touches devices (``jax.devices()``, creating arrays):
@@ -116,19 +172,186 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
   ``JAX_PROCESS_ID``; with none, multi-task SLURM jobs and TPU pods are detected by JAX itself and
   a single process is left alone (no-op).
 
+  With several processes a liveness watchdog starts (see the module docstring): a lost process
+  makes every other one print ``error: lost process I of N ...`` on stderr and exit with
+  :data:`EXIT_PEER_LOST` within ``liveness_timeout_s`` plus two heartbeats.
+
+  Args:
+    timeout_s: how long to wait for every process to connect.
+    liveness_timeout_s: see :func:`liveness_timeout` (None: ``$JDIFF_LIVENESS_TIMEOUT`` or 60 s).
+    supervise: run the program (``sys.orig_argv``) again as a supervised child and exit
+      (``SystemExit``) with its code; the child reports a lost coordinator as one line (see the
+      module docstring). Only for programs that can be re-run from their command line.
+
   Returns:
     True if the distributed runtime was started by this call.
+
+  Raises:
+    ValueError: inconsistent multi-process settings or a bad liveness timeout.
 
   Example:
     >>> initialize(coordinator="127.0.0.1:12345", num_processes=2, process_id=0)  # on each host
   """
-  global _INITIALIZED
+  global _INITIALIZED, _WATCHDOG
   kwargs = distributed_args(coordinator=coordinator, num_processes=num_processes, process_id=process_id)
   if kwargs is None or _INITIALIZED:
     return False
-  jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+  timeout = liveness_timeout(liveness_timeout_s)
+  if supervise and not os.environ.get(ENV_SUPERVISOR):
+    raise SystemExit(_supervise(kwargs.get("process_id"), kwargs.get("coordinator_address")))
+  if os.environ.get(ENV_SUPERVISOR):
+    _die_with_parent(int(os.environ[ENV_SUPERVISOR]))
+  extra = {}
+  if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+    extra["heartbeat_timeout_seconds"] = int(2 * timeout + 30)  # later than the watchdog
+  jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs, **extra)
   _INITIALIZED = True
+  _WATCHDOG = _Watchdog(timeout, coordinator=kwargs.get("coordinator_address"))
+  _WATCHDOG.start()
+  atexit.register(_WATCHDOG.finish)
+  sys.excepthook = _settle_first(sys.excepthook)
   return True
+
+
+def _settle_first(hook):
+  """An excepthook that, for a runtime error (a collective failing because a peer died), first gives
+  the watchdog time to name the lost process (it then exits) before printing the traceback."""
+
+  def excepthook(exc_type, exc, tb):
+    if _WATCHDOG is not None and issubclass(exc_type, jax.errors.JaxRuntimeError):
+      _WATCHDOG.settle()
+    hook(exc_type, exc, tb)
+
+  return excepthook
+
+
+class _Watchdog(threading.Thread):
+  """Heartbeats through the coordination service's key-value store; stops the process (one line,
+  :data:`EXIT_PEER_LOST`) when a peer's heartbeat stalls for ``timeout`` seconds."""
+
+  PREFIX = "jdiff_liveness/"
+  DONE = "done"
+
+  def __init__(self, timeout: float, *, coordinator: str | None):
+    super().__init__(name="jdiff-liveness", daemon=True)
+    from jax._src import distributed  # the runtime's client: key-value store of the coordinator
+    self.client = distributed.global_state.client
+    self.me, self.n = jax.process_index(), jax.process_count()
+    self.timeout, self.interval = float(timeout), min(2.0, max(0.2, timeout / 10))
+    self.coordinator = coordinator or "the coordinator"
+    self._stop_event = threading.Event()
+    self._finished = threading.Event()
+
+  def _key(self, p: int) -> str:
+    return f"{self.PREFIX}{p}"
+
+  def run(self) -> None:
+    start = time.monotonic()
+    seen = {p: (None, start) for p in range(self.n) if p != self.me}  # last value, when it changed
+    failing_since = None
+    count = 0
+    while not self._stop_event.is_set():
+      now = time.monotonic()
+      try:
+        beat = self.DONE if self._finished.is_set() else str(count)
+        self.client.key_value_set(self._key(self.me), beat, allow_overwrite=True)
+        values = {k.rsplit("/", 1)[-1]: v for k, v in self.client.key_value_dir_get(self.PREFIX)}
+        failing_since = None
+      except Exception as e:  # the coordination service does not answer
+        failing_since = failing_since or now
+        if now - failing_since > self.timeout:
+          self._lost(0, f"the coordinator at {self.coordinator} does not answer ({_one_line(e)})")
+        self._stop_event.wait(self.interval)
+        continue
+      for p, (last, since) in seen.items():
+        value = values.get(str(p))
+        if value == self.DONE:
+          continue
+        if value != last:
+          seen[p] = (value, now)
+        elif now - since > self.timeout:
+          self._lost(p, f"no heartbeat for {now - since:.0f} s")
+      count += 1
+      self._stop_event.wait(self.interval)
+
+  def _lost(self, p: int, why: str) -> None:
+    who = f"process {p} of {self.n}" + (f" (the coordinator at {self.coordinator})" if p == 0 else "")
+    print(f"error: lost {who}: {why}; stopping process {self.me}; relaunch every process to resume from "
+          "the last complete checkpoint", file=sys.stderr, flush=True)
+    os._exit(EXIT_PEER_LOST)
+
+  def settle(self) -> None:
+    """Waits long enough for a lost peer to be noticed (the watchdog then exits the process)."""
+    self._stop_event.wait(self.timeout + 3 * self.interval)
+
+  def finish(self) -> None:
+    """Marks this process as finished at exit: its peers stop watching it, while it keeps watching
+    them through the runtime's shutdown (which waits for every process)."""
+    self._finished.set()
+    try:
+      self.client.key_value_set(self._key(self.me), self.DONE, allow_overwrite=True)
+    except Exception:  # the coordinator is gone: the watchdog or the runtime reports it
+      pass
+
+
+def _die_with_parent(parent: int) -> None:
+  """In a supervised child: be killed with the supervisor (Linux ``PR_SET_PDEATHSIG``)."""
+  try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):  # not Linux: the child outlives a SIGKILLed parent
+    return
+  if os.getppid() != parent:  # the supervisor died before the request took effect
+    os._exit(EXIT_PEER_LOST)
+
+
+def _reachable(address: str | None, timeout: float = 3.0) -> bool:
+  if not address or ":" not in address:
+    return True  # unknown: do not blame the coordinator
+  host, port = address.rsplit(":", 1)
+  try:
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+      return True
+  except (OSError, ValueError):
+    return False
+
+
+def _supervise(process_id: int | None, coordinator: str | None) -> int:
+  """Runs this program's command line as a child; returns its exit code, with a death by signal
+  turned into one line (a lost coordinator: :data:`EXIT_PEER_LOST`; else 128 + signal)."""
+  env = dict(os.environ, **{ENV_SUPERVISOR: str(os.getpid())})
+  child = subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env=env, stderr=subprocess.PIPE,
+                           process_group=0)  # terminal signals reach the parent only, which forwards one
+
+  def forward(signum, frame):
+    child.send_signal(signum)
+
+  for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, forward)
+  err = sys.stderr
+  for raw in child.stderr:  # the child's stderr, less the native stack frames of an abort
+    line = raw.decode("utf-8", errors="replace")
+    if not line.lstrip(" ").startswith(("@ ", "*** Check failure stack trace")):
+      err.write(line)
+      err.flush()
+  rc = child.wait()
+  if rc >= 0:
+    return rc
+  name = signal.Signals(-rc).name
+  who = f"process {process_id}" if process_id is not None else "this process"
+  if process_id != 0 and not _reachable(coordinator):
+    print(f"error: lost process 0 (the coordinator at {coordinator}): it no longer answers; stopping {who}; "
+          "relaunch every process to resume from the last complete checkpoint", file=err, flush=True)
+    return EXIT_PEER_LOST
+  print(f"error: {who} was stopped by {name}" + (" (an abort in native code: see the messages above)"
+                                                 if -rc == signal.SIGABRT else ""), file=err, flush=True)
+  return 128 - rc
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= 200 else text[:197] + "..."
 
 
 def sync_flag(flag: bool) -> bool:
@@ -260,7 +483,6 @@ def enable_compilation_cache(cache_dir: str | None = None, *, min_compile_second
   116 s to 15 s). Programs compiling faster than ``min_compile_seconds`` are not cached (0: all,
   as the benchmarks use). Returns the directory used, or None when disabled.
   """
-  import os
   path = cache_dir or os.environ.get("JDIFF_COMPILATION_CACHE") or os.path.expanduser("~/.cache/jdiff/jax")
   if path in ("0", "off", "none"):
     return None
