@@ -492,7 +492,7 @@ def main_wrapper(run: Callable[[ml_collections.ConfigDict, str], Any], *, defaul
     return EXIT_USAGE
   try:
     parallel.initialize(coordinator=fv.coordinator, num_processes=fv.num_processes,
-                        process_id=fv.process_id)
+                        process_id=fv.process_id, supervise=True)  # a lost peer: one line, exit 75
     checkpoint.check_writable(fv.workdir)  # before anything is built or compiled
   except (ValueError, checkpoint.CheckpointSaveError) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
