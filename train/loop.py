@@ -67,22 +67,29 @@ class Preempted(Exception):
 
 
 class _PreemptionGuard:
-  """Turns SIGTERM/SIGINT into a flag checked at step boundaries (a second signal stops at once)."""
+  """Turns SIGTERM/SIGINT into a flag checked at step boundaries (a second signal stops at once).
+
+  The same signal again within ``REPEAT_S`` seconds counts once: a supervised multi-process child
+  (:func:`jdiff.parallel.initialize`) can get a signal both directly and forwarded by its parent."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  REPEAT_S = 2.0
 
   def __init__(self):
     self.signum: int | None = None
     self._previous: dict[int, Any] = {}
     self._depth = 0
+    self._first = 0.0
 
   def _handler(self, signum, frame):
+    if self.signum == signum and time.monotonic() - self._first < self.REPEAT_S:
+      return  # one signal delivered twice (directly and through a supervising parent)
     if self.signum is not None:  # second signal: the user really means it
       self.uninstall(force=True)
       if signum == signal.SIGINT:
         raise KeyboardInterrupt
       os._exit(128 + signum)
-    self.signum = signum
+    self.signum, self._first = signum, time.monotonic()
 
   def install(self) -> None:
     self._depth += 1
