@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -317,6 +318,9 @@ def _reachable(address: str | None, timeout: float = 3.0) -> bool:
     return False
 
 
+_NATIVE_FRAME = re.compile(r"^(\s+@\s+0x[0-9a-f]+\s|\*\*\* Check failure stack trace: \*\*\*)")
+
+
 def _supervise(process_id: int | None, coordinator: str | None) -> int:
   """Runs this program's command line as a child; returns its exit code, with a death by signal
   turned into one line (a lost coordinator: :data:`EXIT_PEER_LOST`; else 128 + signal)."""
@@ -332,7 +336,7 @@ def _supervise(process_id: int | None, coordinator: str | None) -> int:
   err = sys.stderr
   for raw in child.stderr:  # the child's stderr, less the native stack frames of an abort
     line = raw.decode("utf-8", errors="replace")
-    if not line.lstrip(" ").startswith(("@ ", "*** Check failure stack trace")):
+    if not _NATIVE_FRAME.match(line):
       err.write(line)
       err.flush()
   rc = child.wait()

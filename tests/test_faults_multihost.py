@@ -178,3 +178,35 @@ def test_liveness_timeout_setting():
     with pytest.raises(ValueError, match=parallel.ENV_LIVENESS_TIMEOUT) as e:
       parallel.liveness_timeout(environ={parallel.ENV_LIVENESS_TIMEOUT: bad})
     assert "\n" not in str(e.value)
+
+
+def test_signal_delivered_twice_counts_once():
+  """A supervised child may get SIGTERM both directly and forwarded by its parent: one request, no exit."""
+  from train import loop
+  guard = loop._PreemptionGuard()
+  guard.install()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    assert guard.requested and guard.signum == signal.SIGTERM
+  finally:
+    guard.uninstall(force=True)
+
+
+@pytest.mark.slow  # a pair of fresh processes: ~40 s on 2 busy cores
+def test_sigterm_to_both_supervisors_saves_and_exits_143(tmp_path):
+  """Preemption of a supervised job: the parents forward SIGTERM, both children save the same step."""
+  pair = _Pair(tmp_path / "run", "--config.data.sleep=0.3", "--config.train.checkpoint_every=0")
+  try:
+    pair.wait_for("step 3/")
+    for p in pair.procs:
+      p.send_signal(signal.SIGTERM)
+  finally:
+    rcs = pair.finish(timeout=120)
+  assert rcs == [143, 143], (pair.lines(0, err=True)[-10:], pair.lines(1, err=True)[-10:])
+  last = [[ln for ln in pair.lines(i, err=True) if ln.startswith("preempted:")] for i in range(2)]
+  assert all(len(x) == 1 and "SIGTERM" in x[0] for x in last), last
+  step = int(last[0][0].split("at step ")[1].split()[0])
+  assert step >= 3 and last[1][0] == last[0][0]
+  assert worker.saved_state(tmp_path / "run")[0] == step
