@@ -79,7 +79,7 @@ def sampler_options_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _accepted(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
   """The subset of ``options`` that sampler ``method`` takes as keyword arguments."""
-  params = inspect.signature(samplers._common.get(method)).parameters
+  params = inspect.signature(samplers.get(method)).parameters
   if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
     return dict(options)
   return {k: v for k, v in options.items() if k in params}
@@ -94,7 +94,7 @@ def _hashable(value: Any) -> Any:
 
 
 def _sampler_default(method: str, name: str, fallback: Any) -> Any:
-  param = inspect.signature(samplers._common.get(method)).parameters.get(name)
+  param = inspect.signature(samplers.get(method)).parameters.get(name)
   return fallback if param is None or param.default is inspect.Parameter.empty else param.default
 
 
@@ -125,13 +125,22 @@ class Control:
   """A ControlNet as a transformation of the model function (:meth:`StableDiffusion.model_fn`): its
   residuals for control images ``image`` ``[B, H, W, 3]``, times ``scale``, are added to the UNet's.
 
+  Attributes:
+    net, params: the ControlNet module and its parameters.
+    image: the control images, one per example.
+    scale: the residuals' weight: a number, per-example weights ``[B]``, or a function of the
+      timesteps ``t [N] -> [N]`` (e.g. diffusers' ``control_guidance_start/end`` windows).
+    guess_mode: diffusers' guess mode: residuals scaled from 0.1 (shallowest) to 1 (middle), and
+      under classifier-free guidance only the conditional half gets them.
+
   Example:
     >>> fn = pipe.model_fn(params, ctx, controls=[Control(net, net_params, edges)])  # doctest: +SKIP
   """
   net: Any
   params: Any
   image: jax.Array
-  scale: float | jax.Array = 1.0
+  scale: float | jax.Array | Callable[[jax.Array], jax.Array] = 1.0
+  guess_mode: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -386,15 +395,23 @@ class StableDiffusion:
       images = tuple(ctl.image for ctl in controls)
 
       def apply(x, t, c):
-        outs = [ctl.net.apply({"params": ctl.params}, x, t, c["text"], c["images"][k],
-                              conditioning_scale=ctl.scale, **class_kwargs(self.unet.config, c["text"]))
-                for k, ctl in enumerate(controls)]
-        down, mid = outs[0] if len(outs) == 1 else combine_residuals(outs)
+        # t [N] with N = B (or 2B under guidance); c["on"] [N] is 0 where guess mode drops the residuals
+        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+        outputs, weights = [], []
+        for k, ctl in enumerate(controls):
+          outputs.append(ctl.net.apply({"params": ctl.params}, x, t, c["text"], c["images"][k],
+                                       guess_mode=ctl.guess_mode, **class_kwargs(self.unet.config, c["text"])))
+          w = ctl.scale(t) if callable(ctl.scale) else ctl.scale
+          weights.append((w * c["on"]).reshape((-1, 1, 1, 1)))  # [N, 1, 1, 1]
+        down, mid = combine_residuals(outputs, weights)
         return self.unet.apply({"params": unet_params}, x, t, c["text"], down_residuals=down, mid_residual=mid,
                                **extra)
 
-      cond = {"text": context, "images": images}
-      uncond = None if null_context is None else {"text": null_context, "images": images}
+      b = context.shape[0]
+      cond = {"text": context, "images": images, "on": jnp.ones((b,), jnp.float32)}
+      # diffusers' guess mode runs the ControlNets on the conditional half only (zeros for the other)
+      on_uncond = (jnp.zeros if any(ctl.guess_mode for ctl in controls) else jnp.ones)((b,), jnp.float32)
+      uncond = None if null_context is None else {"text": null_context, "images": images, "on": on_uncond}
     if guidance_scale is None:
       return lambda x, t: apply(x, t, cond)
     if null_context is None:
@@ -449,8 +466,6 @@ class StableDiffusion:
 
   def _model_fn(self, params, ids, neg_ids, scale, guided: bool, control=None,
                 guess_mode: bool = False) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    from jdiff.ldm import class_kwargs
-
     unet_params, _, text_params, cn_params = params
     cond = self.encode_text(text_params, ids)  # [B, L, D]
     if control is None:
@@ -461,26 +476,17 @@ class StableDiffusion:
                              guidance_scale=scale)
       return self.model_fn(unet_params, cond)
 
-    def apply_controlled(x, t, c):
-      # t [N] with N = B (or 2B under guidance); c["on"] [N] is 0 where guess mode drops the residuals
-      t_index = jnp.clip(jnp.asarray(t).astype(jnp.int32), 0, control["keep"].shape[1] - 1)
-      outputs, weights = [], []
-      for k, (net, p) in enumerate(zip(self.controlnets, cn_params)):
-        outputs.append(net.apply({"params": p}, x, t, c["text"], c["images"][k], guess_mode=guess_mode,
-                                 **class_kwargs(self.unet.config, c["text"])))
-        w = control["scales"][k] * control["keep"][k][t_index] * c["on"]  # [N]
-        weights.append(w.reshape((-1, 1, 1, 1)))
-      down, mid = combine_residuals(outputs, weights)
-      return self.unet.apply({"params": unet_params}, x, t, c["text"], down_residuals=down, mid_residual=mid)
+    num_t = control["keep"].shape[1]
 
-    b = ids.shape[0]
-    c_cond = {"text": cond, "images": control["images"], "on": jnp.ones((b,), jnp.float32)}
+    def window(k):  # net k's weight at timesteps t [N]: its scale inside its start/end window, else 0
+      return lambda t: control["scales"][k] * control["keep"][k][jnp.clip(t.astype(jnp.int32), 0, num_t - 1)]
+
+    controls = [Control(net, p, control["images"][k], window(k), guess_mode)
+                for k, (net, p) in enumerate(zip(self.controlnets, cn_params))]
     if not guided:
-      return lambda x, t: apply_controlled(x, jnp.broadcast_to(jnp.asarray(t), (b,)), c_cond)
-    # diffusers' guess mode runs the ControlNets on the conditional half only (zeros for the other)
-    on_uncond = jnp.zeros((b,), jnp.float32) if guess_mode else jnp.ones((b,), jnp.float32)
-    c_uncond = {"text": self.encode_text(text_params, neg_ids), "images": control["images"], "on": on_uncond}
-    return guidance.cfg(apply_controlled, c_cond, c_uncond, scale)
+      return self.model_fn(unet_params, cond, controls=controls)
+    return self.model_fn(unet_params, cond, null_context=self.encode_text(text_params, neg_ids), guidance_scale=scale,
+                         controls=controls)
 
   def _program(self, kind: str, method: str, num_steps: int, guided: bool, options: dict[str, Any],
                extra: tuple = ()) -> Callable[..., jax.Array]:
@@ -527,7 +533,7 @@ class StableDiffusion:
     return bool(self.cfg and not self.guidance_embedding_dim and float(guidance_scale) > 1.0)
 
   def _options(self, sampler: str, user: Mapping[str, Any]) -> dict[str, Any]:
-    samplers._common.get(sampler)  # a clear error for an unknown sampler name
+    samplers.get(sampler)  # a clear error for an unknown sampler name
     return {**_accepted(sampler, self.sampler_options), **dict(user)}
 
   def _prompt_ids(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None):
@@ -797,8 +803,8 @@ class StableDiffusion:
     if init_steps < 1:
       raise ValueError(f"strength={strength} with num_steps={n} leaves no denoising step; raise either")
     start_step = n - init_steps
-    samplers._common.get(sampler)
-    if "start_step" not in inspect.signature(samplers._common.get(sampler)).parameters:
+    samplers.get(sampler)
+    if "start_step" not in inspect.signature(samplers.get(sampler)).parameters:
       raise ValueError(f"sampler {sampler!r} has no start_step option, so it cannot do image-to-image; "
                        f"use one of {', '.join(_GRID_SAMPLERS)}")
     options = self._options(sampler, sampler_options)

@@ -27,7 +27,9 @@ from jdiff.ldm import load_vae, restore_checked_ema, restore_ema
 from jdiff.models import AutoencoderKL, VAEConfig
 from train import loop
 
-__all__ = ["vae_config", "make_task", "train_vae", "load_vae", "measure_scaling_factor", "make_loader"]
+# load_vae / restore_ema / restore_checked_ema are the library's (jdiff.ldm), re-exported for the programs
+__all__ = ["vae_config", "make_task", "train_vae", "load_vae", "restore_ema", "restore_checked_ema",
+           "measure_scaling_factor", "make_loader"]
 
 _EXTRA_KEYS = ("preset", "kl_weight", "pretrained", "train")
 
