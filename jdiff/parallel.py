@@ -145,7 +145,7 @@ def liveness_timeout(value: float | None = None, *, environ: dict[str, str] | No
   ``$JDIFF_LIVENESS_TIMEOUT``, else 60.
 
   Raises:
-    ValueError: not a number >= 1.
+    ValueError: not a finite number >= 1.
 
   Example:
     >>> liveness_timeout(environ={"JDIFF_LIVENESS_TIMEOUT": "20"})
@@ -157,8 +157,9 @@ def liveness_timeout(value: float | None = None, *, environ: dict[str, str] | No
     seconds = float(raw)
   except (TypeError, ValueError):
     raise ValueError(f"liveness timeout {raw!r} ({ENV_LIVENESS_TIMEOUT}) is not a number of seconds") from None
-  if not seconds >= 1:
-    raise ValueError(f"liveness timeout must be >= 1 second, got {raw!r} ({ENV_LIVENESS_TIMEOUT})")
+  if not 1 <= seconds < float("inf"):
+    raise ValueError(f"liveness timeout must be a finite number >= 1 (seconds), got {raw!r} "
+                     f"({ENV_LIVENESS_TIMEOUT})")
   return seconds
 
 
@@ -181,8 +182,9 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
     timeout_s: how long to wait for every process to connect.
     liveness_timeout_s: see :func:`liveness_timeout` (None: ``$JDIFF_LIVENESS_TIMEOUT`` or 60 s).
     supervise: run the program (``sys.orig_argv``) again as a supervised child and exit
-      (``SystemExit``) with its code; the child reports a lost coordinator as one line (see the
-      module docstring). Only for programs that can be re-run from their command line.
+      (``SystemExit``) with its code; this parent turns the child's native abort on a lost
+      coordinator into the one line (see the module docstring). Only for programs that can be
+      re-run from their command line.
 
   Returns:
     True if the distributed runtime was started by this call.
@@ -199,7 +201,8 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
     return False
   timeout = liveness_timeout(liveness_timeout_s)
   if supervise and not os.environ.get(ENV_SUPERVISOR):
-    raise SystemExit(_supervise(kwargs.get("process_id"), kwargs.get("coordinator_address")))
+    raise SystemExit(_supervise(kwargs.get("process_id"), kwargs.get("num_processes"),
+                                kwargs.get("coordinator_address")))
   if os.environ.get(ENV_SUPERVISOR):
     _die_with_parent(int(os.environ[ENV_SUPERVISOR]))
   extra = {}
@@ -207,7 +210,7 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
     extra["heartbeat_timeout_seconds"] = int(2 * timeout + 30)  # later than the watchdog
   jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs, **extra)
   _INITIALIZED = True
-  _WATCHDOG = _Watchdog(timeout, coordinator=kwargs.get("coordinator_address"))
+  _WATCHDOG = _Watchdog(timeout)
   _WATCHDOG.start()
   atexit.register(_WATCHDOG.finish)
   sys.excepthook = _settle_first(sys.excepthook)
@@ -228,42 +231,44 @@ def _settle_first(hook):
 
 class _Watchdog(threading.Thread):
   """Heartbeats through the coordination service's key-value store; stops the process (one line,
-  :data:`EXIT_PEER_LOST`) when a peer's heartbeat stalls for ``timeout`` seconds."""
+  :data:`EXIT_PEER_LOST`) when a peer's heartbeat stalls for ``timeout`` seconds, or when the
+  store itself has not answered for that long (a second thread watches the first's progress, so a
+  call that hangs on an unreachable coordinator is caught too)."""
 
   PREFIX = "jdiff_liveness/"
   DONE = "done"
 
-  def __init__(self, timeout: float, *, coordinator: str | None):
+  def __init__(self, timeout: float):
     super().__init__(name="jdiff-liveness", daemon=True)
     from jax._src import distributed  # the runtime's client: key-value store of the coordinator
     self.client = distributed.global_state.client
+    self.coordinator = distributed.global_state.coordinator_address or "its address"
     self.me, self.n = jax.process_index(), jax.process_count()
     self.timeout, self.interval = float(timeout), min(2.0, max(0.2, timeout / 10))
-    self.coordinator = coordinator or "the coordinator"
-    self._stop_event = threading.Event()
     self._finished = threading.Event()
+    self._lock = threading.Lock()
+    self._answered = time.monotonic()  # when the key-value store last answered
+    self._store_watch = threading.Thread(target=self._watch_store, name="jdiff-liveness-store", daemon=True)
 
   def _key(self, p: int) -> str:
     return f"{self.PREFIX}{p}"
 
+  def start(self) -> None:
+    super().start()
+    self._store_watch.start()
+
   def run(self) -> None:
-    start = time.monotonic()
-    seen = {p: (None, start) for p in range(self.n) if p != self.me}  # last value, when it changed
-    failing_since = None
+    seen = {p: (None, time.monotonic()) for p in range(self.n) if p != self.me}  # last value, since when
     count = 0
-    while not self._stop_event.is_set():
-      now = time.monotonic()
+    while True:  # until the process exits (a daemon thread)
       try:
         beat = self.DONE if self._finished.is_set() else str(count)
         self.client.key_value_set(self._key(self.me), beat, allow_overwrite=True)
         values = {k.rsplit("/", 1)[-1]: v for k, v in self.client.key_value_dir_get(self.PREFIX)}
-        failing_since = None
-      except Exception as e:  # the coordination service does not answer
-        failing_since = failing_since or now
-        if now - failing_since > self.timeout:
-          self._lost(0, f"the coordinator at {self.coordinator} does not answer ({_one_line(e)})")
-        self._stop_event.wait(self.interval)
+      except Exception:  # the store does not answer: _watch_store decides when that is a loss
+        time.sleep(self.interval)
         continue
+      now = self._answered = time.monotonic()
       for p, (last, since) in seen.items():
         value = values.get(str(p))
         if value == self.DONE:
@@ -273,17 +278,25 @@ class _Watchdog(threading.Thread):
         elif now - since > self.timeout:
           self._lost(p, f"no heartbeat for {now - since:.0f} s")
       count += 1
-      self._stop_event.wait(self.interval)
+      time.sleep(self.interval)
+
+  def _watch_store(self) -> None:
+    while True:
+      time.sleep(self.interval)
+      silent = time.monotonic() - self._answered
+      if silent > self.timeout:
+        self._lost(0, f"its key-value store has not answered for {silent:.0f} s")
 
   def _lost(self, p: int, why: str) -> None:
-    who = f"process {p} of {self.n}" + (f" (the coordinator at {self.coordinator})" if p == 0 else "")
-    print(f"error: lost {who}: {why}; stopping process {self.me}; relaunch every process to resume from "
-          "the last complete checkpoint", file=sys.stderr, flush=True)
-    os._exit(EXIT_PEER_LOST)
+    with self._lock:
+      who = f"process {p} of {self.n}" + (f" (the coordinator at {self.coordinator})" if p == 0 else "")
+      print(f"error: lost {who}: {why}; stopping process {self.me}; relaunch every process to resume "
+            "from the last complete checkpoint", file=sys.stderr, flush=True)
+      os._exit(EXIT_PEER_LOST)
 
   def settle(self) -> None:
     """Waits long enough for a lost peer to be noticed (the watchdog then exits the process)."""
-    self._stop_event.wait(self.timeout + 3 * self.interval)
+    time.sleep(self.timeout + 3 * self.interval)
 
   def finish(self) -> None:
     """Marks this process as finished at exit: its peers stop watching it, while it keeps watching
@@ -321,7 +334,7 @@ def _reachable(address: str | None, timeout: float = 3.0) -> bool:
 _NATIVE_FRAME = re.compile(r"^(\s+@\s+0x[0-9a-f]+\s|\*\*\* Check failure stack trace: \*\*\*)")
 
 
-def _supervise(process_id: int | None, coordinator: str | None) -> int:
+def _supervise(process_id: int | None, num_processes: int | None, coordinator: str | None) -> int:
   """Runs this program's command line as a child; returns its exit code, with a death by signal
   turned into one line (a lost coordinator: :data:`EXIT_PEER_LOST`; else 128 + signal)."""
   env = dict(os.environ, **{ENV_SUPERVISOR: str(os.getpid())})
@@ -345,8 +358,8 @@ def _supervise(process_id: int | None, coordinator: str | None) -> int:
   name = signal.Signals(-rc).name
   who = f"process {process_id}" if process_id is not None else "this process"
   if process_id != 0 and not _reachable(coordinator):
-    print(f"error: lost process 0 (the coordinator at {coordinator}): it no longer answers; stopping {who}; "
-          "relaunch every process to resume from the last complete checkpoint", file=err, flush=True)
+    print(f"error: lost process 0 of {num_processes} (the coordinator at {coordinator}): it no longer answers; "
+          f"stopping {who}; relaunch every process to resume from the last complete checkpoint", file=err, flush=True)
     return EXIT_PEER_LOST
   print(f"error: {who} was stopped by {name}" + (" (an abort in native code: see the messages above)"
                                                  if -rc == signal.SIGABRT else ""), file=err, flush=True)

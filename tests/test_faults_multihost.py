@@ -47,8 +47,9 @@ class _Pair:
           "--coordinator", f"127.0.0.1:{self.port}", "--num_processes", "2", "--process_id", str(pid)]
       self.procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          text=True))
-    self.threads = [threading.Thread(target=self._drain, args=(stream, sink), daemon=True)
-                    for p, o, e in zip(self.procs, self.out, self.err) for stream, sink in ((p.stdout, o), (p.stderr, e))]
+    streams = [(p.stdout, o) for p, o in zip(self.procs, self.out)] + [
+        (p.stderr, e) for p, e in zip(self.procs, self.err)]
+    self.threads = [threading.Thread(target=self._drain, args=pair, daemon=True) for pair in streams]
     for t in self.threads:
       t.start()
 
@@ -142,7 +143,7 @@ def test_worker_death_stops_the_coordinator_within_the_bound(reference, tmp_path
 def test_coordinator_death_stops_the_worker_within_the_bound(reference, tmp_path):
   workdir = tmp_path / "run"
   elapsed, last = _kill_and_check_survivor(workdir, victim=0)
-  assert last.startswith("error: lost process 0 (the coordinator at 127.0.0.1:"), last
+  assert last.startswith("error: lost process 0 of 2 (the coordinator at 127.0.0.1:"), last
   assert "stopping process 1" in last
   assert elapsed <= BOUND, elapsed
   _relaunch_and_compare(workdir, reference)
@@ -174,7 +175,7 @@ def test_liveness_timeout_setting():
   assert parallel.liveness_timeout(environ={}) == parallel.DEFAULT_LIVENESS_TIMEOUT
   assert parallel.liveness_timeout(environ={parallel.ENV_LIVENESS_TIMEOUT: "20"}) == 20.0
   assert parallel.liveness_timeout(7, environ={parallel.ENV_LIVENESS_TIMEOUT: "20"}) == 7.0
-  for bad in ("soon", "0", "nan"):
+  for bad in ("soon", "0", "nan", "inf"):
     with pytest.raises(ValueError, match=parallel.ENV_LIVENESS_TIMEOUT) as e:
       parallel.liveness_timeout(environ={parallel.ENV_LIVENESS_TIMEOUT: bad})
     assert "\n" not in str(e.value)
