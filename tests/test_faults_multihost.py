@@ -38,12 +38,15 @@ def _env() -> dict[str, str]:
 class _Pair:
   """Two processes of one job; their output is drained by threads (lines with arrival times)."""
 
-  def __init__(self, workdir, *overrides: str):
+  def __init__(self, workdir, *overrides: str, program: list[str] | None = None):
+    """``program``: the command without ``--workdir`` (default: the MLP worker with STEPS steps)."""
     import portpicker
     self.port = portpicker.pick_unused_port()
     self.procs, self.out, self.err = [], [[], []], [[], []]
+    base = (program + ["--workdir", str(workdir)] if program
+            else worker.worker_cmd(workdir, f"--config.train.steps={STEPS}"))
     for pid in range(2):
-      cmd = worker.worker_cmd(workdir, f"--config.train.steps={STEPS}", *overrides) + [
+      cmd = base + list(overrides) + [
           "--coordinator", f"127.0.0.1:{self.port}", "--num_processes", "2", "--process_id", str(pid)]
       self.procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          text=True))
@@ -58,7 +61,7 @@ class _Pair:
     for line in stream:
       sink.append((time.monotonic(), line.rstrip("\n")))
 
-  def wait_for(self, text: str, timeout: float = 240) -> None:
+  def wait_for(self, text: str, timeout: float = 900) -> None:
     t0 = time.monotonic()
     while not any(text in line for _, line in self.out[0]):
       if time.monotonic() - t0 > timeout or any(p.poll() is not None for p in self.procs):
@@ -68,7 +71,7 @@ class _Pair:
   def lines(self, pid: int, *, err: bool = False) -> list[str]:
     return [line for _, line in (self.err if err else self.out)[pid]]
 
-  def finish(self, timeout: float = 300) -> list[int]:
+  def finish(self, timeout: float = 900) -> list[int]:
     try:
       for p in self.procs:
         p.wait(timeout=timeout)
@@ -95,8 +98,9 @@ def reference(tmp_path_factory):
   return workdir
 
 
-def _kill_and_check_survivor(workdir, victim: int) -> tuple[float, str]:
-  pair = _Pair(workdir, "--config.data.sleep=0.3")
+def _kill_and_check_survivor(workdir, victim: int, *overrides: str, program: list[str] | None = None
+                             ) -> tuple[float, str]:
+  pair = _Pair(workdir, *overrides, program=program)
   try:
     pair.wait_for("step 3/")
     pair.procs[victim].send_signal(signal.SIGKILL)
@@ -112,9 +116,9 @@ def _kill_and_check_survivor(workdir, victim: int) -> tuple[float, str]:
   return elapsed, errs[-1]
 
 
-def _relaunch_and_compare(workdir, reference) -> None:
+def _relaunch_and_compare(workdir, reference, *, program: list[str] | None = None, steps: int = STEPS) -> None:
   assert not any(name.startswith("corrupt-") for name in os.listdir(workdir / "checkpoints"))
-  pair = _Pair(workdir)
+  pair = _Pair(workdir, program=program)
   rcs = pair.finish()
   assert rcs == [0, 0], (pair.lines(0, err=True)[-20:], pair.lines(1, err=True)[-20:])
   resumed = [ln for ln in pair.lines(0) if "resuming from step" in ln]
@@ -123,7 +127,7 @@ def _relaunch_and_compare(workdir, reference) -> None:
   assert not any("orbax-checkpoint-tmp" in name for name in os.listdir(workdir / "checkpoints"))
   step, state, data_state = worker.saved_state(workdir)
   ref_step, ref_state, ref_data = worker.saved_state(reference)
-  assert step == ref_step == STEPS and data_state["loader"] == ref_data["loader"]
+  assert step == ref_step == steps and data_state["loader"] == ref_data["loader"]
   for key in ("step", "rng", "bad_steps", "skipped_steps"):
     np.testing.assert_array_equal(state[key], ref_state[key])
   # Same processes, batches and keys; float32 tolerance of the cross-process all-reduce.
@@ -133,7 +137,7 @@ def _relaunch_and_compare(workdir, reference) -> None:
 
 def test_worker_death_stops_the_coordinator_within_the_bound(reference, tmp_path):
   workdir = tmp_path / "run"
-  elapsed, last = _kill_and_check_survivor(workdir, victim=1)
+  elapsed, last = _kill_and_check_survivor(workdir, 1, "--config.data.sleep=0.3")
   assert last.startswith("error: lost process 1 of 2: no heartbeat for "), last
   assert "stopping process 0" in last and "relaunch" in last
   assert LIVENESS - 1 <= elapsed <= BOUND, elapsed
@@ -142,11 +146,29 @@ def test_worker_death_stops_the_coordinator_within_the_bound(reference, tmp_path
 
 def test_coordinator_death_stops_the_worker_within_the_bound(reference, tmp_path):
   workdir = tmp_path / "run"
-  elapsed, last = _kill_and_check_survivor(workdir, victim=0)
+  elapsed, last = _kill_and_check_survivor(workdir, 0, "--config.data.sleep=0.3")
   assert last.startswith("error: lost process 0 of 2 (the coordinator at 127.0.0.1:"), last
   assert "stopping process 1" in last
   assert elapsed <= BOUND, elapsed
   _relaunch_and_compare(workdir, reference)
+
+
+@pytest.mark.slow  # three pairs of VAE compilations: many minutes on 2 busy cores
+def test_vae_tiny_worker_death_then_relaunch_equals_uninterrupted(tmp_path):
+  """The real program: ``python -m train.vae`` on configs/vae_tiny.py, worker SIGKILLed mid-run."""
+  from jdiff.data import digits
+  data_dir = tmp_path / "tfds"
+  digits.prepare(str(data_dir))
+  steps = 30
+  program = [sys.executable, "-m", "train.vae", "--config", os.path.join(worker.ROOT, "configs", "vae_tiny.py"),
+             f"--config.data.data_dir={data_dir}", f"--config.train.steps={steps}",
+             "--config.vae.scaling_factor=0.5", "--config.train.keep_checkpoints=3"]
+  pair = _Pair(tmp_path / "reference", program=program)
+  assert pair.finish(timeout=900) == [0, 0], pair.lines(0, err=True)[-20:]
+  elapsed, last = _kill_and_check_survivor(tmp_path / "run", 1, program=program)
+  assert last.startswith("error: lost process 1 of 2: no heartbeat for "), last
+  assert elapsed <= BOUND, elapsed
+  _relaunch_and_compare(tmp_path / "run", tmp_path / "reference", program=program, steps=steps)
 
 
 def test_half_written_step_is_never_restored(reference, tmp_path):
