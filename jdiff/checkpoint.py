@@ -18,6 +18,14 @@ removed on the next start). Each save also records a fingerprint of the state (t
 sums of the raw bits of every leaf) next to the data position; :meth:`Checkpointer.restore_latest`
 verifies it, and a latest step that cannot be read or does not match (truncated or garbled files)
 is moved aside to ``corrupt-<step>`` with a warning naming it, and the previous step is used.
+On several processes a step is renamed into place by process 0 only after every process finished
+writing its part, so a job that loses a process mid-save leaves only a temporary folder behind.
+
+Storage failures: a save that cannot be written (disk full, permission denied) leaves the latest
+complete step as it was and raises :class:`CheckpointSaveError`, one line naming the step, the
+operating system's reason and the step that remains the latest; ``retries`` (or
+``$JDIFF_CHECKPOINT_RETRIES``) retries it first. :func:`check_writable` reports a workdir that
+cannot be written before anything is built.
 
 Example:
   >>> ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3)

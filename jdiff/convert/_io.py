@@ -6,7 +6,10 @@ A checkpoint folder holds a ``config.json`` and the weights as safetensors, eith
 models use ``model``. Tensors come back as numpy arrays; half-precision floats (float16, bfloat16) are
 upcast to float32 so conversion code only ever sees float32.
 
-Pickle-based files (``.bin``, ``.ckpt``, ``.pt``, ``.pth``) are never opened: unpickling runs arbitrary code.
+Files from the internet are not trusted: a safetensors header is validated against the file's length
+(every tensor's dtype, shape and byte range, no overlaps) before any tensor is read, and tensors are
+memory-mapped rather than loaded (:func:`read_safetensors`). Pickle-based files (``.bin``, ``.ckpt``,
+``.pt``, ``.pth``, ``.pkl``) are never opened (:func:`refuse_pickle`): unpickling runs arbitrary code.
 """
 
 from __future__ import annotations
