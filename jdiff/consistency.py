@@ -75,7 +75,7 @@ Solver = Callable[..., jax.Array]
 # ----------------------------------------------------------------------------- parameterisation
 
 
-def boundary_scalings(t: jax.Array, *, timestep_scaling: float = 10.0,
+def boundary_scalings(t: jax.Array, timestep_scaling: float = 10.0, *,
                       sigma_data: float = SIGMA_DATA) -> tuple[jax.Array, jax.Array]:
   """c_skip(t) and c_out(t) of LCM's discrete-time consistency parameterisation.
 

@@ -1,10 +1,18 @@
-"""Samplers: pure functions of a model function, each one XLA program (``lax.scan``).
+"""Samplers: a grid (where the steps fall) plus a step rule (how one step moves), one ``lax.scan``.
 
-``sample(method, model_fn, schedule, x_T, *, num_steps, key=None, **options)`` dispatches by name;
-each method is also importable directly (``samplers.ddim(...)``). Options keep diffusers' names
-and meanings (``timestep_spacing``, ``steps_offset``, ``prediction``, ``eta``, ...).
-``calibrate_timesteps`` fits the ``sigmas=`` grid of a multistep solver to a model
-(:mod:`jdiff.samplers.calibrate`).
+Research code composes the pieces::
+
+  g = samplers.grid(sched, 10, sigmas="karras")           # levels + model timesteps (a pytree)
+  x0 = samplers.solve(model_fn, g, x_T, samplers.dpm_solver_rule(order=3))
+  tail = samplers.cut(g, strength=0.6)                     # img2img: the last 6 steps
+
+Rules: :func:`ddim_rule`, :func:`ddpm_rule`, :func:`euler_rule`, :func:`euler_ancestral_rule`,
+:func:`heun_rule`, :func:`dpm_solver_rule`, :func:`unipc_rule`, :func:`lcm_rule`, or a custom
+:class:`Rule`. ``sample(method, model_fn, schedule, x_T, *, num_steps, key=None, **options)`` is the
+diffusers-named facade that builds grid + rule (options keep diffusers' names and meanings:
+``timestep_spacing``, ``steps_offset``, ``prediction``, ``eta``, ...); each method is also
+importable directly (``samplers.ddim(...)``). ``calibrate_timesteps`` fits the ``sigmas=`` grid of
+a multistep solver to a model (:mod:`jdiff.samplers.calibrate`).
 
 Example:
   >>> x0 = jax.jit(lambda z: samplers.sample("ddim", model_fn, sched, z, num_steps=20))(z)
@@ -14,17 +22,30 @@ from __future__ import annotations
 
 import jax
 
-from jdiff.samplers._common import available, get, register, spaced_timesteps
+from jdiff.samplers.base import (available, call_model, get, process_x0, register, step_noise,
+                                 threshold_sample)
 from jdiff.samplers.calibrate import calibrate_timesteps
-from jdiff.samplers.ddim import ddim
-from jdiff.samplers.ddpm import ddpm
-from jdiff.samplers.dpm_solver import dpm_solver
-from jdiff.samplers.euler import euler, euler_ancestral, heun
-from jdiff.samplers.lcm import lcm
-from jdiff.samplers.unipc import unipc
+from jdiff.samplers.ddim import ddim, ddim_rule
+from jdiff.samplers.ddpm import ddpm, ddpm_rule
+from jdiff.samplers.dpm_solver import dpm_solver, dpm_solver_rule
+from jdiff.samplers.euler import euler, euler_ancestral, euler_ancestral_rule, euler_rule, heun, heun_rule
+from jdiff.samplers.grids import Grid, cut, grid
+from jdiff.samplers.lcm import lcm, lcm_rule, lcm_timesteps
+from jdiff.samplers.levels import (SIGMA_SCHEDULES, beta as beta_sigmas, exponential as exponential_sigmas,
+                                   karras as karras_sigmas, logsnr_uniform as logsnr_sigmas, sigma_to_t,
+                                   spaced_timesteps, train_sigmas)
+from jdiff.samplers.orders import step_orders
+from jdiff.samplers.driver import Rule, Step, solve
+from jdiff.samplers.unipc import unipc, unipc_rule
 
-__all__ = ["sample", "available", "register", "spaced_timesteps", "ddim", "ddpm", "dpm_solver", "euler",
-           "euler_ancestral", "heun", "unipc", "lcm", "calibrate_timesteps"]
+__all__ = ["sample", "available", "get", "register", "spaced_timesteps", "ddim", "ddpm", "dpm_solver", "euler",
+           "euler_ancestral", "heun", "unipc", "lcm", "calibrate_timesteps",
+           # the composable surface
+           "Grid", "grid", "cut", "Rule", "Step", "solve", "step_orders", "ddim_rule", "ddpm_rule", "euler_rule",
+           "euler_ancestral_rule", "heun_rule", "dpm_solver_rule", "unipc_rule", "lcm_rule", "lcm_timesteps",
+           "call_model", "step_noise", "process_x0", "threshold_sample",
+           "SIGMA_SCHEDULES", "karras_sigmas", "exponential_sigmas", "logsnr_sigmas", "beta_sigmas", "sigma_to_t",
+           "train_sigmas"]
 
 
 def sample(method: str, model_fn, schedule, x_T: jax.Array, *, num_steps: int | None = None,

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff.samplers import _common, _sigmas
+from jdiff.samplers import base, levels
 from jdiff.schedules import Schedule
 
 __all__ = ["calibrate_timesteps", "sigma_range", "sigmas_from_logits", "logits_from_sigmas", "initial_sigmas",
@@ -105,7 +105,7 @@ def logits_from_sigmas(sigmas, sigma_min: float, sigma_max: float, slack: float 
 def initial_sigmas(init, num_steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
   """The evaluated levels [n] of a named starting grid ("logsnr", "karras") or of an explicit list."""
   if isinstance(init, str):
-    fns = {"logsnr": _sigmas.logsnr_uniform, "karras": _sigmas.karras}
+    fns = {"logsnr": levels.logsnr_uniform, "karras": levels.karras}
     if init not in fns:
       raise ValueError(f"unknown init {init!r}; expected one of {sorted(fns)} or a list of sigmas")
     return np.asarray(fns[init](sigma_min, sigma_max, num_steps, xp=np), np.float64)  # descending
@@ -185,7 +185,7 @@ def calibrate_timesteps(method: str, model_fn: Callable[[jax.Array, jax.Array], 
   x_calib = jnp.asarray(x_calib, jnp.float32)
   if x_calib.ndim < 2:
     raise ValueError(f"x_calib must have a batch axis and at least one data axis, got shape {x_calib.shape}")
-  student = _common.get(method)
+  student = base.get(method)
   if loss not in LOSSES:
     raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
   inits = init if isinstance(init, (tuple, list)) and (not init or isinstance(init[0], str)) else (init,)
@@ -199,24 +199,24 @@ def calibrate_timesteps(method: str, model_fn: Callable[[jax.Array, jax.Array], 
     if "prediction" in options:
       ref_opts.setdefault("prediction", options["prediction"])
     if reference is None:
-      ref_opts["sigmas"] = np.concatenate([_sigmas.logsnr_uniform(lo, hi, int(reference_steps)), [0.0]])
+      ref_opts["sigmas"] = np.concatenate([levels.logsnr_uniform(lo, hi, int(reference_steps)), [0.0]])
     else:
       ref_opts.setdefault("num_steps", int(reference_steps))
-    x_ref = jax.jit(lambda z: _common.get(ref_method)(model_fn, schedule, z, **ref_opts))(x_calib)
+    x_ref = jax.jit(lambda z: base.get(ref_method)(model_fn, schedule, z, **ref_opts))(x_calib)
   x_ref = jnp.asarray(x_ref, jnp.float32)
   if x_ref.shape != x_calib.shape:
     raise ValueError(f"x_ref shape {x_ref.shape} does not match x_calib shape {x_calib.shape}")
   b = x_calib.shape[0]
   ref_sq = jnp.sum((x_ref * x_ref).reshape(b, -1), axis=1)  # [B]
 
-  log_table = jnp.log(_sigmas.train_sigmas(jnp.asarray(schedule.alphas_cumprod, jnp.float32), jnp))
+  log_table = jnp.log(levels.train_sigmas(jnp.asarray(schedule.alphas_cumprod, jnp.float32), jnp))
 
   def grid(params):
     logits, shift = params
     sig = sigmas_from_logits(logits, lo, hi, final_type)
     if not shift_timesteps:
       return sig, None
-    return sig, _sigmas.sigma_to_t(sig[:-1] * jnp.exp(shift), log_table, jnp).astype(jnp.float32)
+    return sig, levels.sigma_to_t(sig[:-1] * jnp.exp(shift), log_table, jnp).astype(jnp.float32)
 
   def loss_fn(params):
     sig, ts = grid(params)

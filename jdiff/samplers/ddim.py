@@ -9,18 +9,63 @@ every step when eta > 0.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jdiff import diffusion
-from jdiff.samplers import _common
+from jdiff.samplers import base, levels
+from jdiff.samplers.grids import cut, grid
+from jdiff.samplers.driver import Rule, solve
 from jdiff.schedules import Schedule
 
-__all__ = ["ddim"]
+__all__ = ["ddim", "ddim_rule"]
 
 
-@_common.register("ddim")
+def ddim_rule(eta: float = 0.0, *, prediction: str = "epsilon", postprocess=None,
+              use_clipped_model_output: bool = False, target_alpha_bar=None) -> Rule:
+  """The DDIM update x_s = alpha_s x0_hat + sqrt(sigma_s^2 - std^2) eps_hat + std z (a VP rule).
+
+  Args:
+    eta: stochasticity: std = eta sqrt((1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s)).
+    prediction: what the model outputs ("epsilon", "v" or "sample").
+    postprocess: ``x0 -> x0`` applied to the data estimate (clipping, thresholding), or None.
+    use_clipped_model_output: recompute eps_hat from the post-processed x0 (diffusers' option).
+    target_alpha_bar: [n] alpha-bars to land on instead of the grid's next levels (diffusers'
+      DDIMScheduler steps to t - T // n, off the grid for some spacings).
+
+  Example:
+    >>> x0 = solve(model_fn, grid(sched, 50, convention="discrete"), x_T, ddim_rule())
+  """
+  prediction = diffusion.check_prediction(prediction)
+  stochastic = not (isinstance(eta, (int, float)) and eta == 0)
+  post = postprocess or (lambda x0: x0)
+
+  def step(model_fn, x, s):
+    at = s.alpha_bar
+    ap = s.alpha_bar_to if target_alpha_bar is None else s.plan
+    out = base.call_model(model_fn, x, s.t)
+    alpha, sigma = at ** 0.5, (1.0 - at) ** 0.5
+    x0 = diffusion.to_x0(out, x, alpha, sigma, prediction)
+    eps = diffusion.to_epsilon(out, x, alpha, sigma, prediction)
+    x0 = post(x0)
+    variance = ((1.0 - ap) / (1.0 - at)) * (1.0 - at / ap)
+    std = eta * variance ** 0.5
+    if use_clipped_model_output:
+      eps = (x - alpha * x0) / sigma
+    x_prev = ap ** 0.5 * x0 + (1.0 - ap - std ** 2) ** 0.5 * eps
+    if stochastic:
+      x_prev = x_prev + std * base.step_noise(s.key, x.shape)
+    return x_prev
+
+  plan = (lambda g: None) if target_alpha_bar is None else (
+      lambda g: jnp.asarray(target_alpha_bar, jnp.float32)[g.offset:g.offset + g.num_steps])
+  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, plan=plan, needs_key=lambda g: stochastic)
+
+
+@base.register("ddim")
 def ddim(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, eta: float = 0.0,
          key: jax.Array | None = None, prediction: str = "epsilon", timestep_spacing: str = "leading",
          steps_offset: int = 0, set_alpha_to_one: bool = True, clip_sample: bool = False,
@@ -57,34 +102,20 @@ def ddim(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, eta: f
     >>> x0 = jax.jit(lambda z: samplers.ddim(model_fn, sched, z, num_steps=50))(z)
   """
   num_t = schedule.num_timesteps
-  ts = _common.spaced_timesteps(num_t, num_steps, timestep_spacing, steps_offset)
+  g = grid(schedule, num_steps, spacing=timestep_spacing, steps_offset=steps_offset, convention="discrete",
+           final="zero" if set_alpha_to_one else "sigma_min")
+  ts = levels.spaced_timesteps(num_t, num_steps, timestep_spacing, steps_offset)
   prev = np.concatenate([ts[1:], [-1]]) if prev_from_grid else ts - num_t // num_steps
-  ts, prev = _common.skip_steps(ts, prev, start_step)
-  stochastic = not (isinstance(eta, (int, float)) and eta == 0)
-  x, prediction, keys = _common.prepare(x_T, prediction, key, len(ts), stochastic)
-
-  abar = schedule.alphas_cumprod
-  final = jnp.float32(1.0) if set_alpha_to_one else abar[0]
-  a_t = abar[ts]
-  a_prev = jnp.where(jnp.asarray(prev >= 0), abar[np.maximum(prev, 0)], final)
-  post = dict(clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
-              dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
-
-  def step(x, inputs):
-    t, at, ap, k = inputs
-    out = _common.call_model(model_fn, x, t)
-    alpha, sigma = at ** 0.5, (1.0 - at) ** 0.5
-    x0 = diffusion.to_x0(out, x, alpha, sigma, prediction)
-    eps = diffusion.to_epsilon(out, x, alpha, sigma, prediction)
-    x0 = _common.process_x0(x0, **post)
-    variance = ((1.0 - ap) / (1.0 - at)) * (1.0 - at / ap)
-    std = eta * variance ** 0.5
-    if use_clipped_model_output:
-      eps = (x - alpha * x0) / sigma
-    x_prev = ap ** 0.5 * x0 + (1.0 - ap - std ** 2) ** 0.5 * eps
-    if stochastic:
-      x_prev = x_prev + std * _common.step_noise(k, x.shape)
-    return x_prev, (x_prev if return_trajectory else None)
-
-  x, traj = jax.lax.scan(step, x, (jnp.asarray(ts, jnp.int32), a_t, a_prev, keys))
-  return (x, traj) if return_trajectory else x
+  target = None
+  if np.any(prev[:-1] != ts[1:]) or prev[-1] >= 0:  # diffusers' DDIM steps off the grid
+    final = jnp.float32(1.0) if set_alpha_to_one else schedule.alphas_cumprod[0]
+    target = jnp.where(jnp.asarray(prev >= 0), schedule.alphas_cumprod[np.maximum(prev, 0)], final)
+  if not 0 <= int(start_step) < num_steps:
+    raise ValueError(f"start_step must be in [0, {num_steps}), got {start_step}")
+  g = cut(g, int(start_step))
+  post = functools.partial(base.process_x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                           thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                           sample_max_value=sample_max_value)
+  rule = ddim_rule(eta, prediction=prediction, postprocess=post, use_clipped_model_output=use_clipped_model_output,
+                   target_alpha_bar=target)
+  return solve(model_fn, g, x_T, rule, key=key, return_trajectory=return_trajectory)

@@ -7,22 +7,74 @@ each step using the posterior between consecutive visited timesteps (as diffuser
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jdiff import diffusion
-from jdiff.samplers import _common
+from jdiff.samplers import base
+from jdiff.samplers.grids import cut, grid
+from jdiff.samplers.driver import Rule, solve
 from jdiff.schedules import Schedule
 
-__all__ = ["ddpm", "VARIANCE_TYPES"]
+__all__ = ["ddpm", "ddpm_rule", "VARIANCE_TYPES"]
 
 # diffusers also lists "fixed_large_log", whose step takes the square root of log(beta_t) < 0 and
 # so yields NaN; it is not offered here.
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 
 
-@_common.register("ddpm")
+def ddpm_rule(variance_type: str = "fixed_small", *, prediction: str = "epsilon", postprocess=None) -> Rule:
+  """The ancestral DDPM step: x_s ~ N(posterior mean(x_t, x0_hat), var) between grid levels (a VP rule).
+
+  Noise is added on every step whose model timestep is > 0 (diffusers' rule). For "learned" and
+  "learned_range" the model output has twice the channels (last axis): prediction, then variance.
+
+  Example:
+    >>> x0 = solve(model_fn, grid(sched, 1000, convention="discrete"), x_T, ddpm_rule(), key=key)
+  """
+  if variance_type not in VARIANCE_TYPES:
+    raise ValueError(f"unknown variance_type {variance_type!r}; expected one of {VARIANCE_TYPES}")
+  prediction = diffusion.check_prediction(prediction)
+  post = postprocess or (lambda x0: x0)
+  learned = variance_type in ("learned", "learned_range")
+
+  def step(model_fn, x, s):
+    t, at, ap = s.t, s.alpha_bar, s.alpha_bar_to
+    out = base.call_model(model_fn, x, t)
+    channels = x.shape[-1]
+    pred_var = None
+    if learned:
+      if out.shape[-1] != 2 * channels:
+        raise ValueError(f"variance_type={variance_type!r} needs {2 * channels} output channels, "
+                         f"got {out.shape[-1]}")
+      out, pred_var = out[..., :channels], out[..., channels:]
+    beta_prod_t, beta_prod_prev = 1.0 - at, 1.0 - ap
+    cur_alpha = at / ap
+    cur_beta = 1.0 - cur_alpha
+    x0 = post(diffusion.to_x0(out, x, at ** 0.5, beta_prod_t ** 0.5, prediction))
+    mean = (ap ** 0.5 * cur_beta / beta_prod_t) * x0 + (cur_alpha ** 0.5 * beta_prod_prev / beta_prod_t) * x
+    var = jnp.maximum(beta_prod_prev / beta_prod_t * cur_beta, 1e-20)
+    if variance_type == "fixed_small":
+      std = var ** 0.5
+    elif variance_type == "fixed_small_log":
+      std = jnp.exp(0.5 * jnp.log(var))
+    elif variance_type == "fixed_large":
+      std = cur_beta ** 0.5
+    elif variance_type == "learned":
+      std = pred_var ** 0.5
+    else:  # learned_range
+      frac = (pred_var + 1.0) / 2.0
+      std = jnp.exp(0.5 * (frac * jnp.log(cur_beta) + (1.0 - frac) * jnp.log(var)))
+    noise = base.step_noise(s.key, x.shape)
+    return mean + jnp.where(t > 0, std * noise, 0.0)
+
+  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, needs_key=lambda g: True)
+
+
+@base.register("ddpm")
 def ddpm(model_fn, schedule: Schedule, x_T: jax.Array, *, key: jax.Array | None = None,
          num_steps: int | None = None, variance_type: str = "fixed_small", prediction: str = "epsilon",
          timestep_spacing: str = "leading", steps_offset: int = 0, clip_sample: bool = False,
@@ -50,56 +102,15 @@ def ddpm(model_fn, schedule: Schedule, x_T: jax.Array, *, key: jax.Array | None 
   Returns:
     x_0 in float32 (and the trajectory when asked).
   """
-  if variance_type not in VARIANCE_TYPES:
-    raise ValueError(f"unknown variance_type {variance_type!r}; expected one of {VARIANCE_TYPES}")
   num_t = schedule.num_timesteps
   if num_steps is None:
-    ts = np.arange(num_t)[::-1].copy()
+    g = grid(schedule, timesteps=np.arange(num_t)[::-1].copy(), convention="discrete")
   else:
-    ts = _common.spaced_timesteps(num_t, num_steps, timestep_spacing, steps_offset)
-  prev = np.concatenate([ts[1:], [-1]])
-  ts, prev = _common.skip_steps(ts, prev, start_step)
-  n = len(ts)
-  x, prediction, keys = _common.prepare(x_T, prediction, key, n, True)
-
-  abar = schedule.alphas_cumprod
-  a_t = abar[ts]
-  a_prev = jnp.where(jnp.asarray(prev >= 0), abar[np.maximum(prev, 0)], jnp.float32(1.0))
-  learned = variance_type in ("learned", "learned_range")
-  channels = x.shape[-1]
-  post = dict(clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
-              dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
-
-  def step(x, inputs):
-    t, at, ap, k = inputs
-    out = _common.call_model(model_fn, x, t)
-    pred_var = None
-    if learned:
-      if out.shape[-1] != 2 * channels:
-        raise ValueError(f"variance_type={variance_type!r} needs {2 * channels} output channels, "
-                         f"got {out.shape[-1]}")
-      out, pred_var = out[..., :channels], out[..., channels:]
-    beta_prod_t, beta_prod_prev = 1.0 - at, 1.0 - ap
-    cur_alpha = at / ap
-    cur_beta = 1.0 - cur_alpha
-    x0 = diffusion.to_x0(out, x, at ** 0.5, beta_prod_t ** 0.5, prediction)
-    x0 = _common.process_x0(x0, **post)
-    mean = (ap ** 0.5 * cur_beta / beta_prod_t) * x0 + (cur_alpha ** 0.5 * beta_prod_prev / beta_prod_t) * x
-    var = jnp.maximum(beta_prod_prev / beta_prod_t * cur_beta, 1e-20)
-    if variance_type == "fixed_small":
-      std = var ** 0.5
-    elif variance_type == "fixed_small_log":
-      std = jnp.exp(0.5 * jnp.log(var))
-    elif variance_type == "fixed_large":
-      std = cur_beta ** 0.5
-    elif variance_type == "learned":
-      std = pred_var ** 0.5
-    else:  # learned_range
-      frac = (pred_var + 1.0) / 2.0
-      std = jnp.exp(0.5 * (frac * jnp.log(cur_beta) + (1.0 - frac) * jnp.log(var)))
-    noise = _common.step_noise(k, x.shape)
-    x_prev = mean + jnp.where(t > 0, std * noise, 0.0)
-    return x_prev, (x_prev if return_trajectory else None)
-
-  x, traj = jax.lax.scan(step, x, (jnp.asarray(ts, jnp.int32), a_t, a_prev, keys))
-  return (x, traj) if return_trajectory else x
+    g = grid(schedule, num_steps, spacing=timestep_spacing, steps_offset=steps_offset, convention="discrete")
+  if not 0 <= int(start_step) < g.num_steps:
+    raise ValueError(f"start_step must be in [0, {g.num_steps}), got {start_step}")
+  post = functools.partial(base.process_x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                           thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                           sample_max_value=sample_max_value)
+  rule = ddpm_rule(variance_type, prediction=prediction, postprocess=post)
+  return solve(model_fn, cut(g, int(start_step)), x_T, rule, key=key, return_trajectory=return_trajectory)

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -20,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff import diffusion
-from jdiff.samplers import _common, _sigmas
-from jdiff.samplers.dpm_solver import _pick_sigma_schedule
+from jdiff.samplers import base, levels
+from jdiff.samplers.grids import Grid, grid
+from jdiff.samplers.driver import Rule, Step, solve
 from jdiff.schedules import Schedule
 
-__all__ = ["euler", "euler_ancestral", "heun"]
+__all__ = ["euler", "euler_ancestral", "heun", "euler_rule", "euler_ancestral_rule", "heun_rule"]
 
 
 def _ve_to_x0(out: jax.Array, y: jax.Array, sigma: jax.Array, prediction: str) -> jax.Array:
@@ -33,21 +35,139 @@ def _ve_to_x0(out: jax.Array, y: jax.Array, sigma: jax.Array, prediction: str) -
   return diffusion.to_x0(out, y * alpha, alpha, sigma * alpha, prediction)
 
 
+def _ve_init(x: jax.Array, g: Grid):
+  """The VE state (y = x / alpha, current alpha) of a sample at level 0."""
+  return x / g.alpha[0], g.alpha[0]
+
+
+def _ve_sample(state) -> jax.Array:
+  return state[0] * state[-1]
+
+
+def euler_rule(*, prediction: str = "epsilon", s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+               s_noise: float = 1.0) -> Rule:
+  """Euler's method on the probability-flow ODE in the VE variables y = x / alpha, sigma / alpha:
+  y' = y + (y - x0_hat) / sigma (sigma' - sigma), with Karras et al.'s optional churn.
+
+  Args:
+    prediction: what the model outputs.
+    s_churn, s_tmin, s_tmax, s_noise: churn: levels in [s_tmin, s_tmax] are first raised to
+      sigma (1 + gamma), gamma = min(s_churn / n, sqrt(2) - 1), with fresh noise (needs a key).
+
+  Example:
+    >>> x0 = solve(model_fn, grid(sched, 30, sigmas="karras", convention="euler"), x_T, euler_rule())
+  """
+  prediction = diffusion.check_prediction(prediction)
+  stochastic = s_churn > 0
+
+  def plan(g):
+    ve = g.ve_sigma[:-1]
+    gamma_max = min(s_churn / g.total, 2 ** 0.5 - 1)
+    return jnp.where((s_tmin <= ve) & (ve <= s_tmax), gamma_max, 0.0)
+
+  def step(model_fn, state, st: Step):
+    y, _ = state
+    s, s_next, gamma = st.sigma / st.alpha, st.sigma_to / st.alpha_to, st.plan
+    s_hat = s * (gamma + 1.0)
+    # as in diffusers, the model sees the state before the churn noise is added
+    out = base.call_model(model_fn, y / jnp.sqrt(s * s + 1.0), st.t)
+    if stochastic:
+      z = base.step_noise(st.key, y.shape) * s_noise
+      y = y + jnp.where(gamma > 0, z * jnp.sqrt(s_hat * s_hat - s * s), 0.0)
+    # diffusers converts epsilon at sigma_hat and v at sigma (equal unless churning)
+    x0 = _ve_to_x0(out, y, s_hat if prediction == "epsilon" else s, prediction)
+    return y + (y - x0) / s_hat * (s_next - s_hat), st.alpha_to
+
+  return Rule(init=_ve_init, step=step, sample=_ve_sample, plan=plan, needs_key=lambda g: stochastic)
+
+
+def euler_ancestral_rule(*, prediction: str = "epsilon") -> Rule:
+  """Euler ancestral: a deterministic Euler step down to sigma_down plus fresh noise of scale sigma_up,
+  sigma_down^2 + sigma_up^2 = sigma'^2 (VE variables; always needs a key).
+
+  Example:
+    >>> x0 = solve(model_fn, grid(sched, 30, convention="euler"), x_T, euler_ancestral_rule(), key=key)
+  """
+  prediction = diffusion.check_prediction(prediction)
+
+  def step(model_fn, state, st: Step):
+    y, _ = state
+    s, s_next = st.sigma / st.alpha, st.sigma_to / st.alpha_to
+    out = base.call_model(model_fn, y / jnp.sqrt(s * s + 1.0), st.t)
+    x0 = _ve_to_x0(out, y, s, prediction)
+    s_up = jnp.sqrt(s_next * s_next * (s * s - s_next * s_next) / (s * s))
+    s_down = jnp.sqrt(s_next * s_next - s_up * s_up)
+    return y + (y - x0) / s * (s_down - s) + base.step_noise(st.key, y.shape) * s_up, st.alpha_to
+
+  return Rule(init=_ve_init, step=step, sample=_ve_sample, needs_key=lambda g: True)
+
+
+def _heun_calls(steps: Step) -> Step:
+  """Per-call inputs of Heun: call 2i is the predictor of step i, call 2i + 1 the corrector of step i
+  (at step i's target level); a step landing on zero noise has no corrector (2 n - 1 calls)."""
+  n = steps.t.shape[0]
+  k = np.arange(2 * n - 1)
+  corrector = k % 2 == 1
+  idx = np.where(corrector, (k + 1) // 2 - 1, k // 2)
+  calls = jax.tree.map(lambda a: a[idx], steps._replace(plan=None))
+  return calls._replace(t=steps.t[(k + 1) // 2], plan=jnp.asarray(corrector))
+
+
+def heun_rule(*, prediction: str = "epsilon", postprocess=None) -> Rule:
+  """Heun's second-order method in the VE variables: an Euler predictor to the next level, then a
+  trapezoidal corrector with the model evaluated there (2 n - 1 model calls for n steps).
+
+  Example:
+    >>> x0 = solve(model_fn, grid(sched, 15, sigmas="karras", convention="euler"), x_T, heun_rule())
+  """
+  prediction = diffusion.check_prediction(prediction)
+  post = postprocess or (lambda x0: x0)
+
+  def init(x, g):
+    y, a = _ve_init(x, g)
+    return y, y, jnp.zeros_like(y), a
+
+  def step(model_fn, state, st: Step):
+    y, y_saved, d_saved, _ = state
+    corr = st.plan
+    a, b = st.sigma / st.alpha, st.sigma_to / st.alpha_to  # the step's levels (VE)
+    s_in = jnp.where(corr, b, a)  # the level the model is evaluated at
+    out = base.call_model(model_fn, y / jnp.sqrt(s_in * s_in + 1.0), st.t)
+    x0 = post(_ve_to_x0(out, y, s_in, prediction))
+    d = (y - x0) / s_in
+    y_pred = y + d * (b - a)
+    y_corr = y_saved + (d_saved + d) / 2 * (b - a)
+    y_next = jnp.where(corr, y_corr, y_pred)
+    return y_next, jnp.where(corr, y_saved, y), jnp.where(corr, d_saved, d), st.alpha_to
+
+  return Rule(init=init, step=step, sample=_ve_sample, calls=_heun_calls)
+
+
 def _init_scale(sig: jax.Array, spacing: str) -> jax.Array:
   """diffusers' ``init_noise_sigma``: max sigma (linspace, trailing) or sqrt(max^2 + 1) (leading)."""
   top = jnp.max(sig)
   return top if spacing in ("linspace", "trailing") else jnp.sqrt(top * top + 1.0)
 
 
-def _grid(schedule, num_steps, spacing, steps_offset, sigma_schedule, final_sigmas_type="zero",
-          sigma_min=None, sigma_max=None):
-  ts, sig = _sigmas.euler_grid(schedule.alphas_cumprod, num_steps, spacing=spacing, steps_offset=steps_offset,
-                               sigma_schedule=sigma_schedule, final_sigmas_type=final_sigmas_type,
-                               sigma_min=sigma_min, sigma_max=sigma_max)
-  return jnp.asarray(ts, jnp.float32), jnp.asarray(sig, jnp.float32)
+def _facade(rule: Rule, g: Grid, spacing: str) -> Rule:
+  """diffusers' conventions on top of a VE rule: the state starts at ``x_T * init_noise_sigma`` and
+  the VE state y itself is returned (x_0 when the grid ends at zero noise)."""
+  scale = _init_scale(g.ve_sigma, spacing)
+
+  def init(x, g):
+    return (x * scale,) + tuple(rule.init(x, g)[1:])
+
+  return rule._replace(init=init, sample=lambda state: state[0])
 
 
-@_common.register("euler")
+def _euler_grid(schedule, num_steps, spacing, steps_offset, sigma_schedule, final="zero", sigma_min=None,
+                sigma_max=None) -> Grid:
+  rng = None if sigma_min is None and sigma_max is None else (sigma_min, sigma_max)
+  return grid(schedule, num_steps, spacing=spacing, steps_offset=steps_offset, sigmas=sigma_schedule, final=final,
+              convention="euler", sigma_range=rng)
+
+
+@base.register("euler")
 def euler(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: jax.Array | None = None,
           prediction: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0,
           use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
@@ -65,7 +185,7 @@ def euler(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
     prediction: "epsilon", "v" or "sample".
     timestep_spacing, steps_offset: diffusers' timestep spacing.
     use_karras_sigmas, use_exponential_sigmas, sigma_schedule: sigma schedule (see
-      :mod:`jdiff.samplers._sigmas`); ``sigma_min``/``sigma_max`` override its range.
+      :mod:`jdiff.samplers.levels`); ``sigma_min``/``sigma_max`` override its range.
     final_sigmas_type: "zero" or "sigma_min".
     s_churn, s_tmin, s_tmax, s_noise: Karras et al.'s stochastic churn (diffusers' step args).
     return_trajectory: also return the VE state after every step [num_steps, B, ...].
@@ -76,34 +196,14 @@ def euler(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
   Example:
     >>> x0 = samplers.euler(model_fn, sched, z, num_steps=30)
   """
-  sigma_schedule = _pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
-  ts, sig = _grid(schedule, num_steps, timestep_spacing, steps_offset, sigma_schedule, final_sigmas_type,
+  sigma_schedule = levels.pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
+  g = _euler_grid(schedule, num_steps, timestep_spacing, steps_offset, sigma_schedule, final_sigmas_type,
                   sigma_min, sigma_max)
-  stochastic = s_churn > 0
-  x, prediction, keys = _common.prepare(x_T, prediction, key, num_steps, stochastic)
-  y = x * _init_scale(sig, timestep_spacing)
-  n = int(num_steps)
-  gamma_max = min(s_churn / n, 2 ** 0.5 - 1)
-  gammas = jnp.where((s_tmin <= sig[:-1]) & (sig[:-1] <= s_tmax), gamma_max, 0.0)
-
-  def step(y, inputs):
-    t, s, s_next, gamma, k = inputs
-    s_hat = s * (gamma + 1.0)
-    # as in diffusers, the model sees the state before the churn noise is added
-    out = _common.call_model(model_fn, y / jnp.sqrt(s * s + 1.0), t, jnp.float32)
-    if stochastic:
-      z = _common.step_noise(k, y.shape) * s_noise
-      y = y + jnp.where(gamma > 0, z * jnp.sqrt(s_hat * s_hat - s * s), 0.0)
-    # diffusers converts epsilon at sigma_hat and v at sigma (equal unless churning)
-    x0 = _ve_to_x0(out, y, s_hat if prediction == "epsilon" else s, prediction)
-    y_next = y + (y - x0) / s_hat * (s_next - s_hat)
-    return y_next, (y_next if return_trajectory else None)
-
-  y, traj = jax.lax.scan(step, y, (ts, sig[:-1], sig[1:], gammas, keys))
-  return (y, traj) if return_trajectory else y
+  rule = euler_rule(prediction=prediction, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+  return solve(model_fn, g, x_T, _facade(rule, g, timestep_spacing), key=key, return_trajectory=return_trajectory)
 
 
-@_common.register("euler_ancestral")
+@base.register("euler_ancestral")
 def euler_ancestral(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
                     key: jax.Array | None = None, prediction: str = "epsilon",
                     timestep_spacing: str = "linspace", steps_offset: int = 0,
@@ -119,7 +219,7 @@ def euler_ancestral(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: 
     schedule: the training noise schedule.
     x_T: unit-variance starting noise [B, ...].
     num_steps: number of model calls.
-    key: PRNG key (required); step i draws ``_common.step_noise(split(key, num_steps)[i], shape)``.
+    key: PRNG key (required); step i draws ``samplers.step_noise(split(key, num_steps)[i], shape)``.
     prediction: "epsilon", "v" or "sample" (diffusers lacks "sample" here).
     timestep_spacing, steps_offset: diffusers' spacing.
     use_karras_sigmas, use_exponential_sigmas, sigma_schedule: sigma schedules (a jdiff
@@ -132,25 +232,13 @@ def euler_ancestral(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: 
   Example:
     >>> x0 = samplers.euler_ancestral(model_fn, sched, z, num_steps=30, key=jax.random.key(0))
   """
-  sigma_schedule = _pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
-  ts, sig = _grid(schedule, num_steps, timestep_spacing, steps_offset, sigma_schedule)
-  x, prediction, keys = _common.prepare(x_T, prediction, key, num_steps, True)
-  y = x * _init_scale(sig, timestep_spacing)
-
-  def step(y, inputs):
-    t, s, s_next, k = inputs
-    out = _common.call_model(model_fn, y / jnp.sqrt(s * s + 1.0), t, jnp.float32)
-    x0 = _ve_to_x0(out, y, s, prediction)
-    s_up = jnp.sqrt(s_next * s_next * (s * s - s_next * s_next) / (s * s))
-    s_down = jnp.sqrt(s_next * s_next - s_up * s_up)
-    y_next = y + (y - x0) / s * (s_down - s) + _common.step_noise(k, y.shape) * s_up
-    return y_next, (y_next if return_trajectory else None)
-
-  y, traj = jax.lax.scan(step, y, (ts, sig[:-1], sig[1:], keys))
-  return (y, traj) if return_trajectory else y
+  sigma_schedule = levels.pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
+  g = _euler_grid(schedule, num_steps, timestep_spacing, steps_offset, sigma_schedule)
+  rule = _facade(euler_ancestral_rule(prediction=prediction), g, timestep_spacing)
+  return solve(model_fn, g, x_T, rule, key=key, return_trajectory=return_trajectory)
 
 
-@_common.register("heun")
+@base.register("heun")
 def heun(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: jax.Array | None = None,
          prediction: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0,
          use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
@@ -178,35 +266,8 @@ def heun(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: j
     >>> x0 = samplers.heun(model_fn, sched, z, num_steps=15, use_karras_sigmas=True)
   """
   del key
-  sigma_schedule = _pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
-  ts, sig = _grid(schedule, num_steps, timestep_spacing, steps_offset, sigma_schedule)
-  n = int(num_steps)
-  x, prediction, _ = _common.prepare(x_T, prediction, None, n, False)
-  y = x * _init_scale(sig, timestep_spacing)
-  # one scan iteration per model call: calls 0, 2, 4, ... are predictors (interval i = call // 2),
-  # calls 1, 3, ... correctors of the interval before them.
-  calls = 2 * n - 1
-  k = np.arange(calls)
-  interval = (k + 1) // 2
-  corrector = jnp.asarray(k % 2 == 1)
-  t_call = ts[np.where(k % 2 == 1, interval, interval)]
-  s_in = sig[np.where(k % 2 == 1, interval, interval)]  # the sigma scale_model_input sees
-  s_from = sig[np.where(k % 2 == 1, interval - 1, interval)]
-  s_to = sig[np.where(k % 2 == 1, interval, interval + 1)]
-  post = dict(clip_sample=clip_sample, clip_sample_range=clip_sample_range)
-
-  def step(carry, inputs):
-    y, y_saved, d_saved = carry
-    t, s, a, b, corr = inputs
-    out = _common.call_model(model_fn, y / jnp.sqrt(s * s + 1.0), t, jnp.float32)
-    s_conv = jnp.where(corr, b, a)
-    x0 = _common.process_x0(_ve_to_x0(out, y, s_conv, prediction), **post)
-    d = (y - x0) / s_conv
-    y_pred = y + d * (b - a)
-    y_corr = y_saved + (d_saved + d) / 2 * (b - a)
-    y_next = jnp.where(corr, y_corr, y_pred)
-    carry = (y_next, jnp.where(corr, y_saved, y), jnp.where(corr, d_saved, d))
-    return carry, (y_next if return_trajectory else None)
-
-  (y, _, _), traj = jax.lax.scan(step, (y, y, jnp.zeros_like(y)), (t_call, s_in, s_from, s_to, corrector))
-  return (y, traj) if return_trajectory else y
+  sigma_schedule = levels.pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
+  g = _euler_grid(schedule, num_steps, timestep_spacing, steps_offset, sigma_schedule)
+  post = functools.partial(base.process_x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range)
+  rule = _facade(heun_rule(prediction=prediction, postprocess=post), g, timestep_spacing)
+  return solve(model_fn, g, x_T, rule, return_trajectory=return_trajectory)

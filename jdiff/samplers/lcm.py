@@ -13,17 +13,22 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import diffusion
-from jdiff.samplers import _common
+from jdiff import consistency, diffusion
+from jdiff.samplers import base
+from jdiff.samplers.grids import grid
+from jdiff.samplers.driver import Rule, solve
 from jdiff.schedules import Schedule
 
-__all__ = ["lcm", "lcm_timesteps", "boundary_scalings"]
+__all__ = ["lcm", "lcm_rule", "lcm_timesteps", "boundary_scalings"]
 
-SIGMA_DATA = 0.5
+# one definition, in jdiff.consistency; kept importable from here
+boundary_scalings = consistency.boundary_scalings
 
 
 def lcm_timesteps(num_train: int, num_steps: int, original_inference_steps: int = 50) -> np.ndarray:
@@ -39,15 +44,32 @@ def lcm_timesteps(num_train: int, num_steps: int, original_inference_steps: int 
   return origin[idx].copy()
 
 
-def boundary_scalings(t: jax.Array, timestep_scaling: float = 10.0) -> tuple[jax.Array, jax.Array]:
-  """c_skip(t), c_out(t) of the consistency parameterisation (sigma_data = 0.5)."""
-  scaled = jnp.asarray(t, jnp.float32) * timestep_scaling
-  c_skip = SIGMA_DATA ** 2 / (scaled * scaled + SIGMA_DATA ** 2)
-  c_out = scaled / jnp.sqrt(scaled * scaled + SIGMA_DATA ** 2)
-  return c_skip, c_out
+def lcm_rule(*, prediction: str = "epsilon", timestep_scaling: float = 10.0, postprocess=None) -> Rule:
+  """The multistep consistency step: denoise to c_out x0_hat + c_skip x_t, then re-noise to the next
+  level with fresh noise (not after the last step of the grid; a VP rule).
+
+  Example:
+    >>> x0 = solve(model_fn, grid(sched, timesteps=lcm_timesteps(1000, 4), convention="discrete"), x_T,
+    ...            lcm_rule(), key=key)
+  """
+  prediction = diffusion.check_prediction(prediction)
+  post = postprocess or (lambda x0: x0)
+
+  def step(model_fn, x, s):
+    at, ap = s.alpha_bar, s.alpha_bar_to
+    out = base.call_model(model_fn, x, s.t)
+    x0 = post(diffusion.to_x0(out, x, jnp.sqrt(at), jnp.sqrt(1.0 - at), prediction))
+    c_skip, c_out = consistency.boundary_scalings(s.t, timestep_scaling=timestep_scaling)
+    denoised = c_out * x0 + c_skip * x
+    if not jax.dtypes.issubdtype(s.key.dtype, jax.dtypes.prng_key):  # a one-step grid draws no noise
+      return denoised
+    renoised = jnp.sqrt(ap) * denoised + jnp.sqrt(1.0 - ap) * base.step_noise(s.key, x.shape)
+    return jnp.where(s.last, denoised, renoised)
+
+  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, needs_key=lambda g: g.total > 1)
 
 
-@_common.register("lcm")
+@base.register("lcm")
 def lcm(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: jax.Array | None = None,
         prediction: str = "epsilon", original_inference_steps: int = 50, timestep_scaling: float = 10.0,
         set_alpha_to_one: bool = True, timestep_spacing: str = "leading", steps_offset: int = 0,
@@ -62,7 +84,7 @@ def lcm(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: ja
     x_T: unit-variance starting noise [B, ...].
     num_steps: number of model calls (1 to ``original_inference_steps``).
     key: PRNG key; needed when num_steps > 1 (step i re-noises with
-      ``_common.step_noise(split(key, num_steps)[i], shape)``).
+      ``samplers.step_noise(split(key, num_steps)[i], shape)``).
     prediction: "epsilon", "v" or "sample".
     original_inference_steps, timestep_scaling, set_alpha_to_one, clip_sample, clip_sample_range,
     thresholding, dynamic_thresholding_ratio, sample_max_value: as in diffusers' LCMScheduler.
@@ -80,29 +102,9 @@ def lcm(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: ja
     raise ValueError("lcm's timesteps come from original_inference_steps: timestep_spacing and steps_offset "
                      f"cannot be changed (got {timestep_spacing!r}, {steps_offset})")
   ts = lcm_timesteps(schedule.num_timesteps, num_steps, original_inference_steps)
-  n = len(ts)
-  x, prediction, keys = _common.prepare(x_T, prediction, key, n, n > 1)
-  abar = schedule.alphas_cumprod
-  final = jnp.float32(1.0) if set_alpha_to_one else abar[0]
-  prev = np.concatenate([ts[1:], ts[-1:]])  # the last step's "previous" timestep is itself (unused)
-  a_t = abar[ts]
-  a_prev = jnp.where(jnp.asarray(prev >= 0), abar[np.maximum(prev, 0)], final)
-  last = jnp.asarray(np.arange(n) == n - 1)
-  post = dict(clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
-              dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
-
-  def step(x, inputs):
-    t, at, ap, is_last, k = inputs
-    out = _common.call_model(model_fn, x, t)
-    x0 = _common.process_x0(diffusion.to_x0(out, x, jnp.sqrt(at), jnp.sqrt(1.0 - at), prediction), **post)
-    c_skip, c_out = boundary_scalings(t, timestep_scaling)
-    denoised = c_out * x0 + c_skip * x
-    if n > 1:
-      renoised = jnp.sqrt(ap) * denoised + jnp.sqrt(1.0 - ap) * _common.step_noise(k, x.shape)
-      x_next = jnp.where(is_last, denoised, renoised)
-    else:
-      x_next = denoised
-    return x_next, (x_next if return_trajectory else None)
-
-  x, traj = jax.lax.scan(step, x, (jnp.asarray(ts, jnp.int32), a_t, a_prev, last, keys))
-  return (x, traj) if return_trajectory else x
+  g = grid(schedule, timesteps=ts, convention="discrete", final="zero" if set_alpha_to_one else "sigma_min")
+  post = functools.partial(base.process_x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                           thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                           sample_max_value=sample_max_value)
+  rule = lcm_rule(prediction=prediction, timestep_scaling=timestep_scaling, postprocess=post)
+  return solve(model_fn, g, x_T, rule, key=key, return_trajectory=return_trajectory)
