@@ -182,6 +182,84 @@ class CLIPTokenizer:
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in raw]
     return cls(vocab, merges, **kwargs)
 
+  @classmethod
+  def train(cls, texts: Sequence[str], *, num_merges: int, max_length: int = 77) -> CLIPTokenizer:
+    """Learns a small CLIP BPE vocabulary from ``texts`` (for text encoders trained from scratch).
+
+    The vocabulary holds CLIP's base symbols (the 256 byte characters, alone and with the end-of-word
+    marker ``</w>``), so any text stays tokenizable, then one token per learned merge, then
+    ``<|startoftext|>`` and ``<|endoftext|>`` (bos; eos = pad = unk), the layout of CLIP's own files.
+    Merges are learned greedily on the normalised words of ``texts`` weighted by their counts: the
+    most frequent adjacent pair is merged each round (ties broken by the pair's first occurrence),
+    until ``num_merges`` merges or no pair occurs twice.
+
+    Example:
+      >>> tok = CLIPTokenizer.train(["a handwritten digit three"] * 4, num_merges=40, max_length=8)
+      >>> tok.tokenize("a digit three")
+      ['a</w>', 'digit</w>', 'three</w>']
+    """
+    if num_merges < 0:
+      raise ValueError(f"num_merges must be >= 0, got {num_merges}")
+    byte = bytes_to_unicode()
+    base = list(byte.values())
+    vocab_list = base + [c + _SUFFIX for c in base]
+    counts: dict[tuple[str, ...], int] = {}
+    normalizer = cls({s: i for i, s in enumerate(vocab_list + ["<|startoftext|>", "<|endoftext|>"])}, [],
+                     max_length=max(2, max_length))
+    for text in texts:
+      for word in _patterns()[1].findall(normalizer.normalize(text)):
+        chars = "".join(byte[b] for b in word.encode("utf-8"))
+        symbols = tuple(chars[:-1]) + (chars[-1] + _SUFFIX,)
+        counts[symbols] = counts.get(symbols, 0) + 1
+    merges: list[tuple[str, str]] = []
+    known = set(vocab_list)
+    while len(merges) < num_merges:
+      pairs: dict[tuple[str, str], int] = {}
+      for symbols, n in counts.items():
+        for pair in zip(symbols, symbols[1:]):
+          pairs[pair] = pairs.get(pair, 0) + n
+      if not pairs:
+        break
+      best = max(pairs.items(), key=lambda kv: kv[1])  # the first of equal counts (dicts keep order)
+      if best[1] < 2:
+        break
+      a, b = best[0]
+      merges.append((a, b))
+      if a + b not in known:
+        known.add(a + b)
+        vocab_list.append(a + b)
+      merged_counts: dict[tuple[str, ...], int] = {}
+      for symbols, n in counts.items():
+        out, i = [], 0
+        while i < len(symbols):
+          if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+            out.append(a + b)
+            i += 2
+          else:
+            out.append(symbols[i])
+            i += 1
+        merged_counts[tuple(out)] = merged_counts.get(tuple(out), 0) + n
+      counts = merged_counts
+    vocab = {s: i for i, s in enumerate(vocab_list + ["<|startoftext|>", "<|endoftext|>"])}
+    return cls(vocab, merges, max_length=max_length)
+
+  def save_pretrained(self, folder: str | os.PathLike) -> Path:
+    """Writes ``vocab.json``, ``merges.txt``, ``special_tokens_map.json`` and ``tokenizer_config.json``:
+    a tokenizer folder that :meth:`from_pretrained` and transformers' ``CLIPTokenizer`` both read."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+    merges = sorted(self.ranks.items(), key=lambda kv: kv[1])
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in merges),
+                                     encoding="utf-8")
+    specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                "unk_token": self.unk_token}
+    (path / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    config = {**specials, "model_max_length": self.max_length, "tokenizer_class": "CLIPTokenizer",
+              "do_lower_case": True, "clean_up_tokenization_spaces": False}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return path
+
   @property
   def vocab_size(self) -> int:
     return len(self.vocab)

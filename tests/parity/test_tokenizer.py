@@ -133,3 +133,22 @@ def test_byte_tokenizer():
   assert ids.tolist() == [[257, 104, 0xC3, 0xA9, 258, 256], [257, 97, 32, 108, 111, 258]]
   assert tok.decode(ids[0]) == "hé"
   assert tok.vocab_size == 259
+
+
+def test_trained_vocabulary_saved_loads_in_transformers(tmp_path):
+  """A vocabulary learned from captions and written by ``save_pretrained`` is read by transformers'
+  CLIPTokenizer (as a diffusers pipeline folder's tokenizer) with the same ids, seen words or not."""
+  from jdiff.data import digits
+  captions = [c for label in range(10) for c in digits.captions_for(label)] * 3  # each seen a few times
+  tok = CLIPTokenizer.train(captions, num_merges=120, max_length=16)
+  # Frequent words become single tokens; the merges are learned, not given.
+  assert tok.tokenize("a handwritten digit seven 7") == ["a</w>", "handwritten</w>", "digit</w>", "seven</w>",
+                                                         "7</w>"]
+  folder = tok.save_pretrained(tmp_path / "tokenizer")
+  ref = transformers.CLIPTokenizer.from_pretrained(str(folder))
+  again = CLIPTokenizer.from_pretrained(folder)
+  assert again.max_length == 16 and again.vocab == tok.vocab
+  for text in TEXTS + captions[:12] + ["a handwritten digit 3", "digits of a hand, written!"]:
+    want = ref(text, padding="max_length", max_length=16, truncation=True)["input_ids"]
+    np.testing.assert_array_equal(tok([text])[0], want)
+    np.testing.assert_array_equal(again([text])[0], want)
