@@ -467,7 +467,9 @@ def main_wrapper(run: Callable[[ml_collections.ConfigDict, str], Any], *, defaul
   broken config file, missing or corrupt dataset, unreadable images, a checkpoint of a different
   model, every checkpoint corrupt, diverged training, a workdir that is not writable, a checkpoint
   that could not be written), reported as ONE line ``error: ...`` on stderr; 143 / 130
-  (:data:`EXIT_PREEMPTED`) stopped by SIGTERM / SIGINT after saving a checkpoint (rerun to resume).
+  (:data:`EXIT_PREEMPTED`) stopped by SIGTERM / SIGINT after saving a checkpoint (rerun to resume);
+  75 (:data:`jdiff.parallel.EXIT_PEER_LOST`) another process of a multi-process job died, reported
+  as one line naming it (relaunch every process to resume from the last complete checkpoint).
 
   Example:
     >>> sys.exit(main_wrapper(run, default_config="configs/ldm_digits.py", default_workdir="workdir/ldm"))
