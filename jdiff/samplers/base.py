@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff import diffusion
-from jdiff.samplers.levels import SPACINGS, spaced_timesteps
+from jdiff.samplers.levels import spaced_timesteps
 
 __all__ = [
     "register",

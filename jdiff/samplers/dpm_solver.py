@@ -27,7 +27,9 @@ import numpy as np
 
 from jdiff import diffusion
 from jdiff.samplers import base, levels
-from jdiff.samplers.grids import Grid, grid
+from jdiff.samplers.grids import grid
+from jdiff.samplers.multistep import (extrapolated_final_step, extrapolated_last_step, finite_target, history_init,
+                                      history_push)
 from jdiff.samplers.orders import multistep_orders, singlestep_orders, step_orders
 from jdiff.samplers.driver import Rule, Step, solve
 from jdiff.schedules import Schedule
@@ -56,33 +58,6 @@ def _coefficients(algorithm: str, h, alpha_t, sigma_t, alpha_s, sigma_s):
               c1h=alpha_t * (e / (-2.0 * h) + 1.0),
               c2=alpha_t * ((e - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5),
               cn=sigma_t * jnp.sqrt(e))
-
-
-def extrapolated_final_step(x_s: jax.Array, sigma_s: jax.Array, x0_s: jax.Array, x_p: jax.Array,
-                            sigma_p: jax.Array, x0_p: jax.Array) -> jax.Array:
-  """The last step to sigma = 0 as a second-order (Adams-Bashforth) step in the VE noise level.
-
-  In VE coordinates y = x / alpha the probability-flow ODE reads dy/dsigma = eps(y, sigma) with
-  eps = (y - x0_hat) / sigma. The jump from the smallest sigma_s to 0 is infinitely long in
-  lambda, so DPM-Solver takes it at first order (y_0 = x0_hat(sigma_s)); in sigma it has finite
-  length and eps is smooth (linear in sigma near 0 for smooth data), so integrating the secant
-  of eps through the last two evaluations is second-order accurate:
-  y_0 = y_s - sigma_s eps_s + sigma_s^2 / 2 * (eps_p - eps_s) / (sigma_p - sigma_s).
-
-  Args:
-    x_s, x_p: VP states at the last (sigma_s) and the previous (sigma_p > sigma_s) evaluation.
-    sigma_s, sigma_p: their VE noise levels.
-    x0_s, x0_p: the data predictions there.
-
-  Returns:
-    The sample at sigma = 0 [B, ...].
-  """
-  y_s = x_s * jnp.sqrt(1.0 + sigma_s * sigma_s)
-  y_p = x_p * jnp.sqrt(1.0 + sigma_p * sigma_p)
-  eps_s = (y_s - x0_s) / sigma_s
-  eps_p = (y_p - x0_p) / sigma_p
-  slope = (eps_p - eps_s) / (sigma_p - sigma_s)
-  return x0_s + 0.5 * sigma_s * sigma_s * slope
 
 
 def _lam(alpha, sigma):
@@ -155,18 +130,6 @@ def _singlestep_update(algorithm, solver_type, x, x_start, hist, lv, to, noise):
   return first, second, third
 
 
-def history_init(x: jax.Array, g: Grid, size: int = 3):
-  """Empty history of a multistep rule: ``size`` zero outputs, all at level 0 (alpha [size], sigma [size])."""
-  return (jnp.zeros((size,) + x.shape, jnp.float32), jnp.full((size,), g.alpha[0]), jnp.full((size,), g.sigma[0]))
-
-
-def history_push(hist, m: jax.Array, alpha: jax.Array, sigma: jax.Array):
-  """Appends a model output (and its level) to a history, dropping the oldest entry."""
-  out, a, s = hist
-  return (jnp.concatenate([out[1:], m[None]]), jnp.concatenate([a[1:], alpha[None]]),
-          jnp.concatenate([s[1:], sigma[None]]))
-
-
 def dpm_solver_rule(order: int = 2, *, algorithm: str = "dpmsolver++", solver_type: str = "midpoint",
                     singlestep: bool = False, lower_order_final: bool | None = None, euler_at_final: bool = False,
                     final_step: str = "default", prediction: str = "epsilon", postprocess=None) -> Rule:
@@ -236,11 +199,8 @@ def dpm_solver_rule(order: int = 2, *, algorithm: str = "dpmsolver++", solver_ty
     if singlestep:
       x_start = jnp.where(branch == 0, x, x_start)
     noise = base.step_noise(st.key, x.shape) if stochastic else None
-    at, sgt = st.alpha_to, st.sigma_to
     final = st.last if extrapolate else False
-    if extrapolate:  # the regular last step is discarded: aim it at a finite sigma (finite gradients)
-      a_half, s_half = levels.alpha_sigma(0.5 * st.sigma / st.alpha)
-      at, sgt = jnp.where(final, a_half, at), jnp.where(final, s_half, sgt)
+    at, sgt = finite_target(final, st) if extrapolate else (st.alpha_to, st.sigma_to)
     lv = [(_lam(ah[j], sh[j]), ah[j], sh[j]) for j in range(3)]
     to = (_lam(at, sgt), at, sgt)
     if singlestep:
@@ -249,15 +209,7 @@ def dpm_solver_rule(order: int = 2, *, algorithm: str = "dpmsolver++", solver_ty
       branches = _multistep_update(algorithm, solver_type, x, ms, lv, to, noise)
     x_next = jax.lax.switch(branch, branches, None)
     if extrapolate:
-      x0_s, x0_p = ms[2], ms[1]
-      if not data_pred:  # the history holds noise predictions: x0 = (x - sigma eps) / alpha
-        x0_s = diffusion.to_x0(ms[2], x, ah[2], sh[2], "epsilon")
-        x0_p = diffusion.to_x0(ms[1], x_last, ah[1], sh[1], "epsilon")
-      s_0 = sh[2] / ah[2]
-      # on the other steps the formula is evaluated and discarded: keep it finite there (the
-      # previous level equals the current one at step 0) so that gradients through jnp.where stay finite
-      sp = jnp.where(final, sh[1] / ah[1], 2.0 * s_0 + 1.0)
-      x_next = jnp.where(final, extrapolated_final_step(x, s_0, x0_s, x_last, sp, x0_p), x_next)
+      x_next = jnp.where(final, extrapolated_last_step(final, x, x_last, hist, data_pred), x_next)
     return x_next, x_start, hist, x
 
   return Rule(init=init, step=step, sample=lambda state: state[0], plan=plan, needs_key=lambda g: stochastic)

@@ -112,7 +112,7 @@ def grid(schedule: Schedule, num_steps: int | None = None, *, spacing: str = "li
       levels (may be traced: then the grid is differentiable in them).
     final: "zero" (the last step lands on the data) or "sigma_min" (on the schedule's first sigma).
     timesteps: explicit model timesteps [n]. With an explicit ``sigmas`` list they go with it;
-      alone (integers) the levels are read from the schedule's table at them.
+      alone (integers) the levels are read from the schedule's table at them (as "discrete").
     convention: which diffusers scheduler family's spacing rule to follow (``CONVENTIONS``).
     sigma_range: (sigma_min, sigma_max) of a named sigma schedule ("euler" convention; defaults
       to the range of the spaced sigmas).
@@ -137,10 +137,10 @@ def grid(schedule: Schedule, num_steps: int | None = None, *, spacing: str = "li
     levels.check_sigma_schedule(sigmas)
   if num_steps is None and timesteps is None:
     raise ValueError("num_steps is required unless sigmas= is a list or timesteps= is given")
-  if convention == "discrete":
+  if convention == "discrete" or timesteps is not None:
     if sigmas is not None:
-      raise ValueError(f"convention='discrete' reads levels from the alpha-bar table: sigmas={sigmas!r} "
-                       "needs another convention")
+      raise ValueError(f"levels read from the alpha-bar table (convention='discrete' or timesteps=) do not "
+                       f"take a sigma schedule, got sigmas={sigmas!r}")
     if timesteps is None:
       ts = levels.spaced_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset)
     else:
@@ -149,8 +149,6 @@ def grid(schedule: Schedule, num_steps: int | None = None, *, spacing: str = "li
         raise ValueError(f"timesteps must have shape ({num_steps},), got {ts.shape}")
     end = jnp.ones((1,), jnp.float32) if final == "zero" else abar[:1]
     return _make(ts, _table_levels, jnp.concatenate([abar[ts], end]), final)
-  if timesteps is not None:
-    raise ValueError("timesteps= without sigmas= needs convention='discrete' (levels from the table)")
   if convention == "euler":
     lo, hi = (None, None) if sigma_range is None else sigma_range
     ts, sig = levels.euler_grid(abar, num_steps, spacing=spacing, steps_offset=steps_offset, sigma_schedule=sigmas,

@@ -20,7 +20,7 @@ import numpy as np
 
 from jdiff import diffusion
 from jdiff.samplers import base, levels
-from jdiff.samplers.dpm_solver import extrapolated_final_step, history_init, history_push
+from jdiff.samplers.multistep import extrapolated_last_step, finite_target, history_init, history_push
 from jdiff.samplers.grids import grid
 from jdiff.samplers.orders import step_orders, unipc_orders
 from jdiff.samplers.driver import Rule, Step, solve
@@ -146,10 +146,7 @@ def unipc_rule(order: int = 2, *, solver_type: str = "bh2", predict_x0: bool = T
     x, x_last, hist, x_prev_eval = state
     p, c = st.plan[0], st.plan[1]
     final = st.last if extrapolate else False
-    at, sgt = st.alpha_to, st.sigma_to
-    if extrapolate:  # the predictor's last step is discarded: aim it at a finite sigma (finite gradients)
-      a_half, s_half = levels.alpha_sigma(0.5 * st.sigma / st.alpha)
-      at, sgt = jnp.where(final, a_half, at), jnp.where(final, s_half, sgt)
+    at, sgt = finite_target(final, st) if extrapolate else (st.alpha_to, st.sigma_to)
     here = (levels.log_alpha_sigma_ratio(st.alpha, st.sigma), st.alpha, st.sigma)
     x_eval = x
     m = convert(base.call_model(model_fn, x, st.t), x, st.alpha, st.sigma)
@@ -159,14 +156,7 @@ def unipc_rule(order: int = 2, *, solver_type: str = "bh2", predict_x0: bool = T
     to = (levels.log_alpha_sigma_ratio(at, sgt), at, sgt)
     x_next = jax.lax.switch(p - 1, [(lambda _, k=k: predictor(x, hist, to, k)) for k in (1, 2, 3)], None)
     if extrapolate:
-      ms, ah, sh = hist
-      m_s, m_p = ms[2], ms[1]
-      if not predict_x0:  # noise predictions -> data predictions at the same points
-        m_s = diffusion.to_x0(ms[2], x_eval, ah[2], sh[2], "epsilon")
-        m_p = diffusion.to_x0(ms[1], x_prev_eval, ah[1], sh[1], "epsilon")
-      s_0 = sh[2] / ah[2]
-      sp = jnp.where(final, sh[1] / ah[1], 2.0 * s_0 + 1.0)  # finite when discarded (finite gradients)
-      x_next = jnp.where(final, extrapolated_final_step(x_eval, s_0, m_s, x_prev_eval, sp, m_p), x_next)
+      x_next = jnp.where(final, extrapolated_last_step(final, x_eval, x_prev_eval, hist, predict_x0), x_next)
     return x_next, x, hist, x_eval
 
   return Rule(init=init, step=step, sample=lambda state: state[0], plan=plan)
