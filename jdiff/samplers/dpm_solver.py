@@ -264,6 +264,10 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int |
       every grid; differentiable, see :mod:`jdiff.samplers.calibrate`).
     timesteps: optional model timesteps [n] that go with ``sigmas``.
     return_trajectory: also return the state after every step [num_steps, B, ...].
+    use_beta_sigmas: diffusers' beta sigma schedule (``sigma_schedule="beta"``).
+
+  Image-to-image runs the same rule on a cut grid: ``samplers.solve(model_fn, samplers.cut(grid,
+  strength=s), x, samplers.dpm_solver_rule(...))``.
 
   Returns:
     x_0 in float32 (and the trajectory when asked).

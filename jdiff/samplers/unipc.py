@@ -199,6 +199,7 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int | None
       predictor's output; the corrector refines it at the next step, as in diffusers).
     sigmas, timesteps: an explicit grid (n + 1 descending sigmas, optional model timesteps [n]);
       see :func:`jdiff.samplers.dpm_solver`.
+    use_beta_sigmas: diffusers' beta sigma schedule (``sigma_schedule="beta"``).
 
   Returns:
     x_0 in float32 (and the trajectory when asked).

@@ -150,3 +150,24 @@ def test_rule_that_changes_the_state_fails_at_trace_time():
   bad = samplers.Rule(init=lambda x, g: x, step=lambda m, x, s: x.astype(jnp.bfloat16), sample=lambda x: x)
   with pytest.raises(AssertionError):
     samplers.solve(h.toy_jax, g, jnp.ones((2, h.DIM)), bad)
+
+
+def test_euler_on_cut_grid_equals_diffusers_img2img():
+  """Euler from the VP sample at level 4 of a cut Karras grid equals diffusers'
+  EulerDiscreteScheduler begun at index 4 from the same sample in its VE variable y = x / alpha."""
+  n, k = 10, 4
+  sch = diffusers.EulerDiscreteScheduler(**CFG, use_karras_sigmas=True)
+  sch.set_timesteps(n)
+  sch.set_begin_index(k)
+  x_start = h.x_T(seed=8)  # the VP sample at level k
+  s_k = float(sch.sigmas[k])
+  x = h.torch.from_numpy(x_start) * float(np.sqrt(1.0 + s_k * s_k))  # y = x / alpha_k
+  ref = []
+  for t in sch.timesteps[k:]:
+    x = sch.step(h.toy_torch(sch.scale_model_input(x, t), t), t, x).prev_sample
+    ref.append(x.numpy().copy())
+  g = samplers.cut(samplers.grid(SCHED, n, sigmas="karras", convention="euler"), k)
+  np.testing.assert_allclose(np.asarray(g.timesteps), sch.timesteps[k:].numpy(), rtol=1e-6)
+  _, traj = samplers.solve(h.toy_jax, g, jnp.asarray(x_start), samplers.euler_rule(), return_trajectory=True)
+  ve_traj = np.asarray(traj) / np.asarray(g.alpha[1:])[:, None, None]  # the trajectory in diffusers' variable
+  assert h.max_rel_diff(ve_traj, np.stack(ref)) <= TOL
