@@ -126,7 +126,8 @@ def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTr
   """Initialises a TrainState directly into its shardings (``jit`` with ``out_shardings``).
 
   Args:
-    init_fn: ``key -> params``.
+    init_fn: ``key -> params``, or a parameter tree to start from (a pretrained checkpoint): it enters
+      the jitted initialisation as an argument, so large trees are not baked into the program.
     tx: the optimizer.
     key: a PRNG key; split once into the init key and the state's rng.
     mesh: the device mesh (default: all devices, data parallel).
@@ -140,14 +141,16 @@ def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTr
   k_init, k_rng = jax.random.split(key)
   rng = jax.random.key_data(k_rng)
 
-  def init(k_init, rng):
-    params = init_fn(k_init)
+  start = None if callable(init_fn) else jax.tree.map(jnp.asarray, init_fn)
+
+  def init(k_init, rng, start):
+    params = init_fn(k_init) if start is None else start
     return TrainState(step=_zero_int(), params=params, ema_params=params, opt_state=tx.init(params),
                       rng=rng, bad_steps=_zero_int(), skipped_steps=_zero_int())
 
-  abstract = jax.eval_shape(init, k_init, rng)
+  abstract = jax.eval_shape(init, k_init, rng, start)
   shardings = state_shardings(abstract, mesh, fsdp=fsdp, min_size=min_size)
-  return jax.jit(init, out_shardings=shardings)(k_init, rng)
+  return jax.jit(init, out_shardings=shardings)(k_init, rng, start)
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:

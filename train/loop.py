@@ -120,7 +120,8 @@ class Task:
 
   Attributes:
     name: shown in progress lines and used for the sample file names.
-    init_params: ``key -> params`` (the trained parameters only).
+    init_params: ``key -> params`` (the trained parameters only), or the parameter tree to start from
+      (fine-tuning a pretrained model).
     loss_fn: ``(params, batch, key, frozen) -> (loss, metrics)`` (see :func:`jdiff.training.make_train_step`).
     frozen: pytree of frozen inputs passed to ``loss_fn`` (or None).
     batch_keys: which keys of the loader's batches go to the device.
@@ -129,7 +130,7 @@ class Task:
   """
 
   name: str
-  init_params: Callable[[jax.Array], Any]
+  init_params: Callable[[jax.Array], Any] | Any
   loss_fn: Callable[..., Any]
   frozen: Any = None
   batch_keys: tuple[str, ...] = ("image",)
