@@ -158,7 +158,48 @@ def from_config(config: Mapping[str, Any], vae: AutoencoderKL, vae_params: Any, 
   return StableDiffusion(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text,
                          text_params=text_params, tokenizer=ByteTokenizer(max_length), schedule=sched,
                          prediction=d["prediction"], scaling_factor=float(vae.config.scaling_factor),
-                         shift_factor=float(vae.config.shift_factor or 0.0), image_size=size, defaults=defaults)
+                         shift_factor=float(vae.config.shift_factor or 0.0), image_size=size, defaults=defaults,
+                         scheduler_config=scheduler_config(d))
+
+
+def scheduler_config(diffusion_section: Mapping[str, Any]) -> dict[str, Any]:
+  """The diffusers ``scheduler_config.json`` (a DDIMScheduler, SD's settings) of a ``train.ldm`` run's
+  diffusion section: its beta schedule and prediction type."""
+  d = diffusion_section
+  names = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
+  beta_schedule = {"cosine": "squaredcos_cap_v2"}.get(d["schedule"], d["schedule"])
+  return {"_class_name": "DDIMScheduler", "num_train_timesteps": int(d["num_timesteps"]),
+          "beta_schedule": beta_schedule, "beta_start": float(d["beta_start"]), "beta_end": float(d["beta_end"]),
+          "prediction_type": names[d["prediction"]], "clip_sample": False, "set_alpha_to_one": False,
+          "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def finetune_bundle(config: Mapping[str, Any]):
+  """The bundle of a fine-tune run (``config.pretrained``, a diffusers Stable Diffusion folder): its
+  UNet at the run's compute dtype and remat policy (``config.unet``), the prediction type of
+  ``config.diffusion.prediction`` or else of the folder's scheduler, and the run's image size.
+
+  Raises:
+    FileNotFoundError / ValueError: not a Stable Diffusion folder, an inpainting UNet, or an image size the
+      VAE does not divide (one line each).
+  """
+  from jdiff.data import transforms
+  from jdiff.pipelines import StableDiffusion
+
+  path = os.path.expanduser(str(config["pretrained"]))
+  u = config.get("unet", None) or {}
+  bundle = StableDiffusion.from_diffusers(path, dtype=u.get("dtype") or None)
+  c = int(bundle.vae.config.latent_channels)
+  if int(bundle.unet.config.in_channels) != c:
+    raise ValueError(f"{path!r} holds an inpainting UNet ({bundle.unet.config.in_channels} input channels); "
+                     f"fine-tuning trains text-to-image UNets ({c} input channels)")
+  size = int(config["data"]["image_size"])
+  transforms.check_resolution(size, bundle.vae_factor)
+  prediction = (config.get("diffusion", None) or {}).get("prediction") or bundle.prediction
+  unet = bundle.unet
+  if u.get("remat"):
+    unet = type(unet)(dataclasses.replace(unet.config, remat=u["remat"]))
+  return dataclasses.replace(bundle, unet=unet, prediction=prediction, image_size=size)
 
 
 def trained_params(config: Mapping[str, Any], bundle, unet_params: Any) -> Any:
@@ -183,8 +224,9 @@ def read_config(workdir: str):
     return ml_collections.ConfigDict(json.load(fh))
 
 
-def restore_ema(ckpt: checkpoint.Checkpointer, step: int | None = None) -> Any:
-  """The EMA parameters of a saved TrainState, restored replicated (shapes from the checkpoint)."""
+def restore_ema(ckpt: checkpoint.Checkpointer, step: int | None = None, *, ema: bool = True) -> Any:
+  """The EMA parameters (or, with ``ema=False``, the online parameters) of a saved TrainState, restored
+  replicated (shapes from the checkpoint)."""
   import orbax.checkpoint as ocp
 
   step = ckpt.latest_step() if step is None else step
@@ -192,12 +234,13 @@ def restore_ema(ckpt: checkpoint.Checkpointer, step: int | None = None) -> Any:
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
                         ckpt.saved_shapes(step))
   out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  return out["state"]["ema_params"]
+  return out["state"]["ema_params" if ema else "params"]
 
 
-def restore_checked_ema(workdir: str, expected: Any, *, what: str) -> Any:
-  """The EMA parameters of the latest checkpoint in ``WORKDIR/checkpoints``, checked leaf by leaf
-  against the abstract tree ``expected`` (one-line error naming ``what`` on a mismatch).
+def restore_checked_ema(workdir: str, expected: Any, *, what: str, ema: bool = True) -> Any:
+  """The EMA parameters (online ones with ``ema=False``) of the latest checkpoint in
+  ``WORKDIR/checkpoints``, checked leaf by leaf against the abstract tree ``expected`` (one-line error
+  naming ``what`` on a mismatch).
 
   Raises:
     FileNotFoundError: no checkpoint saved yet.
@@ -207,7 +250,7 @@ def restore_checked_ema(workdir: str, expected: Any, *, what: str) -> Any:
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no {what} in {ckpt.directory}")
-    params = restore_ema(ckpt)
+    params = restore_ema(ckpt, ema=ema)
   finally:
     ckpt.close()
   checkpoint.check_shapes(params, expected, what=f"{what} in {workdir}")
@@ -340,6 +383,8 @@ def load(workdir: str):
     FileNotFoundError: no config, VAE or checkpoint; ValueError: a checkpoint of another model.
   """
   config = read_config(workdir)
+  if config.get("pretrained"):
+    return _load_finetune(workdir, config)
   if "lcm" in config:
     return _load_lcm(workdir, config)
   if "controlnet" in config:
@@ -371,6 +416,17 @@ def _load_ldm(workdir: str, config):
   else:
     bundle = dataclasses.replace(bundle, unet_params=params)
   return dataclasses.replace(bundle, data_config=config.data)
+
+
+def _load_finetune(workdir: str, config):
+  bundle = finetune_bundle(config)
+  expected = jax.eval_shape(lambda: trained_params(config, bundle, bundle.unet_params))
+  params = restore_checked_ema(workdir, expected, what="UNet checkpoint")
+  if isinstance(params, Mapping) and set(params) == {"unet", "text"}:
+    bundle = dataclasses.replace(bundle, unet_params=params["unet"], text_params=params["text"])
+  else:
+    bundle = dataclasses.replace(bundle, unet_params=params)
+  return _with_training(bundle, config)
 
 
 def _load_lora(workdir: str, config):

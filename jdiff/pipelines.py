@@ -166,6 +166,9 @@ class StableDiffusion:
       models, sampled unguided; a UNet with a guidance embedding takes the scale as ``timestep_cond``).
     defaults: the generation defaults of a trained run (``sampler``, ``num_steps``, ``guidance_scale``).
     data_config: the data section of the training run that produced the model (None otherwise).
+    scheduler_config: the diffusers ``scheduler_config.json`` dict the schedule was built from (written
+      back by :meth:`save_pretrained`).
+    source: the diffusers folder the bundle was loaded from (None otherwise).
 
   Pure pieces for trainers and research code: :meth:`tokenize`, :meth:`null_ids`, :meth:`encode_text`,
   :meth:`encode_images`, :meth:`decode`, :meth:`init_unet`, :meth:`model_fn`, :meth:`sample`.
@@ -195,6 +198,8 @@ class StableDiffusion:
   cfg: bool = True
   defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   data_config: Any = None
+  scheduler_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  source: str | None = None
   _programs: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
   _loras: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
@@ -246,6 +251,10 @@ class StableDiffusion:
     sched_config = _io.read_config(root / "scheduler", name="scheduler_config.json")
     unet, unet_params = load_unet(root / "unet", dtype=dtype)
     vae, vae_params = load_vae(root / "vae", dtype=dtype)
+    c, c_in = int(vae.config.latent_channels), int(unet.config.in_channels)
+    if c_in not in (c, 2 * c + 1):
+      raise ValueError(f"{str(root / 'unet')!r} takes {c_in} input channels; with the VAE's {c} latent channels a "
+                       f"UNet takes {c} (text-to-image) or {2 * c + 1} (inpainting)")
     text, text_params = load_text_encoder(root / "text_encoder", dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
     nets, net_params = [], []
@@ -264,7 +273,8 @@ class StableDiffusion:
                prediction=sched_config.get("prediction_type", "epsilon"),
                scaling_factor=float(vae.config.scaling_factor), shift_factor=float(vae.config.shift_factor or 0.0),
                sampler_options=sampler_options_from_config(sched_config), clip_skip=clip_skip,
-               controlnets=tuple(nets), controlnet_params=tuple(net_params))
+               controlnets=tuple(nets), controlnet_params=tuple(net_params), scheduler_config=sched_config,
+               source=os.fspath(root))
 
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike) -> StableDiffusion:
@@ -280,6 +290,76 @@ class StableDiffusion:
     from jdiff import ldm
 
     return ldm.load(os.fspath(workdir))
+
+  def save_pretrained(self, folder: str | os.PathLike, *, copy_from: str | os.PathLike | None = None,
+                      copy_parts: Sequence[str] = ()) -> Path:
+    """Writes a diffusers Stable Diffusion folder that ``StableDiffusionPipeline.from_pretrained`` and
+    :meth:`from_diffusers` load: ``unet/``, ``vae/``, ``text_encoder/`` from this bundle's parameter
+    trees, ``tokenizer/``, ``scheduler/`` (:attr:`scheduler_config`) and ``model_index.json``.
+
+    Args:
+      folder: the output folder (created; parts already there are replaced).
+      copy_from: a diffusers folder (default :attr:`source`) whose ``copy_parts`` are copied byte for byte
+        instead of written (a fine-tune's frozen VAE and text encoder), together with its
+        ``model_index.json`` and any part this bundle does not hold (safety checker, feature extractor).
+      copy_parts: which of "vae", "text_encoder", "tokenizer", "scheduler" to copy.
+
+    Raises:
+      ValueError: a part that has no diffusers layout (a byte tokenizer, a UNet conditioned on pooled text
+        through its class embedding, ControlNets), or an unknown part name.
+
+    Example:
+      >>> pipe.save_pretrained("out/sd15-finetuned", copy_parts=("vae", "text_encoder", "tokenizer"))  # doctest: +SKIP
+    """
+    import shutil
+
+    from jdiff.convert import save_unet, save_vae
+    from jdiff.convert.text import save_text_encoder
+    from jdiff.ldm import TextUNet
+
+    known = ("vae", "text_encoder", "tokenizer", "scheduler")
+    unknown = sorted(set(copy_parts) - set(known))
+    if unknown:
+      raise ValueError(f"unknown pipeline parts {unknown}; expected some of {known}")
+    src = Path(copy_from if copy_from is not None else self.source) if (copy_from or self.source) else None
+    if copy_parts and src is None:
+      raise ValueError("copy_parts needs copy_from (or a bundle loaded from a diffusers folder)")
+    if isinstance(self.tokenizer, ByteTokenizer) and "tokenizer" not in copy_parts:
+      raise ValueError("a byte-tokenizer model has no diffusers layout (diffusers pipelines take a CLIP BPE "
+                       "tokenizer); train an SD-layout config, e.g. configs/ldm_digits_sd.py")
+    if isinstance(self.unet, TextUNet) and self.unet.config.class_embed_type:
+      raise ValueError(f"a UNet with class_embed_type={self.unet.config.class_embed_type!r} reading the pooled "
+                       "text has no Stable Diffusion layout (the pipeline passes no class labels)")
+    if self.controlnets:
+      raise ValueError("save the ControlNets on their own (jdiff.convert.controlnet.save_controlnet)")
+    if not self.scheduler_config and "scheduler" not in copy_parts:
+      raise ValueError("the bundle has no scheduler_config to write")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.31.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", self.scheduler_config.get("_class_name", "DDIMScheduler")],
+             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    if src is not None and copy_parts:
+      index = _io.read_config(src, name="model_index.json")
+      for part, spec in index.items():
+        holds = isinstance(spec, list) and spec and spec[0] is not None
+        if holds and (part in copy_parts or part not in known + ("unet",)) and (src / part).is_dir():
+          shutil.rmtree(out / part, ignore_errors=True)
+          shutil.copytree(src / part, out / part)
+    # the bundle's own parts
+    save_unet(self.unet.config, self.unet_params, out / "unet")  # the config files hold no compute dtype
+    if "vae" not in copy_parts:
+      save_vae(self.vae.config, self.vae_params, out / "vae")
+    if "text_encoder" not in copy_parts:
+      save_text_encoder(self.text_encoder.config, self.text_params, out / "text_encoder")
+    if "tokenizer" not in copy_parts:
+      self.tokenizer.save_pretrained(out / "tokenizer")
+    if "scheduler" not in copy_parts:
+      _io.write_config(out / "scheduler", self.scheduler_config, name="scheduler_config.json")
+    _io.write_config(out, index, name="model_index.json")
+    return out
 
   # ---- pieces (pure functions of parameter trees: jit them, differentiate them, train with them) ----
 

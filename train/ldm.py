@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -78,11 +79,19 @@ def split_params(config: ml_collections.ConfigDict, params: Any, text_params: An
   return params, text_params
 
 
-def make_task(config: ml_collections.ConfigDict, bundle: StableDiffusion) -> loop.Task:
-  """The latent UNet training task (loss, frozen inputs, CFG sample grids)."""
+def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
+  """The training objective ``(params, batch, key, frozen) -> (loss, {})`` of a latent diffusion run.
+
+  One step: encode ``batch["image"]`` with the frozen VAE (a posterior sample, shifted and scaled), drop
+  each caption to the empty prompt with probability ``diffusion.cond_drop``, encode the token ids with
+  the text encoder (trained or frozen), and regress the UNet on its prediction type's target
+  (:func:`jdiff.diffusion.loss`: min-SNR weighting, offset noise and input perturbation from
+  ``config.diffusion``). The key is split as ``(posterior, dropout, loss) = split(key, 3)``.
+  """
   d = config.diffusion
   weighting = d.weighting or None
-  trainable = _text_trainable(config)
+  options = dict(min_snr_gamma=d.min_snr_gamma, noise_offset=float(d.get("noise_offset", 0.0)),
+                 input_perturbation=float(d.get("input_perturbation", 0.0)))
 
   def loss_fn(params, batch, key, frozen):
     k_z, k_drop, k_loss = jax.random.split(key, 3)
@@ -92,11 +101,20 @@ def make_task(config: ml_collections.ConfigDict, bundle: StableDiffusion) -> loo
     tokens = diffusion.drop_condition(k_drop, batch["tokens"], frozen["null_tokens"], d.cond_drop)  # [B, L]
     ctx = bundle.encode_text(text_params, tokens)  # [B, L, D]
     loss = diffusion.loss(bundle.model_fn(unet_params, ctx), bundle.schedule, z, k_loss,
-                          prediction=bundle.prediction, weighting=weighting, min_snr_gamma=d.min_snr_gamma)
+                          prediction=bundle.prediction, weighting=weighting, **options)
     return loss, {}
 
+  return loss_fn
+
+
+def make_task(config: ml_collections.ConfigDict, bundle: StableDiffusion) -> loop.Task:
+  """The latent UNet training task (loss, frozen inputs, CFG sample grids)."""
+  trainable = _text_trainable(config)
+  loss_fn = make_loss(config, bundle)
   s = config.sample
-  prompts, _ = digit_prompts(max(1, min(int(s.per_prompt), 4)))
+  prompts = [p for p in str(s.get("prompts", "") or "").split("|") if p]
+  if not prompts:
+    prompts, _ = digit_prompts(max(1, min(int(s.per_prompt), 4)))
   tokens = jnp.asarray(bundle.tokenize(prompts))
 
   @jax.jit
@@ -109,8 +127,14 @@ def make_task(config: ml_collections.ConfigDict, bundle: StableDiffusion) -> loo
   frozen = {"vae": bundle.vae_params, "null_tokens": bundle.null_ids()}
   if not trainable:
     frozen["text"] = bundle.text_params
-  return loop.Task(name="ldm", init_params=init_params(config, bundle), loss_fn=loss_fn, frozen=frozen,
-                   batch_keys=("image", "tokens"), sample_fn=sample_fn, grid_cols=10)
+  # A fine-tune starts from the checkpoint's UNet; a run from scratch from a seeded initialisation.
+  start = ldm.trained_params(config, bundle, bundle.unet_params) if _pretrained(config) else init_params(config, bundle)
+  return loop.Task(name="ldm", init_params=start, loss_fn=loss_fn, frozen=frozen, batch_keys=("image", "tokens"),
+                   sample_fn=sample_fn, grid_cols=min(10, len(prompts) * max(1, int(s.get("per_prompt", 1)))))
+
+
+def _pretrained(config: ml_collections.ConfigDict) -> str:
+  return os.path.expanduser(str(config.get("pretrained", "") or ""))
 
 
 def _vae_config_for(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -120,7 +144,14 @@ def _vae_config_for(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def train_ldm(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -> dict[str, Any]:
-  """Trains the VAE if needed, then the latent UNet; returns timings and the final step."""
+  """Trains the VAE if needed, then the latent UNet; returns timings and the final step.
+
+  With ``config.pretrained`` (a diffusers Stable Diffusion folder) it fine-tunes that checkpoint's UNet
+  with its VAE (and, unless ``text.trainable``, its text encoder) frozen, and writes the result as a
+  diffusers folder at the end (``export.dir``, default ``WORKDIR/diffusers``).
+  """
+  if _pretrained(config):
+    return finetune(config, workdir, stream=stream)
   t0 = time.perf_counter()
   loop.write_config(config, workdir)
   if config.vae.pretrained:
@@ -141,6 +172,54 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -
   return {"step": int(state.step), "vae_seconds": t_vae, "total_seconds": time.perf_counter() - t0}
 
 
+def finetune(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -> dict[str, Any]:
+  """Fine-tunes the UNet of the diffusers folder ``config.pretrained`` on ``config.data`` and exports the
+  result (:func:`export`); returns timings, the final step and the export folder."""
+  t0 = time.perf_counter()
+  bundle = ldm.finetune_bundle(config)  # one-line errors before anything is written or compiled
+  loop.write_config(config, workdir)
+  task = make_task(config, bundle)
+  loader = vae_train.make_loader(config, tokenize=bundle.tokenize, batch_size=config.train.get("batch_size") or None)
+  state = loop.train(config.train, task, loader, workdir, seed=config.seed, stream=stream)
+  out = None
+  if int(state.step) >= int(config.train.steps):
+    out = export(workdir, None, ema=bool(config.export.ema), bundle=bundle, state=state)
+  return {"step": int(state.step), "total_seconds": time.perf_counter() - t0, "export": out}
+
+
+def export(workdir: str, out: str | None = None, *, ema: bool | None = None, bundle: StableDiffusion | None = None,
+           state: Any = None) -> str:
+  """Writes a fine-tune workdir's model as a diffusers Stable Diffusion folder: the trained UNet (EMA or
+  online weights), the trained text encoder or the checkpoint's own, and the checkpoint's frozen VAE,
+  tokenizer and scheduler copied byte for byte. Only process 0 writes.
+
+  Args:
+    workdir: a ``train.ldm`` workdir of a run with ``pretrained`` set.
+    out: the output folder (default ``export.dir`` of the run, else ``WORKDIR/diffusers``).
+    ema: export the EMA weights (default: the run's ``export.ema``).
+    bundle, state: the run's bundle and final TrainState (else read from the workdir).
+  """
+  config = loop.read_config(workdir)
+  if not _pretrained(config):
+    raise ValueError(f"{workdir!r} is not a fine-tune run (its config has no 'pretrained' folder); a digits run "
+                     "exports through an SD-layout config")
+  ema = bool(config.export.ema) if ema is None else bool(ema)
+  out = out or config.export.get("dir") or os.path.join(workdir, "diffusers")
+  bundle = bundle or ldm.finetune_bundle(config)
+  if state is None:
+    params = ldm.restore_checked_ema(workdir, jax.eval_shape(
+        lambda: ldm.trained_params(config, bundle, bundle.unet_params)), what="UNet checkpoint", ema=ema)
+  else:
+    params = state.ema_params if ema else state.params
+  params = jax.tree.map(parallel.global_to_host, params)
+  unet_params, text_params = split_params(config, params, bundle.text_params)
+  trained = dataclasses.replace(bundle, unet_params=unet_params, text_params=text_params)
+  if parallel.is_main_process():
+    copy = ("vae", "tokenizer", "scheduler") + (() if _text_trainable(config) else ("text_encoder",))
+    trained.save_pretrained(out, copy_from=bundle.source, copy_parts=copy)
+  return out
+
+
 def _finished(workdir: str, steps: int) -> bool:
   from jdiff import checkpoint
 
@@ -153,9 +232,13 @@ def _finished(workdir: str, steps: int) -> bool:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   out = train_ldm(config, workdir)
-  if parallel.is_main_process():
+  if not parallel.is_main_process():
+    return
+  if "vae_seconds" in out:
     print(f"[ldm] done in {out['total_seconds'] / 60:.1f} min (VAE {out['vae_seconds'] / 60:.1f} min); "
           f"evaluate with: python -m sample.evaluate --workdir {workdir}", flush=True)
+  elif out.get("export"):
+    print(f"[ldm] done in {out['total_seconds'] / 60:.1f} min; diffusers folder: {out['export']}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -127,6 +127,9 @@ class Task:
     batch_keys: which keys of the loader's batches go to the device.
     sample_fn: optional ``(ema_params, key) -> images [N, H, W, C] in [-1, 1]`` for sample grids.
     grid_cols: columns of the sample grid.
+    extra_ema: ``{name: decay}`` of further EMAs of the parameters kept in the train state (e.g. a
+      consistency target network; see :func:`jdiff.training.make_train_step`); when given,
+      ``loss_fn`` takes the train state before the update as a fifth argument.
   """
 
   name: str
@@ -136,6 +139,7 @@ class Task:
   batch_keys: tuple[str, ...] = ("image",)
   sample_fn: Callable[[Any, jax.Array], jax.Array] | None = None
   grid_cols: int = 10
+  extra_ema: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- images
@@ -244,14 +248,14 @@ def accumulate_gradients(loss_fn: Callable[..., Any], steps: int) -> Callable[..
       raise ValueError(f"batch of {b} examples is not divisible by grad_accum={steps}")
     return jnp.swapaxes(x.reshape((b // steps, steps) + x.shape[1:]), 0, 1)
 
-  def wrapped(params, batch, key, frozen):
+  def wrapped(params, batch, key, frozen, *state):
     micro = jax.tree.map(split, batch)
     keys = jax.random.split(key, steps)
 
     @jax.checkpoint
     def body(carry, inputs):
       mb, k = inputs
-      loss, aux = loss_fn(params, mb, k, frozen)
+      loss, aux = loss_fn(params, mb, k, frozen, *state)
       return carry, (loss, aux)
 
     _, (losses, auxes) = jax.lax.scan(body, None, (micro, keys))
@@ -316,19 +320,21 @@ def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
   key = jax.random.key(seed)
   fsdp = int(cfg.fsdp) > 1
   state_shape = jax.eval_shape(
-      lambda k: training.create_train_state(task.init_params, tx, k, mesh=mesh, fsdp=fsdp), key)
+      lambda k: training.create_train_state(task.init_params, tx, k, mesh=mesh, fsdp=fsdp,
+                                            extra_ema=tuple(task.extra_ema or ())), key)
   shardings = training.state_shardings(state_shape, mesh, fsdp=fsdp)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
   try:
     restored = ckpt.restore_latest(_abstract_with_shardings(state_shape, shardings))
     if restored is None:
-      state = training.create_train_state(task.init_params, tx, key, mesh=mesh, fsdp=fsdp)
+      state = training.create_train_state(task.init_params, tx, key, mesh=mesh, fsdp=fsdp,
+                                          extra_ema=tuple(task.extra_ema or ()))
     else:
       state, data_state = restored
       loader.set_state(data_state.get("loader", {}))
     step_fn = training.make_train_step(accumulate_gradients(task.loss_fn, accum), tx, mesh=mesh,
                                        state_sharding=shardings, frozen=task.frozen,
-                                       ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup,
+                                       ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, extra_ema=task.extra_ema,
                                        max_bad_steps=cfg.max_bad_steps)
     start = int(state.step)
     total = int(cfg.steps)
@@ -355,7 +361,8 @@ def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
         if step % check_every == 0 or step == stop:
           step_fn.raise_if_diverged(metrics)  # a host sync: not every step, but within 2N steps of N bad ones
         if step % cfg.log_every == 0 or step == stop:
-          logger.log(step, metrics)
+          # the loader's own counters (e.g. data/bad_examples, this process's replaced examples)
+          logger.log(step, {**metrics, **(loader.metrics() if hasattr(loader, "metrics") else {})})
         if task.sample_fn is not None and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
           images = parallel.global_to_host(task.sample_fn(state.ema_params, sample_key))
           if main:
@@ -398,14 +405,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
-  """Loads a ``configs/*.py`` file (its ``get_config()``)."""
+  """Loads a ``configs/*.py`` file (its ``get_config()``); ``FILE.py:ARG`` calls ``get_config(ARG)``
+  (a variant, as ml_collections' config flags do)."""
   import importlib.util
+  arg = None
+  if ":" in os.path.basename(path):
+    path, arg = path.rsplit(":", 1)
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file {path} does not exist")
   spec = importlib.util.spec_from_file_location("_jdiff_config", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  return mod.get_config() if arg is None else mod.get_config(arg)
 
 
 _TRAIN_KEYS = {

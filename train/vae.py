@@ -51,11 +51,15 @@ def vae_config(section: ml_collections.ConfigDict, *, scaling_factor: float | No
 def make_loader(config: ml_collections.ConfigDict, *, tokenize=None, batch_size: int | None = None) -> data.Loader:
   """The data loader described by ``config.data``."""
   d = config.data
+  bad = float(d.get("max_bad_fraction", 0.01))
+  # a run that reads no captions (the VAE) also takes caption-less data
   source = data.make_source(kind=d.kind, name=d.name, data_dir=d.data_dir, split=d.split, path=d.path,
                             image_key=d.image_key, label_key=d.label_key or None,
-                            caption_key=d.caption_key or None, channels=d.channels)
+                            caption_key=(d.caption_key or None) if tokenize is not None else None,
+                            channels=d.channels, verify=d.get("verify", "header"), max_bad_fraction=bad)
   return data.Loader(source, batch_size=batch_size or d.batch_size, seed=d.seed, image_size=d.image_size,
-                     channels=d.channels, tokenize=tokenize)
+                     channels=d.channels, tokenize=tokenize, crop=d.get("crop") or None,
+                     flip=bool(d.get("flip", False)), max_bad_fraction=bad)
 
 
 def make_task(cfg: VAEConfig, *, kl_weight: float, image_size: int) -> tuple[loop.Task, AutoencoderKL]:

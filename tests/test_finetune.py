@@ -1,0 +1,238 @@
+"""Fine-tuning a Stable Diffusion checkpoint with ``python -m train.ldm --config configs/sd_finetune.py``.
+
+A tiny random diffusers pipeline saved with ``save_pretrained`` stands in for SD: the objective equals
+diffusers' fine-tuning recipe on the same tensors, a short CLI run exports a folder that diffusers loads
+(the UNet computing what jdiff computes, the frozen parts byte-identical), and a SIGKILLed run resumes
+bit-identically.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from jdiff import ldm  # noqa: E402
+from jdiff.pipelines import StableDiffusion  # noqa: E402
+from tests.parity.test_pipeline import SIZE, build_tiny_sd_pipeline  # noqa: E402
+from train import ldm as train_ldm  # noqa: E402
+from train import loop  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "sd_finetune.py")
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("tiny_sd_finetune")
+  build_tiny_sd_pipeline(folder)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def sd_v_folder(sd_folder, tmp_path_factory):
+  """The same pipeline with a v-prediction scheduler (SD 2.x-v)."""
+  folder = tmp_path_factory.mktemp("tiny_sd_v") / "pipe"
+  shutil.copytree(sd_folder, folder)
+  path = folder / "scheduler" / "scheduler_config.json"
+  config = json.loads(path.read_text())
+  config["prediction_type"] = "v_prediction"
+  path.write_text(json.dumps(config))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """Six captioned images of several sizes, captions in diffusers' metadata.jsonl."""
+  folder = tmp_path_factory.mktemp("photos")
+  rng = np.random.default_rng(0)
+  rows = []
+  for i, (h, w) in enumerate([(40, 36), (32, 32), (48, 64), (36, 40), (33, 50), (64, 40)]):
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    rows.append({"file_name": f"img{i}.png", "text": f"a photo of object number {i}"})
+  (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return folder
+
+
+def _config(pretrained, **diffusion):
+  config = loop.load_config(CONFIG)
+  config.pretrained = str(pretrained)
+  config.data.image_size = SIZE
+  config.unet.dtype = "float32"
+  config.unet.remat = ""
+  config.diffusion.update(dict(cond_drop=0.0, **diffusion))
+  return config
+
+
+def _diffusers_loss(folder, images, ids, eps_z, t, noise, *, weighting, gamma):
+  """diffusers' text-to-image fine-tuning objective on given tensors (NHWC in, NCHW inside)."""
+  from diffusers.training_utils import compute_snr
+
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                           requires_safety_checker=False)
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(a), -1, 1)))  # noqa: E731
+  sched = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+  with torch.no_grad():
+    dist = pipe.vae.encode(nchw(images)).latent_dist
+    latents = (dist.mean + dist.std * nchw(eps_z)) * pipe.vae.config.scaling_factor
+    hidden = pipe.text_encoder(torch.from_numpy(np.asarray(ids)))[0]
+    tt = torch.from_numpy(np.asarray(t)).long()
+    noise_t = nchw(noise)
+    noisy = sched.add_noise(latents, noise_t, tt)
+    if sched.config.prediction_type == "epsilon":
+      target = noise_t
+    else:
+      target = sched.get_velocity(latents, noise_t, tt)
+    pred = pipe.unet(noisy, tt, hidden).sample
+    if weighting is None:
+      return float(torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean"))
+    snr = compute_snr(sched, tt)
+    weights = torch.stack([snr, gamma * torch.ones_like(tt)], dim=1).min(dim=1)[0]
+    weights = weights / snr if sched.config.prediction_type == "epsilon" else weights / (snr + 1)
+    per = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    return float((per * weights).mean())
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v"])
+@pytest.mark.parametrize("weighting", [None, "min_snr"])
+def test_objective_equals_diffusers_recipe(sd_folder, sd_v_folder, pred, weighting):
+  folder = sd_folder if pred == "epsilon" else sd_v_folder
+  config = _config(folder, weighting=weighting or "", min_snr_gamma=5.0)
+  bundle = ldm.finetune_bundle(config)
+  assert bundle.prediction == pred
+  images = np.random.default_rng(1).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+  ids = bundle.tokenize(["a photo of a cat", "a dog"])
+  batch = {"image": jnp.asarray(images), "tokens": jnp.asarray(ids)}
+  frozen = {"vae": bundle.vae_params, "text": bundle.text_params, "null_tokens": bundle.null_ids()}
+  key = jax.random.key(5)
+  loss, _ = train_ldm.make_loss(config, bundle)(bundle.unet_params, batch, key, frozen)
+  # The draws of the step's documented key split: (posterior, dropout, loss); the loss splits (t, noise).
+  k_z, _, k_loss = jax.random.split(key, 3)
+  h = SIZE // bundle.vae_factor
+  eps_z = jax.random.normal(k_z, (2, h, h, 4), jnp.float32)
+  k_t, k_n = jax.random.split(k_loss)
+  t = jax.random.randint(k_t, (2,), 0, 1000, dtype=jnp.int32)
+  noise = jax.random.normal(k_n, (2, h, h, 4), jnp.float32)
+  want = _diffusers_loss(folder, images, ids, eps_z, t, noise, weighting=weighting, gamma=5.0)
+  assert abs(float(loss) - want) <= 1e-5 * abs(want), (float(loss), want)
+
+
+def test_bad_pretrained_folders_are_one_line(tmp_path, sd_folder):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    ldm.finetune_bundle(_config(tmp_path / "nope"))
+  broken = tmp_path / "no_vae"
+  shutil.copytree(sd_folder, broken)
+  shutil.rmtree(broken / "vae")
+  with pytest.raises(FileNotFoundError, match="vae"):
+    ldm.finetune_bundle(_config(broken))
+  config = _config(sd_folder)
+  config.data.image_size = SIZE + 1
+  with pytest.raises(ValueError, match="multiple of the VAE factor 2"):
+    ldm.finetune_bundle(config)
+  # an inpainting UNet (2C + 1 input channels) and a UNet that fits neither
+  for channels, needle in [(9, "inpainting"), (5, "takes 5 input channels")]:
+    odd = tmp_path / f"unet_{channels}"
+    shutil.copytree(sd_folder, odd)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(odd / "unet")
+    cfg = dict(unet.config)
+    cfg["in_channels"] = channels
+    diffusers.UNet2DConditionModel.from_config(cfg).save_pretrained(odd / "unet")
+    with pytest.raises(ValueError, match=needle):
+      ldm.finetune_bundle(_config(odd))
+
+
+def _cli(workdir, sd_folder, image_folder, *extra):
+  return [f"--config={CONFIG}", f"--config.pretrained={sd_folder}", f"--config.data.path={image_folder}",
+          f"--config.data.image_size={SIZE}", "--config.unet.dtype=float32", "--config.unet.remat=",
+          "--config.data.batch_size=2", "--config.train.steps=3", "--config.train.checkpoint_every=1",
+          "--config.train.sample_every=0", "--config.train.log_every=1", "--config.train.warmup_steps=0",
+          "--config.train.learning_rate=1e-3", "--config.data.flip=True", "--config.data.crop=random",
+          f"--workdir={workdir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, sd_folder, image_folder):
+  """An uninterrupted 3-step CLI fine-tune with its exported folder."""
+  workdir = tmp_path_factory.mktemp("ft") / "run"
+  rc = train_ldm.main(["train.ldm", *_cli(workdir, sd_folder, image_folder)])
+  assert rc == 0
+  return workdir
+
+
+def test_cli_fine_tune_exports_a_folder_diffusers_runs(finetuned, sd_folder, tmp_path):
+  out = finetuned / "diffusers"
+  for part in ("vae", "text_encoder", "tokenizer", "scheduler"):  # frozen: copied byte for byte
+    cmp = filecmp.dircmp(sd_folder / part, out / part)
+    assert not cmp.left_only and not cmp.right_only and not cmp.diff_files, part
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+  ours = StableDiffusion.from_diffusers(out)
+  # the exported UNet is the run's EMA, which training moved away from the checkpoint
+  ema = StableDiffusion.from_workdir(finetuned)
+  start = StableDiffusion.from_diffusers(sd_folder)
+  for a, b in zip(jax.tree.leaves(ours.unet_params), jax.tree.leaves(ema.unet_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ours.unet_params),
+                                                              jax.tree.leaves(start.unet_params)))
+  assert moved > 1e-4
+  # diffusers' UNet from the export computes what jdiff's does
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
+  ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
+  t = np.array([10, 700])
+  mine = np.asarray(ours.unet.apply({"params": ours.unet_params}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)))
+  with torch.no_grad():
+    theirs = pipe.unet(torch.from_numpy(np.moveaxis(x, -1, 1).copy()), torch.from_numpy(t),
+                       torch.from_numpy(ctx)).sample.numpy()
+  theirs = np.moveaxis(theirs, 1, -1)
+  assert np.max(np.abs(mine - theirs)) <= 1e-5 * np.max(np.abs(theirs))
+  # and the whole pipeline runs
+  pipe.set_progress_bar_config(disable=True)
+  img = pipe("a photo of object number 1", num_inference_steps=2, height=SIZE, width=SIZE, output_type="np").images
+  assert img.shape == (1, SIZE, SIZE, 3) and np.isfinite(img).all()
+
+
+def test_export_cli_online_weights(finetuned, tmp_path, capsys):
+  from train import export
+  assert export.main(["--workdir", str(finetuned), "--out", str(tmp_path / "online"), "--no-ema"]) == 0
+  online = StableDiffusion.from_diffusers(tmp_path / "online")
+  from tests.test_fault_tolerance import saved_state
+  _, state, _ = saved_state(finetuned)
+  for a, b in zip(jax.tree.leaves(online.unet_params), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  assert export.main(["--workdir", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+  assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three fresh processes compiling the tiny SD step: ~2 min on 2 busy cores
+def test_sigkilled_fine_tune_resumes_bit_identically(finetuned, sd_folder, image_folder, tmp_path):
+  from tests.test_fault_tolerance import _read_until_step, assert_states_equal, saved_state, worker_env
+  workdir = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "train.ldm", *_cli(workdir, sd_folder, image_folder)]
+  proc = subprocess.Popen(cmd, env=worker_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True)
+  try:
+    _read_until_step(proc, 2)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  res = subprocess.run(cmd, env=worker_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "resuming from step" in res.stdout
+  step, state, data_state = saved_state(workdir)
+  ref_step, ref_state, ref_data = saved_state(finetuned)
+  assert step == ref_step == 3 and data_state == ref_data
+  assert_states_equal(state, ref_state)
