@@ -33,10 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
       lora=False,                         # LCM-LoRA instead of the full UNet (--lora)
       lora_rank=8, lora_alpha=8.0,
       lora_targets="to_q,to_k,to_v,to_out,proj_in,proj_out,ff/net_0/proj,ff/net_2,conv1,conv2,time_emb_proj",
+      target_decay=0.95,                  # target network = EMA of the student (LCM paper); 0: stop-gradient copy
   ))
 
-  # Target network = stop-gradient of the online student (EMA decay 0, as LCM-LoRA and iCT use);
-  # ema_decay is the sampling EMA of the train state.
+  # ema_decay is the sampling EMA of the train state (the target network's EMA is lcm.target_decay).
   config.train = vae_digits.train_config(steps=1000, learning_rate=2e-4, warmup_steps=50, lr_schedule="constant",
                                          checkpoint_every=250, sample_every=500, ema_decay=0.999)
   config.train.batch_size = 0             # 0: the data section's batch size

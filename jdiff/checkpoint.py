@@ -153,8 +153,8 @@ def _path_str(path) -> str:
 
 
 def _state_dict(tree: Any) -> Any:
-  if isinstance(tree, training.TrainState):
-    return {f: getattr(tree, f) for f in tree.__dataclass_fields__}
+  if isinstance(tree, training.TrainState):  # fields that are None (no extra EMAs) are not written
+    return {f: getattr(tree, f) for f in tree.__dataclass_fields__ if getattr(tree, f) is not None}
   return tree
 
 

@@ -11,7 +11,11 @@ explicit in/out shardings and the state donated. Inside the step:
   left unchanged) and counted in ``bad_steps`` (consecutive) and ``skipped_steps`` (total); the
   loop stops with :class:`NonFiniteError` after ``max_bad_steps`` consecutive ones, so NaN never
   reaches the parameters, nor a checkpoint;
-* EMA parameters follow ``optax.incremental_update`` with an optional warmup of the decay.
+* EMA parameters follow ``optax.incremental_update`` with an optional warmup of the decay;
+* further EMAs of the parameters (``extra_ema``: e.g. the target network of a consistency model),
+  each with its own decay (a constant or a function of the step), live in the state beside the
+  sampling EMA, are checkpointed with it, and are read by the loss (its fifth argument is then
+  the state before the update), never differentiated.
 
 Example:
   >>> tx = make_optimizer(learning_rate=1e-3, clip_norm=1.0)
@@ -22,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import flax
 import jax
@@ -39,13 +43,16 @@ __all__ = [
     "create_train_state",
     "state_shardings",
     "ema_decay_at",
+    "extra_ema_decay",
     "make_train_step",
     "TrainStep",
     "check_finite",
 ]
 
-# loss_fn(params, batch, key, frozen) -> (scalar loss, dict of scalar metrics)
-LossFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
+# loss_fn(params, batch, key, frozen[, state]) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+# an extra EMA's decay: a constant, or a function of the step (int32 scalar, updates so far) -> float32 scalar
+Decay = float | Callable[[jax.Array], jax.Array]
 
 
 class NonFiniteError(FloatingPointError):
@@ -65,6 +72,8 @@ class TrainState:
       ``fold_in(wrap_key_data(rng), step)``. Raw data keeps checkpoints plain.
     bad_steps: int32, consecutive non-finite steps so far.
     skipped_steps: int32, total non-finite (skipped) steps.
+    extra_ema: None, or ``{name: EMA of params}``: further moving averages with their own decays
+      (``make_train_step(extra_ema=...)``), e.g. a consistency model's target network.
   """
 
   step: jax.Array
@@ -74,6 +83,7 @@ class TrainState:
   rng: jax.Array
   bad_steps: jax.Array
   skipped_steps: jax.Array
+  extra_ema: Any = None
 
 
 def make_optimizer(*, learning_rate: float = 1e-4, warmup_steps: int = 0, total_steps: int | None = None,
@@ -122,7 +132,7 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, *, fsdp: bool = Fals
 
 def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                        key: jax.Array, *, mesh: Mesh | None = None, fsdp: bool = False,
-                       min_size: int = 0) -> TrainState:
+                       min_size: int = 0, extra_ema: Iterable[str] = ()) -> TrainState:
   """Initialises a TrainState directly into its shardings (``jit`` with ``out_shardings``).
 
   Args:
@@ -133,20 +143,25 @@ def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTr
     mesh: the device mesh (default: all devices, data parallel).
     fsdp: FSDP-shard parameters, EMA and optimizer state over "fsdp".
     min_size: leaves smaller than this stay replicated.
+    extra_ema: names of further EMAs of the parameters (``state.extra_ema[name]``), each starting
+      at the initial parameters; none: ``state.extra_ema`` is None.
 
   Example:
     >>> state = create_train_state(lambda k: model.init(k, x)["params"], tx, jax.random.key(0))
+    >>> state = create_train_state(init_fn, tx, key, extra_ema=("target",))  # state.extra_ema["target"]
   """
   mesh = mesh or parallel.make_mesh()
   k_init, k_rng = jax.random.split(key)
   rng = jax.random.key_data(k_rng)
+  names = _ema_names(extra_ema)
 
   start = None if callable(init_fn) else jax.tree.map(jnp.asarray, init_fn)
 
   def init(k_init, rng, start):
     params = init_fn(k_init) if start is None else start
+    extra = {name: params for name in names} if names else None
     return TrainState(step=_zero_int(), params=params, ema_params=params, opt_state=tx.init(params),
-                      rng=rng, bad_steps=_zero_int(), skipped_steps=_zero_int())
+                      rng=rng, bad_steps=_zero_int(), skipped_steps=_zero_int(), extra_ema=extra)
 
   abstract = jax.eval_shape(init, k_init, rng, start)
   shardings = state_shardings(abstract, mesh, fsdp=fsdp, min_size=min_size)
@@ -159,6 +174,26 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
     return jnp.float32(decay)
   n = step.astype(jnp.float32)
   return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def _ema_names(extra_ema: Iterable[str]) -> tuple[str, ...]:
+  names = tuple(extra_ema)
+  for name in names:
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"extra_ema names must be non-empty strings, got {name!r}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"extra_ema names must be distinct, got {names}")
+  return names
+
+
+def extra_ema_decay(decay: Decay, step: jax.Array) -> jax.Array:
+  """An extra EMA's decay after ``step`` updates: the constant, or ``decay(step)``, as float32.
+
+  Example:
+    >>> mu = extra_ema_decay(lambda n: 0.9 + 0.05 * (n > 100), state.step)  # float32 scalar
+  """
+  value = decay(step) if callable(decay) else decay
+  return jnp.asarray(value, jnp.float32)
 
 
 def _global_norm(tree: Any) -> jax.Array:
@@ -203,11 +238,14 @@ class TrainStep:
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
                     state_sharding: TrainState, frozen: Any = None, frozen_sharding: Any = None,
                     ema_decay: float = 0.999, ema_warmup: bool = True, max_bad_steps: int = 10,
-                    donate: bool = True) -> TrainStep:
+                    donate: bool = True, extra_ema: Mapping[str, Decay] | None = None) -> TrainStep:
   """Builds the jitted train step.
 
   Args:
     loss_fn: ``(params, batch, key, frozen) -> (loss, metrics)``; ``metrics`` is a dict of scalars.
+      With ``extra_ema``: ``(params, batch, key, frozen, state) -> (loss, metrics)``, where
+      ``state`` is the TrainState before this step's update (its ``step`` and ``extra_ema``
+      trees); the loss is differentiated with respect to ``params`` only.
     tx: the optimizer (clipping included, see :func:`make_optimizer`).
     mesh: the ("data", "fsdp") mesh; the batch is split over all its devices.
     state_sharding: shardings of the TrainState (:func:`state_shardings`).
@@ -218,25 +256,43 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     max_bad_steps: consecutive non-finite steps tolerated before
       :meth:`TrainStep.raise_if_diverged` raises (0: never).
     donate: donate the input state's buffers.
+    extra_ema: ``{name: decay}`` of the state's further EMAs (the names given to
+      :func:`create_train_state`); a decay is a constant or a function ``step -> decay`` of the
+      number of updates before this one. After the optimizer update, ``extra_ema[name] <- decay
+      * extra_ema[name] + (1 - decay) * new params`` (no warmup); skipped with the update on a
+      non-finite step.
 
   Returns:
     A :class:`TrainStep`; metrics include ``loss``, ``grad_norm``, ``param_norm``, ``update_norm``,
-    ``finite``, ``bad_steps``, ``skipped_steps`` and ``lr``-free entries from ``loss_fn``.
+    ``finite``, ``bad_steps``, ``skipped_steps``, ``<name>_decay`` of each extra EMA and the
+    entries from ``loss_fn``.
 
   Example:
     >>> step = make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings)
     >>> state, metrics = step(state, batch)
+    >>> step = make_train_step(lambda p, b, k, f, s: my_loss(p, s.extra_ema["target"], b, k), tx, mesh=mesh,
+    ...                        state_sharding=shardings, extra_ema={"target": 0.95})
   """
+  extra = dict(extra_ema or {})
+  _ema_names(extra)
 
   def step_fn(state: TrainState, batch: Any, frozen: Any):
+    have = tuple(sorted(state.extra_ema or {}))
+    if have != tuple(sorted(extra)):
+      raise ValueError(f"the train state holds extra EMAs {have} but the step updates {tuple(sorted(extra))}; "
+                       "pass the same names to create_train_state(extra_ema=...)")
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, frozen)
+    with_state = (state,) if extra else ()
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, frozen, *with_state)
     grad_norm = _global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
     new_ema = optax.incremental_update(new_params, state.ema_params, 1.0 - decay)
+    extra_decays = {name: extra_ema_decay(d, state.step) for name, d in extra.items()}
+    new_extra = {name: optax.incremental_update(new_params, state.extra_ema[name], 1.0 - d)
+                 for name, d in extra_decays.items()} or None
 
     def keep(new, old):
       return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -245,8 +301,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
                            ema_params=keep(new_ema, state.ema_params),
                            opt_state=keep(new_opt, state.opt_state), rng=state.rng, bad_steps=bad,
-                           skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)))
+                           skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)),
+                           extra_ema=keep(new_extra, state.extra_ema))
     metrics = dict(aux)
+    metrics.update({f"{name}_decay": d for name, d in extra_decays.items()})
     metrics.update(loss=loss, grad_norm=grad_norm, param_norm=_global_norm(state.params),
                    update_norm=_global_norm(updates), finite=finite, bad_steps=bad,
                    skipped_steps=new_state.skipped_steps)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import optax
 import pytest
 
 from configs import lcm_digits, ldm_tiny
+from jdiff import consistency
 from jdiff.models import AutoencoderKL
 from jdiff.pipelines import StableDiffusion
 from train import lcm
@@ -36,6 +38,11 @@ def _config(**lcm_overrides):
   config.lcm.update(dict(w_embedding_dim=8, lora_rank=2, lora_alpha=2.0, **lcm_overrides))
   config.sample.update(dict(num_steps=2, per_prompt=1))
   return config
+
+
+def _view(params, target=None):
+  """The part of a train state the distillation loss reads: the target network."""
+  return SimpleNamespace(step=jnp.int32(0), extra_ema={"target": params if target is None else target})
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +97,8 @@ def test_distillation_loss_trains(teacher, batch, use_lora):
 
   @jax.jit
   def step(params, opt_state):
-    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, key, task.frozen)
+    state = _view(params)  # target = the online student (decay 0)
+    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, key, task.frozen, state)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, aux
 
@@ -104,11 +112,57 @@ def test_distillation_loss_trains(teacher, batch, use_lora):
   assert 1.0 <= float(aux["w"]) <= 4.0
 
 
+def test_loss_uses_the_target_network(teacher, batch):
+  """The loss reads the EMA target of the train state: it equals the online-target loss when the
+  target equals the student and changes with the target; gradients reach the online parameters only."""
+  config = _config(loss_type="l2")
+  student, init_params = lcm.build(config, teacher)
+  task = lcm.make_task(config, student, init_params)
+  assert task.extra_ema == {"target": 0.95}
+  params = init_params(jax.random.key(0))
+  params = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(1), a.shape), params)
+  other = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)
+  key = jax.random.key(3)
+
+  @jax.jit
+  def run(p, target):
+    return jax.value_and_grad(lambda p, tg: task.loss_fn(p, batch, key, task.frozen, _view(p, tg))[0],
+                              argnums=(0, 1))(p, target)
+
+  loss_same, (g_online, g_target) = run(params, params)
+  loss_other, (_, g_target_other) = run(params, other)
+  # Independent route: the library loss with the student as its own (stop-gradient) target, same draws.
+  t, c = teacher, config.lcm
+
+  @jax.jit
+  def reference(p):
+    k_z, k_loss = jax.random.split(key)
+    z = t.encode_images(t.vae_params, batch["image"], k_z)
+    ctx = t.encode_text(t.text_params, batch["tokens"])
+    null = t.encode_text(t.text_params, t.null_ids())
+    teacher_fn = consistency.guided_teacher(lambda x, tt, cc: t.model_fn(t.unet_params, cc)(x, tt), ctx, null)
+    return consistency.distillation_loss(
+        student.model_fn(p, ctx), teacher_fn, t.schedule, z, k_loss, num_ddim_timesteps=int(c.num_ddim_timesteps),
+        w_min=float(c.w_min), w_max=float(c.w_max), solver=c.solver, loss_type=c.loss_type,
+        huber_c=float(c.huber_c), prediction=t.prediction, timestep_scaling=float(c.timestep_scaling))[0]
+
+  ref = reference(params)
+  np.testing.assert_allclose(float(loss_same), float(ref), rtol=1e-5)
+  assert abs(float(loss_other) - float(loss_same)) > 1e-3 * abs(float(loss_same))
+  for g in (g_target, g_target_other):  # stop_gradient: nothing flows into the target branch
+    assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
+  assert sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(g_online)) > 0.0
+
+
 def test_bad_config_values_are_named(teacher):
   with pytest.raises(ValueError, match="lcm.solver"):
     lcm.build(_config(solver="heun"), teacher)
   with pytest.raises(ValueError, match="num_ddim_timesteps"):
     lcm.build(_config(num_ddim_timesteps=5000), teacher)
+  config = _config(target_decay=1.5)
+  student, init_params = lcm.build(config, teacher)
+  with pytest.raises(ValueError, match="lcm.target_decay"):
+    lcm.make_task(config, student, init_params)
   with pytest.raises(FileNotFoundError, match="neither"):
     lcm.load_teacher("/nonexistent/teacher")
 

@@ -13,7 +13,10 @@ One step (:func:`jdiff.consistency.distillation_loss`): encode images to latents
 VAE, captions with the frozen text encoder, draw a skipping-step pair (t, t - k), the guidance
 scale w and the noise, solve the CFG teacher's ODE from t to t - k (DDIM or DPM-Solver-2) and
 regress f_student(x_t, t, w) on the stop-gradient f_student(x_{t-k}, t - k, w) with a
-pseudo-Huber distance. Training, checkpoints, resume and EMA weights are those of ``train.loop``
+pseudo-Huber distance. The target network is an EMA of the student with its own decay
+(``lcm.target_decay``, 0.95 as in the LCM paper; 0 makes it a stop-gradient copy of the online
+student), kept in the train state beside the sampling EMA (``train.ema_decay``), so a resumed run
+continues bit-for-bit. Training, checkpoints, resume and EMA weights are those of ``train.loop``
 (the same machinery as ``train.ldm``); sample grids use the LCM sampler on the EMA weights. Teacher
 and student are the library's bundle (:func:`jdiff.ldm.load_path`, :func:`jdiff.ldm.lcm_student`); a
 finished run loads with ``StableDiffusion.from_workdir`` and is scored by ``sample.evaluate``.
@@ -157,22 +160,34 @@ def generate(student: LCMStudent, unet_params: Any, tokens: jax.Array, key: jax.
 
 def make_task(config: ml_collections.ConfigDict, student: LCMStudent,
               init_params: Callable[[jax.Array], Any]) -> loop.Task:
-  """The distillation task: loss over (trained params, batch, key, frozen), LCM sample grids."""
+  """The distillation task: loss over (trained params, batch, key, frozen, state), LCM sample grids.
+
+  The target network is ``state.extra_ema["target"]`` (an EMA of the trained parameters with decay
+  ``lcm.target_decay``), evaluated under ``stop_gradient``.
+
+  Raises:
+    ValueError: ``lcm.target_decay`` outside [0, 1].
+  """
   c = config.lcm
+  target_decay = float(c.get("target_decay", 0.95))
+  if not 0.0 <= target_decay <= 1.0:
+    raise ValueError(f"lcm.target_decay={c.target_decay!r}: expected a number in [0, 1]")
   t = student.teacher
   opts = dict(num_ddim_timesteps=student.num_ddim_timesteps, w_min=float(c.w_min), w_max=float(c.w_max),
               solver=c.solver, loss_type=c.loss_type, huber_c=float(c.huber_c), prediction=t.prediction,
               timestep_scaling=student.timestep_scaling)
 
-  def loss_fn(params, batch, key, frozen):
+  def loss_fn(params, batch, key, frozen, state):
     k_z, k_loss = jax.random.split(key)
     z = t.encode_images(frozen["vae"], batch["image"], k_z)  # [B, h, w, c]
     ctx = t.encode_text(frozen["text"], batch["tokens"])  # [B, L, D]
     null = t.encode_text(frozen["text"], frozen["null_tokens"])  # [1, L, D]
     unet_params = student.unet_params(params, frozen["teacher"])
     student_fn = student.model_fn(unet_params, ctx)
+    target_fn = student.model_fn(student.unet_params(state.extra_ema["target"], frozen["teacher"]), ctx)
     teacher_fn = consistency.guided_teacher(lambda x, tt, cc: t.model_fn(frozen["teacher"], cc)(x, tt), ctx, null)
-    return consistency.distillation_loss(student_fn, teacher_fn, t.schedule, z, k_loss, **opts)
+    return consistency.distillation_loss(student_fn, teacher_fn, t.schedule, z, k_loss, target_fn=target_fn,
+                                         **opts)
 
   s = config.sample
   prompts, _ = digit_prompts(max(1, min(int(s.per_prompt), 4)))
@@ -185,7 +200,8 @@ def make_task(config: ml_collections.ConfigDict, student: LCMStudent,
 
   frozen = {"vae": t.vae_params, "text": t.text_params, "null_tokens": t.null_ids(), "teacher": t.unet_params}
   return loop.Task(name="lcm_lora" if student.is_lora else "lcm", init_params=init_params, loss_fn=loss_fn,
-                   frozen=frozen, batch_keys=("image", "tokens"), sample_fn=jax.jit(sample_fn), grid_cols=10)
+                   frozen=frozen, batch_keys=("image", "tokens"), sample_fn=jax.jit(sample_fn), grid_cols=10,
+                   extra_ema={"target": target_decay})
 
 
 def _data_config(config: ml_collections.ConfigDict, teacher: StableDiffusion) -> ml_collections.ConfigDict:
