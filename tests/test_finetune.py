@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +158,7 @@ def test_bad_pretrained_folders_are_one_line(tmp_path, sd_folder):
 def _cli(workdir, sd_folder, image_folder, *extra):
   return [f"--config={CONFIG}", f"--config.pretrained={sd_folder}", f"--config.data.path={image_folder}",
           f"--config.data.image_size={SIZE}", "--config.unet.dtype=float32", "--config.unet.remat=",
-          "--config.data.batch_size=2", "--config.train.steps=3", "--config.train.checkpoint_every=1",
+          "--config.data.batch_size=2", "--config.train.steps=4", "--config.train.checkpoint_every=1",
           "--config.train.sample_every=0", "--config.train.log_every=1", "--config.train.warmup_steps=0",
           "--config.train.learning_rate=1e-3", "--config.data.flip=True", "--config.data.crop=random",
           f"--workdir={workdir}", *extra]
@@ -165,7 +166,7 @@ def _cli(workdir, sd_folder, image_folder, *extra):
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, sd_folder, image_folder):
-  """An uninterrupted 3-step CLI fine-tune with its exported folder."""
+  """An uninterrupted 4-step CLI fine-tune with its exported folder."""
   workdir = tmp_path_factory.mktemp("ft") / "run"
   rc = train_ldm.main(["train.ldm", *_cli(workdir, sd_folder, image_folder)])
   assert rc == 0
@@ -224,7 +225,8 @@ def test_sigkilled_fine_tune_resumes_bit_identically(finetuned, sd_folder, image
   proc = subprocess.Popen(cmd, env=worker_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                           text=True)
   try:
-    _read_until_step(proc, 2)
+    _read_until_step(proc, 3)
+    time.sleep(1.0)  # the asynchronous save of step 2 completes (a later one may be half-written)
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.wait(timeout=60)
@@ -234,5 +236,5 @@ def test_sigkilled_fine_tune_resumes_bit_identically(finetuned, sd_folder, image
   assert "resuming from step" in res.stdout
   step, state, data_state = saved_state(workdir)
   ref_step, ref_state, ref_data = saved_state(finetuned)
-  assert step == ref_step == 3 and data_state == ref_data
+  assert step == ref_step == 4 and data_state == ref_data
   assert_states_equal(state, ref_state)
