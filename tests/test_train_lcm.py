@@ -179,7 +179,8 @@ def teacher_workdir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_end_to_end_checkpoint_and_resume(teacher_workdir, tmp_path, capsys):
-  """Distil the tiny LDM for 2 steps (stop as if killed), resume to 3; samples and evaluation load."""
+  """Distil the tiny LDM for 2 steps (stop as if killed), resume to 3 (bit-identical to an uninterrupted
+  run); samples and evaluation load."""
   workdir = str(tmp_path / "lcm")
   config = _config()
   config.teacher = teacher_workdir
@@ -199,6 +200,17 @@ def test_end_to_end_checkpoint_and_resume(teacher_workdir, tmp_path, capsys):
             if " loss " in line]
   assert len(losses) == 3 and np.all(np.isfinite(losses)), losses
   assert os.path.exists(os.path.join(workdir, "samples", "lcm_000003.png"))
+  # Stopped after step 2 and resumed equals an uninterrupted run, bit for bit: params, sampling EMA and
+  # the target network's EMA (a separate tree of the state).
+  from tests.test_fault_tolerance import assert_states_equal, saved_state
+  straight = str(tmp_path / "lcm_straight")
+  lcm.train_lcm(config, straight, stream=io.StringIO())
+  _, resumed_state, _ = saved_state(workdir, 3)
+  _, straight_state, _ = saved_state(straight, 3)
+  assert set(resumed_state["extra_ema"]) == {"target"}
+  assert_states_equal(resumed_state, straight_state)
+  kernel = lambda tree: np.asarray(tree["time_embedding"]["cond_proj"]["kernel"])  # noqa: E731
+  assert not np.array_equal(kernel(resumed_state["extra_ema"]["target"]), kernel(resumed_state["params"]))
   # The run reloads for sampling: 1- and 2-step LCM images in [0, 1], equal to the trainer's generate
   # on the restored EMA student.
   pipe = StableDiffusion.from_workdir(workdir)
