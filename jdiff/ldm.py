@@ -174,6 +174,25 @@ def scheduler_config(diffusion_section: Mapping[str, Any]) -> dict[str, Any]:
           "steps_offset": 1, "timestep_spacing": "leading"}
 
 
+def abstract_bundle(family: str, *, dtype: str = "float32", remat: Any = False, prediction: str = "epsilon",
+                    image_size: int | None = None):
+  """A bundle with a Stable Diffusion family's real module shapes ("sd15" or "sd21") and no weights
+  (parameter trees None): for ``jax.eval_shape``, lowering and memory planning of training steps
+  without a checkpoint on disk. Its tokenizer is a stand-in of the right length (77)."""
+  from jdiff.pipelines import StableDiffusion
+  from jdiff.tokenizers import CLIPTokenizer
+
+  if family not in ("sd15", "sd21"):
+    raise ValueError(f"unknown model family {family!r}; expected 'sd15' or 'sd21'")
+  unet = UNet(getattr(UNetConfig, family)(dtype=dtype, remat=remat))
+  vae = AutoencoderKL(getattr(VAEConfig, family)(dtype=dtype))
+  text = CLIPTextModel(getattr(CLIPTextConfig, family)(dtype=dtype))
+  return StableDiffusion(unet=unet, unet_params=None, vae=vae, vae_params=None, text_encoder=text,
+                         text_params=None, tokenizer=CLIPTokenizer.train([], num_merges=0, max_length=77),
+                         schedule=schedules.scaled_linear(1000, 0.00085, 0.012), prediction=prediction,
+                         scaling_factor=float(vae.config.scaling_factor), image_size=image_size)
+
+
 def finetune_bundle(config: Mapping[str, Any]):
   """The bundle of a fine-tune run (``config.pretrained``, a diffusers Stable Diffusion folder): its
   UNet at the run's compute dtype and remat policy (``config.unet``), the prediction type of

@@ -1,0 +1,109 @@
+"""configs/sd_finetune.py at real size: SD 1.5 (512 px, epsilon) and SD 2.1-v (768 px, v-prediction) train
+steps build and lower on 8 virtual CPU devices with bf16 compute, float32 parameters, remat and the FSDP axis,
+with no weights and no run; parameter counts equal diffusers' models built from the same configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.abspath(__file__)
+
+
+def lower_step(variant: str) -> dict:
+  """Builds the fine-tune step of ``configs/sd_finetune.py:VARIANT`` abstractly and lowers it."""
+  import jax.numpy as jnp
+
+  from jdiff import ldm, parallel, training
+  from train import ldm as train_ldm
+  from train import loop
+
+  config = loop.load_config(os.path.join(ROOT, "configs", f"sd_finetune.py:{variant}"))
+  config.train.fsdp = jax.device_count()
+  family, prediction = {"sd15": ("sd15", "epsilon"), "sd21v": ("sd21", "v")}[variant]
+  size = int(config.data.image_size)
+  bundle = ldm.abstract_bundle(family, dtype=config.unet.dtype, remat=config.unet.remat, prediction=prediction,
+                               image_size=size)
+  t = config.train
+  tx = training.make_optimizer(learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                               schedule=t.lr_schedule, clip_norm=t.clip_norm, weight_decay=t.weight_decay)
+  mesh = parallel.make_mesh(fsdp=int(t.fsdp))
+  key = jax.random.key(0)
+  state = jax.eval_shape(lambda k: training.create_train_state(bundle.init_unet, tx, k, mesh=mesh, fsdp=True), key)
+  shardings = training.state_shardings(state, mesh, fsdp=True)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+  img = jnp.zeros((1, size, size, 3), jnp.float32)
+  frozen = {"vae": jax.eval_shape(lambda k: bundle.vae.init(k, img)["params"], key),
+            "text": jax.eval_shape(lambda k: bundle.text_encoder.init(k, jnp.zeros((1, 77), jnp.int32))["params"], key),
+            "null_tokens": jax.ShapeDtypeStruct((1, 77), jnp.int32)}
+  b = int(config.data.batch_size)
+  batch = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32),
+           "tokens": jax.ShapeDtypeStruct((b, 77), jnp.int32)}
+  step = training.make_train_step(train_ldm.make_loss(config, bundle), tx, mesh=mesh, state_sharding=shardings,
+                                  frozen=frozen, ema_decay=t.ema_decay)
+  text = step.jitted.lower(state, batch, frozen).as_text()
+  count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
+  per_device = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                   for x in jax.tree.leaves((state.params, state.ema_params, state.opt_state)))
+  total = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+              for x in jax.tree.leaves((state.params, state.ema_params, state.opt_state)))
+  return {"unet": count(state.params), "vae": count(frozen["vae"]), "text": count(frozen["text"]),
+          "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),
+          "bf16_convolutions": text.count("stablehlo.convolution") and ("xbf16>" in text),
+          "remat_barriers": text.count("optimization_barrier"), "latent": size // bundle.vae_factor,
+          "per_device_state_bytes": per_device, "state_bytes": total, "devices": jax.device_count()}
+
+
+def _diffusers_counts(family: str) -> dict:
+  """Parameter counts of diffusers' / transformers' models built (on the meta device) from the configs
+  jdiff's presets write."""
+  import torch
+  diffusers = pytest.importorskip("diffusers")
+  transformers = pytest.importorskip("transformers")
+
+  from jdiff.models import UNetConfig, VAEConfig
+  from jdiff.models.text import CLIPTextConfig
+
+  def strip(cfg):
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+  text_cfg = getattr(CLIPTextConfig, family)()
+  with torch.device("meta"):
+    unet = diffusers.UNet2DConditionModel(**strip(getattr(UNetConfig, family)().to_diffusers_config()))
+    vae = diffusers.AutoencoderKL(**strip(getattr(VAEConfig, family)().to_diffusers_config()))
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**strip(text_cfg.to_hf_config())))
+  n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+  return {"unet": n(unet), "vae": n(vae), "text": n(text)}
+
+
+@pytest.fixture(scope="module")
+def lowered():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  res = subprocess.run([sys.executable, HERE], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert res.returncode == 0, res.stderr[-3000:]
+  line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("variant,family,latent", [("sd15", "sd15", 64), ("sd21v", "sd21", 96)])
+def test_real_size_fine_tune_step_lowers(lowered, variant, family, latent):
+  got = lowered[variant]
+  assert got["devices"] == 8 and got["latent"] == latent
+  assert {k: got[k] for k in ("unet", "vae", "text")} == _diffusers_counts(family)
+  assert got["param_dtypes"] == ["float32"]  # float32 master weights under bf16 compute
+  assert got["bf16_convolutions"] and got["remat_barriers"] > 0
+  # FSDP divides parameters, AdamW moments and EMA: at most 1/8 of the whole plus 5%
+  assert got["per_device_state_bytes"] <= got["state_bytes"] / 8 * 1.05
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, ROOT)
+  print("RESULT " + json.dumps({v: lower_step(v) for v in ("sd15", "sd21v")}), flush=True)
