@@ -61,6 +61,8 @@ __all__ = [
     "ema_update",
     "distillation_loss",
     "training_loss",
+    "CURRICULA",
+    "ct_curriculum",
 ]
 
 SIGMA_DATA = 0.5
@@ -191,12 +193,15 @@ def skipping_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> np.
   return np.arange(1, n + 1, dtype=np.int64) * k - 1
 
 
-def skipping_pairs(num_train_timesteps: int, num_ddim_timesteps: int,
+def skipping_pairs(num_train_timesteps: int, num_ddim_timesteps: int | jax.Array,
                    index: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(t_{n+k}, t_n) for grid indices [B]: the grid point and the one k timesteps earlier (>= 0)."""
-  grid = jnp.asarray(skipping_timesteps(num_train_timesteps, num_ddim_timesteps), jnp.int32)
-  k = int(num_train_timesteps) // int(num_ddim_timesteps)
-  t_start = grid[index]
+  """(t_{n+k}, t_n) for grid indices [B]: the grid point (n + 1) k - 1 and the one k timesteps earlier
+  (>= 0). ``num_ddim_timesteps`` may be a traced int32 scalar (a grid that grows during consistency
+  training, :func:`ct_curriculum`)."""
+  if isinstance(num_ddim_timesteps, (int, np.integer)):
+    skipping_timesteps(num_train_timesteps, num_ddim_timesteps)  # validates the range
+  k = jnp.int32(num_train_timesteps) // jnp.asarray(num_ddim_timesteps, jnp.int32)
+  t_start = (jnp.asarray(index, jnp.int32) + 1) * k - 1
   return t_start, jnp.maximum(t_start - k, 0)
 
 
@@ -332,7 +337,7 @@ def _check_w_range(w_min: float, w_max: float) -> None:
 
 def _draw_index(key, b, num_ddim_timesteps, index):
   if index is None:
-    return jax.random.randint(key, (b,), 0, int(num_ddim_timesteps), dtype=jnp.int32)
+    return jax.random.randint(key, (b,), 0, num_ddim_timesteps, dtype=jnp.int32)
   index = jnp.asarray(index, jnp.int32)
   if index.shape != (b,):
     raise ValueError(f"index must have shape [{b}], got {index.shape}")
@@ -433,7 +438,9 @@ def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: j
     x0: clean data [B, ...].
     key: PRNG key (index and noise).
     target_fn: the target network (default: the student, under stop_gradient).
-    num_ddim_timesteps, loss_type, huber_c, prediction, timestep_scaling, sigma_data, index, noise,
+    num_ddim_timesteps: the grid size; an int, or a traced int32 scalar (the curriculum's N(k) - 1
+      intervals, :func:`ct_curriculum`).
+    loss_type, huber_c, prediction, timestep_scaling, sigma_data, index, noise,
     reduce: as in :func:`distillation_loss`.
 
   Returns:
@@ -454,3 +461,65 @@ def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: j
       consistency_output(tgt_fn(x_s, s), x_s, s, schedule, prediction=prediction, **scal))
   per_ex = distance(f_student, f_target, kind=loss_type, huber_c=huber_c)
   return (jnp.mean(per_ex) if reduce else per_ex), {"t": jnp.mean(t.astype(jnp.float32))}
+
+
+# ----------------------------------------------------------------------------- consistency training curriculum
+
+CURRICULA = ("ct", "ict")
+
+
+def ct_curriculum(total_steps: int, *, kind: str = "ct", s0: int = 2, s1: int = 200,
+                  mu0: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+  """The discretisation curriculum of consistency training: N(k) and the target decay mu(k), k = 0..K-1.
+
+  N(k) is the number of discretisation points at training step k of K (so N(k) - 1 intervals: the
+  ``num_ddim_timesteps`` of :func:`training_loss`), growing from s0 to s1 + 1:
+
+  * ``"ct"`` (Song et al., 2023, "Consistency Models"): N(k) = ceil(sqrt(k / K ((s1 + 1)^2 - s0^2)
+    + s0^2) - 1) + 1 and mu(k) = exp(s0 log(mu0) / N(k)) (the target network's EMA decay);
+  * ``"ict"`` (Song & Dhariwal, 2023, "Improved Techniques for Training Consistency Models"):
+    N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2(floor(s1 / s0)) + 1)), and
+    mu(k) = 0 (the target is the stop-gradient online network).
+
+  Computed on the host in float64 / exact integers; a train step reads them by its step.
+
+  Args:
+    total_steps: K, the training steps the curriculum spans.
+    kind: "ct" or "ict".
+    s0, s1: the initial and final number of intervals (s0 >= 1, s1 >= s0).
+    mu0: the target decay at N = s0 ("ct" only), in [0, 1).
+
+  Returns:
+    (N [K] int32, mu [K] float64).
+
+  Raises:
+    ValueError: an unknown kind or out-of-range values (naming the argument).
+
+  Example:
+    >>> n, mu = consistency.ct_curriculum(1000, s0=2, s1=200, mu0=0.95)
+    >>> int(n[0]), int(n[-1]), round(float(mu[0]), 4)
+    (2, 201, 0.95)
+  """
+  if kind not in CURRICULA:
+    raise ValueError(f"curriculum {kind!r}: expected one of {CURRICULA}")
+  big_k, s0, s1 = int(total_steps), int(s0), int(s1)
+  if big_k < 1:
+    raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+  if not 1 <= s0 <= s1:
+    raise ValueError(f"s0={s0}, s1={s1}: need 1 <= s0 <= s1")
+  if not 0.0 <= float(mu0) < 1.0:
+    raise ValueError(f"mu0={mu0}: expected a number in [0, 1)")
+  k = np.arange(big_k, dtype=np.int64)
+  if kind == "ct":
+    # ceil(sqrt(x)) for x = k / K ((s1 + 1)^2 - s0^2) + s0^2, exactly: the smallest m with m^2 K >= K x.
+    kx = k * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2 * big_k  # K x, an integer
+    m = np.ceil(np.sqrt(kx / big_k)).astype(np.int64)
+    m = np.where((m - 1) ** 2 * big_k >= kx, m - 1, m)
+    m = np.where(m * m * big_k < kx, m + 1, m)
+    n = m  # ceil(sqrt(x) - 1) + 1 = ceil(sqrt(x))
+    mu = np.exp(s0 * np.log(float(mu0)) / n) if mu0 > 0 else np.zeros(big_k)
+  else:
+    k_prime = max(1, int(np.floor(big_k / (np.log2(s1 // s0) + 1.0))))
+    n = np.minimum(s0 * 2 ** (k // k_prime), s1) + 1
+    mu = np.zeros(big_k)
+  return n.astype(np.int32), mu.astype(np.float64)

@@ -11,7 +11,10 @@ The bundle itself is :class:`jdiff.pipelines.StableDiffusion`; :func:`load` (its
 * ``train.lora``: the base with the EMA LoRA factors merged into its UNet;
 * ``train.lcm``: the teacher with the student UNet (a guidance-scale embedding, or LoRA factors
   merged, sampled without classifier-free guidance) and the LCM sampler as default;
-* ``train.controlnet``: the base with the trained ControlNet attached.
+* ``train.controlnet``: the base with the trained ControlNet attached;
+* ``train.ct``: a consistency-trained model (no teacher): the VAE of ``vae.pretrained``, the text
+  encoder and UNet of the config, sampled unguided with the LCM sampler on the final grid of the
+  run's discretisation curriculum.
 
 Example:
   >>> pipe = StableDiffusion.from_workdir("workdir/ldm_digits")  # doctest: +SKIP
@@ -40,7 +43,8 @@ from jdiff.tokenizers import ByteTokenizer
 __all__ = ["POOLED_EMBED_TYPES", "TextUNet", "pooled_text", "class_kwargs", "unet_config", "text_config",
            "from_config", "trained_params", "read_config", "load_vae", "restore_ema", "restore_checked_ema",
            "is_diffusers_folder", "load_path", "load", "factors_to_tree", "tree_to_lora", "lora_targets",
-           "hint_channels", "controlnet_for", "lcm_student", "with_guidance_embedding", "COND_PROJ"]
+           "hint_channels", "controlnet_for", "lcm_student", "with_guidance_embedding", "COND_PROJ",
+           "vae_workdir"]
 
 POOLED_EMBED_TYPES = ("projection", "simple_projection")
 COND_PROJ = ("time_embedding", "cond_proj", "kernel")  # the guidance-embedding kernel of an LCM student
@@ -299,6 +303,29 @@ def load_vae(workdir: str) -> tuple[AutoencoderKL, Any]:
   return AutoencoderKL(cfg), params
 
 
+def vae_workdir(path: str) -> str:
+  """The ``train.vae`` workdir of ``path``: ``path`` itself (``vae.json``), or the VAE a ``train.ldm``
+  workdir was trained with (its ``vae.pretrained``, else ``PATH/vae``).
+
+  Raises:
+    FileNotFoundError: neither kind of workdir, or the ``train.ldm`` run has no finished VAE.
+  """
+  path = os.path.expanduser(path or "")
+  if os.path.exists(os.path.join(path, "vae.json")):
+    return path
+  if not os.path.exists(os.path.join(path, "config.json")):
+    raise FileNotFoundError(f"{path!r} is neither a train.vae workdir (vae.json) nor a train.ldm workdir "
+                            "(config.json)")
+  config = read_config(path)
+  if "vae" not in config:
+    raise FileNotFoundError(f"{path!r} is not a train.ldm workdir (its config has no vae section)")
+  pretrained = config.vae.get("pretrained", "")
+  vdir = os.path.expanduser(pretrained) if pretrained else os.path.join(path, "vae")
+  if not os.path.exists(os.path.join(vdir, "vae.json")):
+    raise FileNotFoundError(f"the train.ldm workdir {path!r} has no trained VAE (missing {vdir}/vae.json)")
+  return vdir
+
+
 # ----------------------------------------------------------------------------- LoRA and ControlNet trees
 
 
@@ -395,8 +422,8 @@ def load_path(path: str, *, what: str = "model", flag: str | None = None):
 
 
 def load(workdir: str):
-  """The bundle of a ``train.ldm`` / ``train.lora`` / ``train.lcm`` / ``train.controlnet`` workdir
-  (EMA weights; the kind is read from its ``config.json``).
+  """The bundle of a ``train.ldm`` / ``train.lora`` / ``train.lcm`` / ``train.ct`` / ``train.controlnet``
+  workdir (EMA weights; the kind is read from its ``config.json``).
 
   Raises:
     FileNotFoundError: no config, VAE or checkpoint; ValueError: a checkpoint of another model.
@@ -404,6 +431,8 @@ def load(workdir: str):
   config = read_config(workdir)
   if config.get("pretrained"):
     return _load_finetune(workdir, config)
+  if "ct" in config:
+    return _load_ct(workdir, config)
   if "lcm" in config:
     return _load_lcm(workdir, config)
   if "controlnet" in config:
@@ -412,8 +441,8 @@ def load(workdir: str):
     return _load_lora(workdir, config)
   if "vae" in config and "unet" in config:
     return _load_ldm(workdir, config)
-  raise FileNotFoundError(f"{workdir!r} is not a train.ldm, train.lora, train.lcm or train.controlnet workdir "
-                          "(its config has none of their sections)")
+  raise FileNotFoundError(f"{workdir!r} is not a train.ldm, train.lora, train.lcm, train.ct or train.controlnet "
+                          "workdir (its config has none of their sections)")
 
 
 def _with_training(bundle, config):
@@ -506,6 +535,16 @@ def _load_lcm(workdir: str, config):
   data = teacher.data_config if config.data.get("from_teacher", True) and teacher.data_config is not None \
       else config.data
   return dataclasses.replace(student, defaults=defaults, data_config=data)
+
+
+def _load_ct(workdir: str, config):
+  bundle = _load_ldm(workdir, config)  # the VAE of vae.pretrained, the config's text encoder and UNet, EMA weights
+  c = config.ct
+  model = lcm_student(bundle, w_dim=None, num_ddim_timesteps=int(c.s1), timestep_scaling=float(c.timestep_scaling),
+                      unet_params=bundle.unet_params)
+  s = config.get("sample", None) or {}
+  defaults = {**dict(model.defaults), **{k: s[k] for k in ("num_steps", "guidance_scale") if k in s}}
+  return dataclasses.replace(model, defaults=defaults)
 
 
 def with_guidance_embedding(unet_params: Any, unet_config: UNetConfig, w_dim: int | None) -> Any:

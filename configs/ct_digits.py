@@ -1,0 +1,52 @@
+"""Consistency training of a text-conditioned latent model on the digits, without a teacher
+(``python -m train.ct --vae DIR``).
+
+The VAE is a finished ``train.vae`` workdir or the one a ``train.ldm`` run trained (default
+``workdir/ldm_digits``, whose VAE lies in ``workdir/ldm_digits/vae``); the byte-level text encoder and
+the UNet are those of ``configs/ldm_digits.py``, trained from scratch together. The loss is
+:func:`jdiff.consistency.training_loss` on the skipping-step grid of N(k) - 1 intervals, N(k) and the
+target network's EMA decay mu(k) following the discretisation curriculum of Song et al. (2023)
+(``ct.curriculum="ct"``; s0 = 2, s1 = 200, mu0 = 0.95 are their ImageNet-64 settings, and 200 divides
+the 1000 training timesteps, so the final grid ends at t = 999, where one-step sampling starts). The
+network predicts the clean latent (``diffusion.prediction="sample"``, as Song et al.'s F_theta),
+wrapped in the boundary-condition scalings. Samples use the LCM sampler, unguided.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import ldm_digits
+
+
+def get_config() -> ml_collections.ConfigDict:
+  base = ldm_digits.get_config()
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = base.data
+  config.vae = ml_collections.ConfigDict(dict(
+      source="workdir/ldm_digits",  # a train.vae workdir, or a train.ldm workdir (its VAE) (--vae)
+      pretrained="",                # set by train.ct: the train.vae workdir the source resolves to
+  ))
+  config.text = base.text           # trained with the UNet (text.trainable)
+  config.unet = base.unet
+  config.diffusion = ml_collections.ConfigDict(dict(
+      schedule="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+      prediction="sample",          # what the UNet outputs before the boundary scalings: "sample", "epsilon" or "v"
+  ))
+
+  config.ct = ml_collections.ConfigDict(dict(
+      curriculum="ct",              # "ct" (Song et al. 2023) or "ict" (doubling N, target decay 0)
+      s0=2, s1=200,                 # intervals of the grid at the first / last step (s1 <= num_timesteps)
+      mu0=0.95,                     # target EMA decay at N = s0 ("ct"); mu(k) = exp(s0 log(mu0) / N(k))
+      loss_type="huber",            # "huber" (pseudo-Huber) or "l2"
+      huber_c=0.00864,              # 0.00054 sqrt(d), d = 8 * 8 * 4 latent dimensions (iCT's rule)
+      timestep_scaling=10.0,        # boundary-condition scaling (c_skip, c_out), as the LCM sampler uses
+  ))
+
+  config.train = base.train
+  config.train.update(dict(steps=3000, learning_rate=5e-4, warmup_steps=100, lr_schedule="constant",
+                           checkpoint_every=500, sample_every=1000, ema_decay=0.999))
+
+  config.sample = ml_collections.ConfigDict(dict(sampler="lcm", num_steps=2, guidance_scale=1.0, per_prompt=10))
+  return config

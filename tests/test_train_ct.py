@@ -1,0 +1,197 @@
+"""train.ct: the discretisation curriculum against its closed forms, the loss follows it at the train
+state's step with the EMA target, and a tiny end-to-end run (VAE from a tiny train.vae run) trains,
+resumes bit-identically, loads with StableDiffusion.from_workdir and is scored by sample.evaluate."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import ct_tiny, vae_tiny
+from jdiff import consistency, ldm
+from jdiff.models import AutoencoderKL
+from jdiff.pipelines import StableDiffusion
+from train import ct
+from train import vae as vae_train
+
+
+def song_n(k: int, big_k: int, s0: int, s1: int) -> int:
+  """N(k) of Song et al. (2023), Appendix C, in Python floats."""
+  return math.ceil(math.sqrt(k / big_k * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
+
+
+def ict_n(k: int, big_k: int, s0: int, s1: int) -> int:
+  """N(k) of Song & Dhariwal (2023), Eq. (6)."""
+  k_prime = math.floor(big_k / (math.log2(math.floor(s1 / s0)) + 1))
+  return min(s0 * 2 ** math.floor(k / k_prime), s1) + 1
+
+
+@pytest.mark.parametrize("big_k,s0,s1,mu0", [(1000, 2, 200, 0.95), (37, 2, 150, 0.9), (5000, 3, 40, 0.99)])
+def test_ct_curriculum_closed_form(big_k, s0, s1, mu0):
+  n, mu = consistency.ct_curriculum(big_k, kind="ct", s0=s0, s1=s1, mu0=mu0)
+  want = np.array([song_n(k, big_k, s0, s1) for k in range(big_k)])
+  np.testing.assert_array_equal(n, want)
+  np.testing.assert_allclose(mu, [math.exp(s0 * math.log(mu0) / v) for v in want], rtol=1e-12)
+  assert n[0] == s0 and np.all(np.diff(n) >= 0) and n[-1] <= s1 + 1
+  assert np.all(np.diff(mu) >= 0) and mu[0] == pytest.approx(mu0, rel=1e-12)
+
+
+@pytest.mark.parametrize("big_k,s0,s1", [(1000, 10, 1280), (400, 2, 200), (7, 10, 40)])
+def test_ict_curriculum_closed_form(big_k, s0, s1):
+  n, mu = consistency.ct_curriculum(big_k, kind="ict", s0=s0, s1=s1)
+  np.testing.assert_array_equal(n, [ict_n(k, big_k, s0, s1) for k in range(big_k)])
+  assert np.all(mu == 0.0)
+
+
+def test_curriculum_bad_values_are_named():
+  with pytest.raises(ValueError, match="curriculum"):
+    consistency.ct_curriculum(10, kind="edm")
+  with pytest.raises(ValueError, match="s0=5, s1=2"):
+    consistency.ct_curriculum(10, s0=5, s1=2)
+  with pytest.raises(ValueError, match="mu0"):
+    consistency.ct_curriculum(10, mu0=1.0)
+
+
+def test_traced_grid_equals_the_static_grid():
+  index = jnp.arange(40, dtype=jnp.int32)
+  pairs = jax.jit(lambda n, i: consistency.skipping_pairs(1000, n, i))
+  for n in (1, 7, 40, 149):
+    i = jnp.minimum(index, n - 1)
+    t, s = pairs(jnp.int32(n), i)
+    grid = consistency.skipping_timesteps(1000, n)
+    np.testing.assert_array_equal(t, grid[np.asarray(i)])
+    np.testing.assert_array_equal(s, np.maximum(grid[np.asarray(i)] - 1000 // n, 0))
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def _tiny_bundle(config):
+  """The bundle train.ct builds, around a random tiny VAE (no training)."""
+  vae = AutoencoderKL(vae_train.vae_config(vae_tiny.get_config().vae))
+  vae_params = jax.jit(lambda k: vae.init(k, jnp.zeros((1, 32, 32, 1)))["params"])(jax.random.key(0))
+  return ldm.from_config(config, vae, vae_params)
+
+
+def test_loss_follows_the_curriculum_and_the_target():
+  """At step k the loss is the library's training loss on the grid of N(k) - 1 intervals (N from the
+  closed form) with the target network of the state; gradients reach the online parameters only."""
+  config = ct_tiny.get_config()
+  config.train.steps = 20
+  config.ct.update(dict(s0=2, s1=10, loss_type="l2"))
+  bundle = _tiny_bundle(config)
+  task = ct.make_task(config, bundle)
+  params = task.init_params(jax.random.key(1))
+  target = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)
+  rng = np.random.default_rng(0)
+  prompts = ["a handwritten digit three", "a handwritten digit seven", "a handwritten digit one", ""]
+  batch = {"image": jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 1)), jnp.float32),
+           "tokens": jnp.asarray(bundle.tokenize(prompts))}
+  key = jax.random.key(3)
+
+  @jax.jit
+  def run(p, tg, step):
+    state = SimpleNamespace(step=step, extra_ema={"target": tg})
+    return jax.value_and_grad(lambda p, tg: task.loss_fn(p, batch, key, task.frozen, state), argnums=(0, 1),
+                              has_aux=True)(p, tg)
+
+  @jax.jit
+  def reference(p, tg, n):
+    k_z, k_loss = jax.random.split(key)
+    z = bundle.encode_images(bundle.vae_params, batch["image"], k_z)
+    fn = lambda q: bundle.model_fn(q["unet"], bundle.encode_text(q["text"], batch["tokens"]))  # noqa: E731
+    return consistency.training_loss(fn(p), bundle.schedule, z, k_loss, target_fn=fn(tg), num_ddim_timesteps=n,
+                                     loss_type="l2", prediction="sample", timestep_scaling=10.0)[0]
+
+  seen = set()
+  for k in (0, 3, 11, 19, 25):
+    n = song_n(min(k, 19), 20, 2, 10)
+    (loss, aux), (g_online, g_target) = run(params, target, jnp.int32(k))
+    assert int(aux["num_scales"]) == n
+    np.testing.assert_allclose(float(loss), float(reference(params, target, n - 1)), rtol=1e-5)
+    assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g_target))
+    assert sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(g_online)) > 0.0
+    seen.add(n)
+  assert len(seen) >= 3  # the grid grew
+  # The target network's decay is mu(N(k)) at the state's step.
+  decay = task.extra_ema["target"]
+  for k in (0, 11, 19):
+    n = song_n(k, 20, 2, 10)
+    np.testing.assert_allclose(float(decay(jnp.int32(k))), math.exp(2 * math.log(0.95) / n), rtol=1e-6)
+
+
+def test_bad_settings_are_named(tmp_path):
+  config = ct_tiny.get_config()
+  config.vae.pretrained = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="neither a train.vae workdir"):
+    ct.build(config)
+  config = ct_tiny.get_config()
+  config.ct.curriculum = "edm"
+  with pytest.raises(ValueError, match="ct: curriculum"):
+    ct.curriculum(config)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def vae_workdir(tmp_path_factory):
+  """A tiny finished train.vae run (1 step)."""
+  workdir = str(tmp_path_factory.mktemp("vae"))
+  config = vae_tiny.get_config()
+  config.train.steps = 1
+  vae_train.train_vae(config, workdir, stream=io.StringIO())
+  return workdir
+
+
+def test_end_to_end_resume_load_and_evaluate(vae_workdir, tmp_path, capsys):
+  """Train 2 steps (stop as if killed), resume to 3: bit-identical to an uninterrupted run (the target
+  EMA included); the run loads for 1-, 2- and 4-step sampling and sample.evaluate scores it."""
+  from tests.test_fault_tolerance import assert_states_equal, saved_state
+
+  config = ct_tiny.get_config()
+  config.vae.source = vae_workdir
+  workdir = str(tmp_path / "ct")
+  out1 = io.StringIO()
+  config.train.stop_at = 2
+  assert ct.train_ct(config, workdir, stream=out1)["step"] == 2
+  config.train.stop_at = 0
+  out2 = io.StringIO()
+  assert ct.train_ct(config, workdir, stream=out2)["step"] == 3
+  assert "resuming from step 2" in out2.getvalue()
+  straight = str(tmp_path / "ct_straight")
+  ct.train_ct(config, straight, stream=io.StringIO())
+  _, a, _ = saved_state(workdir, 3)
+  _, b, _ = saved_state(straight, 3)
+  assert set(a["extra_ema"]) == {"target"}
+  assert_states_equal(a, b)
+  # the written config points at the resolved VAE, so the run loads from any cwd
+  assert json.load(open(os.path.join(workdir, "config.json")))["vae"]["pretrained"] == os.path.abspath(vae_workdir)
+
+  pipe = StableDiffusion.from_workdir(workdir)
+  assert pipe.defaults["sampler"] == "lcm" and not pipe.cfg and pipe.prediction == "sample"
+  assert pipe.sampler_options["original_inference_steps"] == 10
+  for n in (1, 2, 4):
+    img = pipe.generate(["a handwritten digit two"] * 2, key=jax.random.key(0), num_steps=n)
+    assert img.shape == (2, 32, 32, 1) and bool(jnp.all((img >= 0.0) & (img <= 1.0)))
+  from sample import evaluate as ev
+  capsys.readouterr()
+  assert ev.main(["--workdir", workdir, "--per_digit", "1", "--num_steps", "1"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["num_steps"] == 1 and result["num_samples"] == 10 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_cli_one_line_errors(tmp_path, capsys):
+  workdir = str(tmp_path / "ct")
+  assert ct.main(["train.ct", "--vae", str(tmp_path / "missing"), f"--workdir={workdir}",
+                  "--config", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "ct_tiny.py")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "missing" in err[0]
