@@ -28,7 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
                                              checkpoint_every=200)
 
   config.text = ml_collections.ConfigDict(dict(
-      max_length=32,                # byte tokens incl. begin/end markers
+      tokenizer="bytes",            # "bytes" (UTF-8 bytes) or "bpe" (CLIP BPE learned from the captions)
+      num_merges=200,               # BPE merges learned (tokenizer="bpe")
+      max_length=32,                # tokens incl. begin/end markers
       hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
       seed=1,                       # the encoder's init seed
       trainable=True,               # train the encoder with the UNet (False: frozen random encoder)

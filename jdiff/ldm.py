@@ -121,17 +121,35 @@ def unet_config(section: Mapping[str, Any], latent_channels: int, text_dim: int)
     raise ValueError(f"unet config: {e}") from None
 
 
-def text_config(section: Mapping[str, Any]) -> CLIPTextConfig:
-  """The CLIPTextConfig of a ``text`` config section, over the byte tokenizer's vocabulary."""
-  return CLIPTextConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=section["hidden_size"],
+def text_config(section: Mapping[str, Any], tokenizer: Any = None) -> CLIPTextConfig:
+  """The CLIPTextConfig of a ``text`` config section, over the byte tokenizer's vocabulary (or that of
+  ``tokenizer``, a :class:`~jdiff.tokenizers.CLIPTokenizer`)."""
+  tok = tokenizer if tokenizer is not None else ByteTokenizer
+  vocab = tok.vocab_size
+  return CLIPTextConfig(vocab_size=vocab, hidden_size=section["hidden_size"],
                         intermediate_size=section["intermediate_size"],
                         num_hidden_layers=section["num_hidden_layers"],
                         num_attention_heads=section["num_attention_heads"],
-                        max_position_embeddings=section["max_length"], bos_token_id=ByteTokenizer.bos_token_id,
-                        eos_token_id=ByteTokenizer.eos_token_id, pad_token_id=ByteTokenizer.pad_token_id)
+                        max_position_embeddings=section["max_length"], bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
-def from_config(config: Mapping[str, Any], vae: AutoencoderKL, vae_params: Any, unet_params: Any = None):
+TOKENIZERS = ("bytes", "bpe")
+
+
+def bpe_tokenizer(section: Mapping[str, Any]):
+  """The CLIP BPE tokenizer a ``text`` section with ``tokenizer="bpe"`` learns from the bundled digits'
+  captions (both spellings of every digit; ``num_merges`` merges, ``max_length`` tokens)."""
+  from jdiff.data import digits
+  from jdiff.tokenizers import CLIPTokenizer
+
+  captions = [c for label in range(10) for c in digits.captions_for(label)] * 2
+  return CLIPTokenizer.train(captions, num_merges=int(section.get("num_merges", 200)),
+                             max_length=int(section["max_length"]))
+
+
+def from_config(config: Mapping[str, Any], vae: AutoencoderKL, vae_params: Any, unet_params: Any = None,
+                tokenizer: Any = None):
   """The bundle of a ``train.ldm`` config around a VAE: text encoder at its seeded initialisation,
   byte tokenizer, schedule and prediction of ``config.diffusion``, UNet module (``unet_params`` as given).
 
@@ -145,14 +163,21 @@ def from_config(config: Mapping[str, Any], vae: AutoencoderKL, vae_params: Any, 
   if size % f:
     raise ValueError(f"data.image_size={size} is not divisible by the VAE's downsampling factor {f}")
   text_section = config["text"]
+  kind = text_section.get("tokenizer", "bytes")
+  if kind not in TOKENIZERS:
+    raise ValueError(f"unknown text.tokenizer {kind!r}; expected one of {TOKENIZERS}")
+  max_length = int(text_section["max_length"])
+  if kind == "bytes":
+    tokenizer = ByteTokenizer(max_length)
+  elif tokenizer is None:
+    tokenizer = bpe_tokenizer(text_section)
   hidden = int(text_section["hidden_size"])
   unet = TextUNet(unet_config(config["unet"], vae.config.latent_channels, hidden))
   dims = set(unet.config.per_block("cross_attention_dim"))
   if dims != {hidden}:
     raise ValueError(f"unet.cross_attention_dim={unet.config.cross_attention_dim} must equal "
                      f"text.hidden_size={hidden}")
-  text = CLIPTextModel(text_config(text_section))
-  max_length = int(text_section["max_length"])
+  text = CLIPTextModel(text_config(text_section, None if kind == "bytes" else tokenizer))
   text_params = jax.jit(lambda k: text.init(k, jnp.zeros((1, max_length), jnp.int32))["params"])(
       jax.random.key(text_section["seed"]))
   d = config["diffusion"]
@@ -160,22 +185,23 @@ def from_config(config: Mapping[str, Any], vae: AutoencoderKL, vae_params: Any, 
   s = config.get("sample", None) or {}
   defaults = {k: s[k] for k in ("sampler", "num_steps", "guidance_scale") if k in s}
   return StableDiffusion(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text,
-                         text_params=text_params, tokenizer=ByteTokenizer(max_length), schedule=sched,
+                         text_params=text_params, tokenizer=tokenizer, schedule=sched,
                          prediction=d["prediction"], scaling_factor=float(vae.config.scaling_factor),
                          shift_factor=float(vae.config.shift_factor or 0.0), image_size=size, defaults=defaults,
                          scheduler_config=scheduler_config(d))
 
 
 def scheduler_config(diffusion_section: Mapping[str, Any]) -> dict[str, Any]:
-  """The diffusers ``scheduler_config.json`` (a DDIMScheduler, SD's settings) of a ``train.ldm`` run's
-  diffusion section: its beta schedule and prediction type."""
+  """The diffusers ``scheduler_config.json`` (a DDIMScheduler) of a ``train.ldm`` run's diffusion section:
+  its beta schedule and prediction type, with the sampler settings jdiff's samplers default to (so a
+  pipeline loaded from the export samples as the run's own bundle does)."""
   d = diffusion_section
   names = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
   beta_schedule = {"cosine": "squaredcos_cap_v2"}.get(d["schedule"], d["schedule"])
   return {"_class_name": "DDIMScheduler", "num_train_timesteps": int(d["num_timesteps"]),
           "beta_schedule": beta_schedule, "beta_start": float(d["beta_start"]), "beta_end": float(d["beta_end"]),
-          "prediction_type": names[d["prediction"]], "clip_sample": False, "set_alpha_to_one": False,
-          "steps_offset": 1, "timestep_spacing": "leading"}
+          "prediction_type": names[d["prediction"]], "clip_sample": False, "set_alpha_to_one": True,
+          "steps_offset": 0, "timestep_spacing": "leading"}
 
 
 def abstract_bundle(family: str, *, dtype: str = "float32", remat: Any = False, prediction: str = "epsilon",
@@ -456,7 +482,12 @@ def _load_ldm(workdir: str, config):
   pretrained = config.vae.get("pretrained", "")
   vdir = os.path.expanduser(pretrained) if pretrained else os.path.join(workdir, "vae")
   vae, vae_params = load_vae(vdir)
-  bundle = from_config(config, vae, vae_params)
+  tokenizer = None
+  if os.path.isdir(os.path.join(workdir, "tokenizer")):
+    from jdiff.tokenizers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(workdir, "tokenizer"))
+  bundle = from_config(config, vae, vae_params, tokenizer=tokenizer)
   expected = jax.eval_shape(lambda k: trained_params(config, bundle, bundle.init_unet(k)), jax.random.key(0))
   params = restore_checked_ema(workdir, expected, what="UNet checkpoint")
   if isinstance(params, Mapping) and set(params) == {"unet", "text"}:

@@ -349,7 +349,10 @@ class StableDiffusion:
           shutil.rmtree(out / part, ignore_errors=True)
           shutil.copytree(src / part, out / part)
     # the bundle's own parts
-    save_unet(self.unet.config, self.unet_params, out / "unet")  # the config files hold no compute dtype
+    unet_config = self.unet.config
+    if self.image_size:  # diffusers' default resolution is the UNet's sample_size times the VAE factor
+      unet_config = dataclasses.replace(unet_config, sample_size=int(self.image_size) // self.vae_factor)
+    save_unet(unet_config, self.unet_params, out / "unet")  # the config files hold no compute dtype
     if "vae" not in copy_parts:
       save_vae(self.vae.config, self.vae_params, out / "vae")
     if "text_encoder" not in copy_parts:

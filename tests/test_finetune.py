@@ -238,3 +238,47 @@ def test_sigkilled_fine_tune_resumes_bit_identically(finetuned, sd_folder, image
   ref_step, ref_state, ref_data = saved_state(finetuned)
   assert step == ref_step == 4 and data_state == ref_data
   assert_states_equal(state, ref_state)
+
+
+def test_sd_layout_digits_run_exports_for_diffusers(tmp_path, capsys):
+  """A from-scratch run in Stable Diffusion's layout (BPE tokenizer learned from the captions, cross-attention
+  only) exports a folder diffusers runs; jdiff generates the same images from the workdir and from the export;
+  the byte-tokenizer default refuses to export in one line."""
+  from train import export
+
+  data_dir = tmp_path / "tfds"
+  workdir = tmp_path / "sd_layout"
+  tiny = os.path.join(ROOT, "configs", "ldm_tiny.py")
+  rc = train_ldm.main(["prog", "--config", tiny, "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+                       "--config.text.tokenizer=bpe", "--config.text.max_length=16"])
+  assert rc == 0, capsys.readouterr().err
+  assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "out")]) == 0
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out", safety_checker=None,
+                                                           requires_safety_checker=False)
+  pipe.set_progress_bar_config(disable=True)
+  run = StableDiffusion.from_workdir(workdir)
+  exported = StableDiffusion.from_diffusers(tmp_path / "out")
+  prompts = ["a handwritten digit 3", "a handwritten digit seven"]
+  ids = run.tokenize(prompts)
+  np.testing.assert_array_equal(ids, pipe.tokenizer(prompts, padding="max_length", max_length=16,
+                                                    return_tensors="np")["input_ids"])
+  with torch.no_grad():
+    hidden = pipe.text_encoder(torch.from_numpy(np.asarray(ids)))[0].numpy()
+  mine = np.asarray(run.encode_text(run.text_params, jnp.asarray(ids)))
+  assert np.max(np.abs(mine - hidden)) <= 1e-5 * np.max(np.abs(hidden))
+  key = jax.random.key(2)
+  a = run.generate(prompts, key=key, num_steps=3, guidance_scale=3.0, sampler="ddim")
+  b = exported.generate(prompts, key=key, num_steps=3, guidance_scale=3.0, sampler="ddim")
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  img = pipe(prompts[0], num_inference_steps=2, height=32, width=32, output_type="np").images
+  assert img.shape == (1, 32, 32, 1) or img.shape == (1, 32, 32, 3)
+  # the byte-tokenizer default has no diffusers layout: one line
+  from configs import ldm_tiny
+  from jdiff.models import AutoencoderKL, VAEConfig
+
+  vae = AutoencoderKL(VAEConfig.tiny(in_channels=1, out_channels=1))
+  vae_params = vae.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+  byte_bundle = ldm.from_config(ldm_tiny.get_config(), vae, vae_params)
+  with pytest.raises(ValueError, match="byte-tokenizer model has no diffusers layout") as e:
+    byte_bundle.save_pretrained(tmp_path / "nope")
+  assert "\n" not in str(e.value)

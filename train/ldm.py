@@ -165,6 +165,8 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -
       vae, vae_params = vae_train.train_vae(vcfg, vdir, train_cfg=config.vae.train, stream=stream)
   t_vae = time.perf_counter() - t0
   bundle = build(config, vae, vae_params)
+  if not isinstance(bundle.tokenizer, ByteTokenizer) and parallel.is_main_process():
+    bundle.tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))  # what from_workdir reads back
   task = make_task(config, bundle)
   loader = vae_train.make_loader(config, tokenize=bundle.tokenize,
                                  batch_size=config.train.get("batch_size") or None)
@@ -201,8 +203,13 @@ def export(workdir: str, out: str | None = None, *, ema: bool | None = None, bun
   """
   config = loop.read_config(workdir)
   if not _pretrained(config):
-    raise ValueError(f"{workdir!r} is not a fine-tune run (its config has no 'pretrained' folder); a digits run "
-                     "exports through an SD-layout config")
+    if ema is False:
+      raise ValueError("--no-ema applies to fine-tune runs; a run from scratch exports its EMA weights")
+    out = out or os.path.join(workdir, "diffusers")
+    bundle = StableDiffusion.from_workdir(workdir)  # one line for a layout diffusers cannot hold
+    if parallel.is_main_process():
+      bundle.save_pretrained(out)
+    return out
   ema = bool(config.export.ema) if ema is None else bool(ema)
   out = out or config.export.get("dir") or os.path.join(workdir, "diffusers")
   bundle = bundle or ldm.finetune_bundle(config)
