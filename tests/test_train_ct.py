@@ -152,41 +152,53 @@ def vae_workdir(tmp_path_factory):
   return workdir
 
 
-def test_end_to_end_resume_load_and_evaluate(vae_workdir, tmp_path, capsys):
+def test_end_to_end_trains_loads_and_evaluates(vae_workdir, tmp_path, capsys):
+  """Two steps of the tiny config; the run loads with from_workdir (LCM sampler on the final grid,
+  unguided) and sample.evaluate scores it at one step."""
+  config = ct_tiny.get_config()
+  config.vae.source = vae_workdir
+  config.train.steps = 2
+  workdir = str(tmp_path / "ct")
+  out = io.StringIO()
+  assert ct.train_ct(config, workdir, stream=out)["step"] == 2
+  assert "[ct] step 2/2" in out.getvalue()
+  # the written config points at the resolved VAE, so the run loads from any cwd
+  assert json.load(open(os.path.join(workdir, "config.json")))["vae"]["pretrained"] == os.path.abspath(vae_workdir)
+  pipe = StableDiffusion.from_workdir(workdir)
+  assert pipe.defaults["sampler"] == "lcm" and not pipe.cfg and pipe.prediction == "sample"
+  assert pipe.sampler_options["original_inference_steps"] == 10
+  from sample import evaluate as ev
+  capsys.readouterr()
+  assert ev.main(["--workdir", workdir, "--per_digit", "1", "--num_steps", "1"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["num_steps"] == 1 and result["num_samples"] == 10 and 0.0 <= result["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical_and_samples_at_1_2_4_steps(vae_workdir, tmp_path):
   """Train 2 steps (stop as if killed), resume to 3: bit-identical to an uninterrupted run (the target
-  EMA included); the run loads for 1-, 2- and 4-step sampling and sample.evaluate scores it."""
+  EMA included); the run samples at 1, 2 and 4 steps."""
   from tests.test_fault_tolerance import assert_states_equal, saved_state
 
   config = ct_tiny.get_config()
   config.vae.source = vae_workdir
   workdir = str(tmp_path / "ct")
-  out1 = io.StringIO()
   config.train.stop_at = 2
-  assert ct.train_ct(config, workdir, stream=out1)["step"] == 2
+  assert ct.train_ct(config, workdir, stream=io.StringIO())["step"] == 2
   config.train.stop_at = 0
-  out2 = io.StringIO()
-  assert ct.train_ct(config, workdir, stream=out2)["step"] == 3
-  assert "resuming from step 2" in out2.getvalue()
+  out = io.StringIO()
+  assert ct.train_ct(config, workdir, stream=out)["step"] == 3
+  assert "resuming from step 2" in out.getvalue()
   straight = str(tmp_path / "ct_straight")
   ct.train_ct(config, straight, stream=io.StringIO())
   _, a, _ = saved_state(workdir, 3)
   _, b, _ = saved_state(straight, 3)
   assert set(a["extra_ema"]) == {"target"}
   assert_states_equal(a, b)
-  # the written config points at the resolved VAE, so the run loads from any cwd
-  assert json.load(open(os.path.join(workdir, "config.json")))["vae"]["pretrained"] == os.path.abspath(vae_workdir)
-
   pipe = StableDiffusion.from_workdir(workdir)
-  assert pipe.defaults["sampler"] == "lcm" and not pipe.cfg and pipe.prediction == "sample"
-  assert pipe.sampler_options["original_inference_steps"] == 10
   for n in (1, 2, 4):
     img = pipe.generate(["a handwritten digit two"] * 2, key=jax.random.key(0), num_steps=n)
     assert img.shape == (2, 32, 32, 1) and bool(jnp.all((img >= 0.0) & (img <= 1.0)))
-  from sample import evaluate as ev
-  capsys.readouterr()
-  assert ev.main(["--workdir", workdir, "--per_digit", "1", "--num_steps", "1"]) == 0
-  result = json.loads(capsys.readouterr().out)
-  assert result["num_steps"] == 1 and result["num_samples"] == 10 and 0.0 <= result["accuracy"] <= 1.0
 
 
 def test_cli_one_line_errors(tmp_path, capsys):
