@@ -48,6 +48,9 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
       flip=False,                       # random horizontal flips
       verify="header",                  # build-time check of the images: "header", "full" or "none"
       max_bad_fraction=0.01,            # unreadable images met in an epoch before the run stops
+      precompute="",                    # a folder: encode every image and caption once with the frozen
+                                        # VAE / text encoder (crop and flip fixed per example), then train
+                                        # on the stored latent moments and embeddings
   ))
 
   config.text = ml_collections.ConfigDict(dict(trainable=False))

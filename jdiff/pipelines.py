@@ -424,9 +424,19 @@ class StableDiffusion:
       z = posterior.mode()
     else:
       z = jnp.where(sample, posterior.sample(key), posterior.mode())
+    return self.scale_latents(z)
+
+  def scale_latents(self, z: jax.Array) -> jax.Array:
+    """VAE latents ``z`` -> the UNet's latents ``(z - shift) * scaling`` ``[B, h, w, C]``."""
     if self.shift_factor:
       z = z - self.shift_factor
     return z * self.scaling_factor  # [B, h, w, C]
+
+  def encode_moments(self, vae_params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Images ``[B, H, W, C]`` in [-1, 1] -> the VAE posterior's (mean, logvar) ``[B, h, w, C_latent]`` (what
+    :func:`jdiff.data.precompute` stores; :func:`jdiff.data.sample_latents` draws from them)."""
+    posterior = self.vae.apply({"params": vae_params}, images, method=self.vae.encode)
+    return posterior.mean, posterior.logvar
 
   def decode(self, vae_params: Any, latents: jax.Array) -> jax.Array:
     """Latents ``[B, h, w, C]`` (as the UNet sees them) -> float32 images ``[B, H, W, C_img]`` in [-1, 1]."""

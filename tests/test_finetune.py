@@ -74,7 +74,7 @@ def _config(pretrained, **diffusion):
   config.data.image_size = SIZE
   config.unet.dtype = "float32"
   config.unet.remat = ""
-  config.diffusion.update(dict(cond_drop=0.0, **diffusion))
+  config.diffusion.update({"cond_drop": 0.0, **diffusion})
   return config
 
 
@@ -282,3 +282,54 @@ def test_sd_layout_digits_run_exports_for_diffusers(tmp_path, capsys):
   with pytest.raises(ValueError, match="byte-tokenizer model has no diffusers layout") as e:
     byte_bundle.save_pretrained(tmp_path / "nope")
   assert "\n" not in str(e.value)
+
+
+def test_precomputed_encoders_give_the_live_loss(sd_folder, tmp_path):
+  """``data.precompute``: the step on stored latent moments and text embeddings computes the loss of the
+  step that runs the frozen encoders (same key: same posterior draw, dropout, t and noise)."""
+  from jdiff import data
+
+  folder = tmp_path / "square"
+  folder.mkdir()
+  rng = np.random.default_rng(4)
+  captions = ["a red square", "a blue thing", "a photo of a cat"]
+  for i, text in enumerate(captions):
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+  (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": t}) + "\n"
+                                                 for i, t in enumerate(captions)))
+  config = _config(sd_folder, cond_drop=0.5)
+  config.data.path = str(folder)
+  config.data.precompute = str(tmp_path / "pre")
+  bundle = ldm.finetune_bundle(config)
+  loader = train_ldm.precomputed_loader(config, bundle, batch_size=3)
+  source = data.PrecomputedSource(tmp_path / "pre")
+  records = [source[i] for i in range(3)]
+  pre = {k: jnp.asarray(np.stack([r[k] for r in records])) for k in ("latent_mean", "latent_logvar", "text")}
+  live_source = data.make_source(kind="folder", path=str(folder), caption_key="text", channels=3)
+  examples = [live_source[i] for i in range(3)]
+  images = np.stack([np.asarray(e["image"], np.float32) / 127.5 - 1.0 for e in examples])
+  tokens = bundle.tokenize([e["caption"] for e in examples])
+  frozen = {"vae": bundle.vae_params, "text": bundle.text_params, "null_tokens": bundle.null_ids(),
+            "null_text": bundle.encode_text(bundle.text_params, bundle.null_ids())}
+  loss_fn = jax.jit(train_ldm.make_loss(config, bundle))
+  for seed in range(3):
+    key = jax.random.key(seed)
+    live, _ = loss_fn(bundle.unet_params, {"image": jnp.asarray(images), "tokens": jnp.asarray(tokens)}, key, frozen)
+    stored, _ = loss_fn(bundle.unet_params, pre, key, frozen)
+    assert abs(float(stored) - float(live)) <= 1e-5 * abs(float(live))
+  assert next(loader)["latent_mean"].shape == (3, SIZE // 2, SIZE // 2, 4)
+  config.text.trainable = True
+  with pytest.raises(ValueError, match="text encoder trains"):
+    train_ldm.precomputed_loader(config, bundle)
+
+
+@pytest.mark.slow  # one more compilation of the tiny SD step (~1 min on 2 busy cores)
+def test_cli_fine_tune_on_precomputed_data(sd_folder, image_folder, tmp_path, capsys):
+  workdir = tmp_path / "pre_run"
+  argv = _cli(workdir, sd_folder, image_folder, f"--config.data.precompute={tmp_path / 'pre'}",
+              "--config.train.steps=1", "--config.data.flip=False", "--config.data.crop=center")
+  assert train_ldm.main(["train.ldm", *argv]) == 0, capsys.readouterr().err
+  from tests.test_fault_tolerance import saved_state
+  step, state, _ = saved_state(workdir)
+  assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+  assert (workdir / "diffusers" / "unet").is_dir() and len(os.listdir(tmp_path / "pre")) >= 2

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdiff import diffusion, ldm, parallel
+from jdiff import data, diffusion, ldm, parallel
 from jdiff.evaluation import digit_prompts
 from jdiff.models import AutoencoderKL
 from jdiff.pipelines import StableDiffusion
@@ -96,10 +96,14 @@ def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
   def loss_fn(params, batch, key, frozen):
     k_z, k_drop, k_loss = jax.random.split(key, 3)
     unet_params, text_params = split_params(config, params, frozen.get("text"))
-    z = bundle.encode_images(frozen["vae"], batch["image"], k_z)  # [B, h, w, c]
-    # Dropping the caption (not its embedding) trains the null embedding of a trainable encoder too.
-    tokens = diffusion.drop_condition(k_drop, batch["tokens"], frozen["null_tokens"], d.cond_drop)  # [B, L]
-    ctx = bundle.encode_text(text_params, tokens)  # [B, L, D]
+    if "latent_mean" in batch:  # precomputed frozen encoders (jdiff.data.precompute): the same draws
+      z = bundle.scale_latents(data.sample_latents(batch["latent_mean"], batch["latent_logvar"], k_z))
+      ctx = diffusion.drop_condition(k_drop, batch["text"], frozen["null_text"], d.cond_drop)  # [B, L, D]
+    else:
+      z = bundle.encode_images(frozen["vae"], batch["image"], k_z)  # [B, h, w, c]
+      # Dropping the caption (not its embedding) trains the null embedding of a trainable encoder too.
+      tokens = diffusion.drop_condition(k_drop, batch["tokens"], frozen["null_tokens"], d.cond_drop)  # [B, L]
+      ctx = bundle.encode_text(text_params, tokens)  # [B, L, D]
     loss = diffusion.loss(bundle.model_fn(unet_params, ctx), bundle.schedule, z, k_loss,
                           prediction=bundle.prediction, weighting=weighting, **options)
     return loss, {}
@@ -181,12 +185,39 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, stream=None) ->
   bundle = ldm.finetune_bundle(config)  # one-line errors before anything is written or compiled
   loop.write_config(config, workdir)
   task = make_task(config, bundle)
-  loader = vae_train.make_loader(config, tokenize=bundle.tokenize, batch_size=config.train.get("batch_size") or None)
+  batch_size = config.train.get("batch_size") or None
+  if config.data.get("precompute"):
+    loader = precomputed_loader(config, bundle, batch_size=batch_size)
+    null_text = bundle.encode_text(bundle.text_params, bundle.null_ids())  # [1, L, D]
+    task = dataclasses.replace(task, batch_keys=("latent_mean", "latent_logvar", "text"),
+                               frozen={**task.frozen, "null_text": null_text})
+  else:
+    loader = vae_train.make_loader(config, tokenize=bundle.tokenize, batch_size=batch_size)
   state = loop.train(config.train, task, loader, workdir, seed=config.seed, stream=stream)
   out = None
   if int(state.step) >= int(config.train.steps):
     out = export(workdir, None, ema=bool(config.export.ema), bundle=bundle, state=state)
   return {"step": int(state.step), "total_seconds": time.perf_counter() - t0, "export": out}
+
+
+def precomputed_loader(config: ml_collections.ConfigDict, bundle: StableDiffusion, *,
+                       batch_size: int | None = None) -> data.Loader:
+  """Runs the frozen VAE and text encoder once over ``config.data`` (each example at its epoch-0 crop and
+  flip), stores the latent moments and text embeddings under ``data.precompute`` (reused when the
+  settings and checkpoint match) and returns a loader over them. Refused when the text encoder trains."""
+  d = config.data
+  source = data.make_source(kind=d.kind, name=d.name, data_dir=d.data_dir, split=d.split, path=d.path,
+                            image_key=d.image_key, label_key=d.label_key or None, caption_key=d.caption_key or None,
+                            channels=d.channels, verify=d.get("verify", "header"),
+                            max_bad_fraction=float(d.get("max_bad_fraction", 0.01)))
+  vae_params, text_params = bundle.vae_params, bundle.text_params
+  out = data.precompute(source, os.path.expanduser(d.precompute),
+                        encode_image=jax.jit(lambda x: bundle.encode_moments(vae_params, x)),
+                        encode_text=jax.jit(lambda ids: bundle.encode_text(text_params, ids)),
+                        tokenize=bundle.tokenize, image_size=d.image_size, crop=d.get("crop") or "center",
+                        flip=bool(d.get("flip", False)), seed=d.seed, channels=d.channels,
+                        text_trainable=_text_trainable(config), tag=_pretrained(config))
+  return data.Loader(data.PrecomputedSource(out), batch_size=batch_size or d.batch_size, seed=d.seed)
 
 
 def export(workdir: str, out: str | None = None, *, ema: bool | None = None, bundle: StableDiffusion | None = None,
