@@ -147,3 +147,18 @@ def test_checkpoint_round_trip(setup, tmp_path):
     assert "extra_ema" not in ck.saved_shapes(0)
     back, _ = ck.restore(0, checkpoint.abstract_like(plain))
   assert back.extra_ema is None
+
+
+def test_gradient_accumulation_passes_the_state(setup):
+  """train.loop's micro-batch scan hands the state to every micro-batch's loss."""
+  from train import loop
+
+  _, _, frozen, fresh, _ = setup
+  st = fresh()
+  batch = {k: jnp.asarray(v) for k, v in make_batch(0).items()}
+  key = jax.random.key(5)
+  loss, aux = jax.jit(loop.accumulate_gradients(loss_fn, 2))(st.params, batch, key, frozen, st)
+  keys = jax.random.split(key, 2)
+  halves = [loss_fn(st.params, {k: v[j::2] for k, v in batch.items()}, keys[j], frozen, st)[0] for j in range(2)]
+  np.testing.assert_allclose(float(loss), float(np.mean(halves)), rtol=1e-6)
+  assert float(aux["step_seen"]) == 0.0
