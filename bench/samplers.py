@@ -230,9 +230,9 @@ def run_problem(mix: Mixture, names, nfes, batch: int, log=print) -> dict:
           jnp.asarray(x_T)), np.float64)
       # where the sampler starts: the first sigma of its grid
       if conv == "ve":
-        from jdiff.samplers import _sigmas
+        from jdiff.samplers import levels
         sp = jopts.get("timestep_spacing", "linspace")
-        _, sig = _sigmas.euler_grid(abar, n, spacing=sp,
+        _, sig = levels.euler_grid(abar, n, spacing=sp,
                                     sigma_schedule="karras" if jopts.get("use_karras_sigmas") else None)
         top = float(np.max(sig))
         sig0, y0 = _start(float(sig[0]), "ve", top if sp != "leading" else math.sqrt(top * top + 1), x_T)
@@ -388,12 +388,12 @@ def grid_sigmas(kind: str, prob: "Problem", sched, nfe: int, *, calib_batch: int
                 iterations: int = 200, method: str = "unipc", opts: dict | None = None) -> dict:
   """The explicit grid of a ``JDIFF_GRID`` configuration on ``prob``: ``{"sigmas": [nfe + 1]}``
   plus ``"timesteps": [nfe]`` for a calibrated model shift."""
-  from jdiff.samplers import _sigmas, calibrate
+  from jdiff.samplers import calibrate, levels
   lo, hi = calibrate.sigma_range(sched)
   if kind == "karras":
-    return {"sigmas": np.concatenate([_sigmas.karras(lo, hi, nfe), [0.0]]).astype(np.float32)}
+    return {"sigmas": np.concatenate([levels.karras(lo, hi, nfe), [0.0]]).astype(np.float32)}
   if kind == "logsnr":
-    return {"sigmas": np.concatenate([_sigmas.logsnr_uniform(lo, hi, nfe), [0.0]]).astype(np.float32)}
+    return {"sigmas": np.concatenate([levels.logsnr_uniform(lo, hi, nfe), [0.0]]).astype(np.float32)}
   x_c = np.random.default_rng(calib_seed).standard_normal((calib_batch, prob.dim)).astype(np.float32)
   shift = kind == "calibrated+shift"
   out = calibrate.calibrate_timesteps(method, prob.jax_fn, sched, jnp.asarray(x_c), num_steps=nfe, loss="mean",
@@ -607,7 +607,7 @@ def flip_study(mix: Mixture, *, steps=FLIP_STEPS, orders=(1, 2, 3), batch: int =
   fall far more slowly (the trajectories that start near a boundary between two modes), so on sharp
   mixtures they decide the batch error at 10-20 calls whatever the order.
   """
-  from jdiff.samplers import _sigmas, calibrate
+  from jdiff.samplers import calibrate, levels
   sched = schedules.scaled_linear(1000, 0.00085, 0.012)
   prob = mixture_problem(mix, sched)
   lo, hi = calibrate.sigma_range(sched)
@@ -617,7 +617,7 @@ def flip_study(mix: Mixture, *, steps=FLIP_STEPS, orders=(1, 2, 3), batch: int =
   log(f"  {mix.name}: reference for {batch} noises in {time.time() - t0:.0f}s")
   rows = []
   for n in steps:
-    sig = np.concatenate([_sigmas.karras(lo, hi, n), [0.0]]).astype(np.float32)
+    sig = np.concatenate([levels.karras(lo, hi, n), [0.0]]).astype(np.float32)
     for order in orders:
       run = jax.jit(lambda z, order=order, sig=sig: samplers.sample(
           "dpm_solver", prob.jax_fn, sched, z, order=order, algorithm="dpmsolver", final_step="extrapolate",

@@ -127,8 +127,8 @@ def test_quick_bench(tmp_path):
     assert ts.shape == (10,) and np.all((ts >= 0) & (ts <= 999))
     # the exact-time Karras grid is the Karras grid, its model called at fractional timesteps
     exact = np.asarray(r["jdiff"]["jdiff_exact_dpm3m_eps_karras_extrap"]["sigmas"])
-    from jdiff.samplers import _sigmas
+    from jdiff.samplers import levels
     table = np.sqrt((1 - np.asarray(sched.alphas_cumprod, np.float64)) / np.asarray(sched.alphas_cumprod, np.float64))
-    np.testing.assert_allclose(exact[:-1], _sigmas.karras(np.float32(table[0]), np.float32(table[-1]), 10), rtol=1e-6)
+    np.testing.assert_allclose(exact[:-1], levels.karras(np.float32(table[0]), np.float32(table[-1]), 10), rtol=1e-6)
   if os.path.exists(tmp_path / "samplers.png"):
     assert (tmp_path / "samplers.png").stat().st_size > 1000

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jdiff import samplers, schedules
-from jdiff.samplers import _sigmas, calibrate, dpm_solver, unipc
+from jdiff.samplers import calibrate, dpm_solver, levels, unipc
 
 MEAN, STD, DIM = 0.4, 0.1, 4
 SCHED = schedules.scaled_linear(1000, 0.00085, 0.012)
@@ -25,7 +25,7 @@ LO, HI = float(np.float32(TABLE[0])), float(np.float32(TABLE[-1]))
 
 def _gaussian_model():
   """Exact epsilon of N(MEAN, STD^2 I) at (fractional) timesteps: log sigma interpolated linearly,
-  the rule ``_sigmas.sigma_to_t`` inverts."""
+  the rule ``levels.sigma_to_t`` inverts."""
   log_sig = jnp.asarray(np.log(TABLE), jnp.float32)
 
   def model(x, t):
@@ -74,7 +74,7 @@ def test_explicit_default_grid_reproduces_default(fn, opts, spacing, schedule):
   base = dict(opts, timestep_spacing=spacing)
   default = np.asarray(fn(MODEL, SCHED, x_T, num_steps=7, sigma_schedule=schedule, **base))
   kw = {} if fn is dpm_solver else {"karras_final_sigma_min": "schedule"}
-  ts, sig = _sigmas.multistep_grid(SCHED.alphas_cumprod, 7, spacing=spacing, sigma_schedule=schedule,
+  ts, sig = levels.multistep_grid(SCHED.alphas_cumprod, 7, spacing=spacing, sigma_schedule=schedule,
                                    final_sigmas_type=fin, **kw)
   # the default grid's sigmas with its own (integer) timesteps: the same program, bit for bit
   same = np.asarray(fn(MODEL, SCHED, x_T, sigmas=sig, timesteps=ts, **base))
@@ -97,8 +97,8 @@ def test_explicit_grid_compiles_once():
 
   f = jax.jit(run)
   x_T = jnp.asarray(_noise(0, 8))
-  a = np.concatenate([_sigmas.logsnr_uniform(LO, HI, 6), [0.0]]).astype(np.float32)
-  b = np.concatenate([_sigmas.karras(LO, HI, 6), [0.0]]).astype(np.float32)
+  a = np.concatenate([levels.logsnr_uniform(LO, HI, 6), [0.0]]).astype(np.float32)
+  b = np.concatenate([levels.karras(LO, HI, 6), [0.0]]).astype(np.float32)
   out_a, out_b = np.asarray(f(jnp.asarray(a), x_T)), np.asarray(f(jnp.asarray(b), x_T))
   assert len(traces) == 1
   assert not np.allclose(out_a, out_b)
@@ -122,7 +122,7 @@ def test_gradients_with_respect_to_the_grid_are_finite():
 
 
 def test_logits_parameterise_monotone_grids():
-  grid = np.concatenate([_sigmas.logsnr_uniform(LO, HI, 8), [0.0]])
+  grid = np.concatenate([levels.logsnr_uniform(LO, HI, 8), [0.0]])
   logits = calibrate.logits_from_sigmas(grid, LO, HI, slack=0.1)
   sig = np.asarray(calibrate.sigmas_from_logits(jnp.asarray(logits), LO, HI))
   assert sig.shape == (9,) and sig[0] == np.float32(HI) and sig[-1] == 0.0
@@ -175,7 +175,7 @@ def test_teacher_matches_closed_form():
   # the default teacher (256 uniform log-SNR levels, UniPC-3, extrapolated last step)
   x_T = _noise(3, 16)
   method, opts = calibrate.DEFAULT_REFERENCE
-  sig = np.concatenate([_sigmas.logsnr_uniform(LO, HI, 256), [0.0]])
+  sig = np.concatenate([levels.logsnr_uniform(LO, HI, 256), [0.0]])
   x = samplers.sample(method, MODEL, SCHED, jnp.asarray(x_T), sigmas=sig, **opts)
   # what is left is the last jump from sigma_min (0.029, a third of this data's spread) to 0
   assert _rel(x, _exact(x_T)) < 1e-3

@@ -12,7 +12,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from jdiff import samplers, schedules  # noqa: E402
-from jdiff.samplers import _common  # noqa: E402
 
 SHAPE = (2, 6, 6, 3)
 PRED_NAMES = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
@@ -39,7 +38,7 @@ def _x_T(seed=0):
 
 def _noises(key, n):
   keys = jax.random.split(key, n)
-  return [np.array(_common.step_noise(k, SHAPE)) for k in keys]
+  return [np.array(samplers.step_noise(k, SHAPE)) for k in keys]
 
 
 SCHEDS = {
@@ -252,7 +251,7 @@ def test_ddpm_learned_variance_matches_diffusers(monkeypatch, variance_type):
   x_np = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
   num_steps = 15
   key = jax.random.key(2)
-  noises = iter([np.array(_common.step_noise(k, shape)) for k in jax.random.split(key, num_steps)])
+  noises = iter([np.array(samplers.step_noise(k, shape)) for k in jax.random.split(key, num_steps)])
   import diffusers.schedulers.scheduling_ddpm as mod
   monkeypatch.setattr(mod, "randn_tensor", lambda *a, **k: torch.from_numpy(next(noises)))
   ref = diffusers.DDPMScheduler(variance_type=variance_type, clip_sample=False)

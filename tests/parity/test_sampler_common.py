@@ -19,8 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jdiff import schedules  # noqa: E402
-from jdiff.samplers import _common  # noqa: E402
+from jdiff import samplers, schedules  # noqa: E402
 
 DIM = 6
 BATCH = 3
@@ -78,9 +77,9 @@ def x_T(seed: int = 0, batch: int = BATCH, spatial: tuple[int, ...] = ()) -> np.
 
 
 def jdiff_noises(key, num_steps: int, shape) -> list[np.ndarray]:
-  """The noise jdiff's stochastic samplers draw at each step (see ``_common.prepare``)."""
+  """The noise jdiff's stochastic samplers draw at each step (see ``samplers.step_noise``)."""
   keys = jax.random.split(key, num_steps)
-  return [np.asarray(_common.step_noise(keys[i], shape)) for i in range(num_steps)]
+  return [np.asarray(samplers.step_noise(keys[i], shape)) for i in range(num_steps)]
 
 
 @contextlib.contextmanager
