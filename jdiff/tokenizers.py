@@ -70,6 +70,19 @@ def _token_text(value: Any) -> str | None:
   return value
 
 
+def _merge(symbols: Sequence[str], a: str, b: str) -> tuple[str, ...]:
+  """``symbols`` with every non-overlapping occurrence of the pair (a, b) merged, left to right."""
+  merged, i = [], 0
+  while i < len(symbols):
+    if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+      merged.append(a + b)
+      i += 2
+    else:
+      merged.append(symbols[i])
+      i += 1
+  return tuple(merged)
+
+
 class CLIPTokenizer:
   """CLIP byte-level BPE tokenizer with fixed-length padding, equal to transformers' ``CLIPTokenizer``.
 
@@ -230,15 +243,8 @@ class CLIPTokenizer:
         vocab_list.append(a + b)
       merged_counts: dict[tuple[str, ...], int] = {}
       for symbols, n in counts.items():
-        out, i = [], 0
-        while i < len(symbols):
-          if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
-            out.append(a + b)
-            i += 2
-          else:
-            out.append(symbols[i])
-            i += 1
-        merged_counts[tuple(out)] = merged_counts.get(tuple(out), 0) + n
+        out = _merge(symbols, a, b)
+        merged_counts[out] = merged_counts.get(out, 0) + n
       counts = merged_counts
     vocab = {s: i for i, s in enumerate(vocab_list + ["<|startoftext|>", "<|endoftext|>"])}
     return cls(vocab, merges, max_length=max_length)
@@ -273,15 +279,7 @@ class CLIPTokenizer:
         break
       best = min(ranked)[0]
       a, b = next((symbols[i], symbols[i + 1]) for r, i in ranked if r == best)
-      merged, i = [], 0
-      while i < len(symbols):  # merge every non-overlapping occurrence, left to right
-        if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
-          merged.append(a + b)
-          i += 2
-        else:
-          merged.append(symbols[i])
-          i += 1
-      symbols = merged
+      symbols = _merge(symbols, a, b)
     return tuple(symbols)
 
   def normalize(self, text: str) -> str:
