@@ -2,16 +2,14 @@
 
 scikit-learn ships 1,797 8x8 grayscale digits (values 0..16) inside its wheel, so this builder
 needs no download. Each image is upscaled to ``size`` x ``size`` (bilinear, 32 by default) and
-stored as an 8-bit grayscale PNG together with its label and a caption in one of two spellings,
-"a handwritten digit seven" or "a handwritten digit 7": the examples of each digit alternate
-between them (in scikit-learn's order), so a model trained on the captions answers both. The
-dataset is written in the ``array_record`` format and read back with ``tfds.data_source`` (random
+stored as an 8-bit grayscale PNG together with its label and a caption such as
+"a handwritten digit seven". The dataset is written in the ``array_record`` format and read back with ``tfds.data_source`` (random
 access), which needs neither TensorFlow nor a network: PNG encoding/decoding goes through PIL.
 
 Example:
   >>> source = digits.load(data_dir="~/tensorflow_datasets")["train"]
-  >>> source[0]["caption"] in (b"a handwritten digit zero", b"a handwritten digit 0")
-  True
+  >>> source[0]["caption"]
+  b'a handwritten digit zero'
 """
 
 from __future__ import annotations
@@ -33,7 +31,8 @@ def caption_for(label: int, *, numeral: bool = False) -> str:
 
 
 def captions_for(label: int) -> tuple[str, str]:
-  """Both spellings the dataset trains: (number word, numeral)."""
+  """Both spellings of a digit's caption: (number word, numeral). The dataset trains the first;
+  vocabularies learned from captions (``jdiff.ldm.bpe_tokenizer``) cover both."""
   return caption_for(label), caption_for(label, numeral=True)
 
 
@@ -51,9 +50,8 @@ def upscale(images8: np.ndarray, size: int = 32) -> np.ndarray:
 class JdiffDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's digits, upscaled, with captions and labels (one "train" split)."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release.",
-                   "1.1.0": "Captions alternate per digit between the number word and the numeral."}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
   SIZE = 32
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -77,13 +75,10 @@ class JdiffDigits(tfds.core.GeneratorBasedBuilder):
     from sklearn.datasets import load_digits
     d = load_digits()
     images = upscale(d.images, self.SIZE)
-    seen = np.zeros(10, np.int64)  # examples of each digit so far: even -> word, odd -> numeral
     for i, (img, label) in enumerate(zip(images, d.target)):
-      label = int(label)
-      caption = captions_for(label)[seen[label] % 2]
-      seen[label] += 1
       # A PIL image is PNG-encoded by PIL, so building the dataset needs no TensorFlow.
-      yield i, {"image": Image.fromarray(img[:, :, 0], mode="L"), "label": label, "caption": caption}
+      yield i, {"image": Image.fromarray(img[:, :, 0], mode="L"), "label": int(label),
+                "caption": caption_for(int(label))}
 
 
 def prepare(data_dir: str | os.PathLike) -> str:
