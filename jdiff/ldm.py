@@ -433,9 +433,12 @@ def load_path(path: str, *, what: str = "model", flag: str | None = None):
   """
   from jdiff.pipelines import StableDiffusion
 
+  from jdiff.convert import refuse_pickle
+
   path = os.path.expanduser(path or "")
   if not path:
     raise FileNotFoundError(f"no {what} given: pass {flag or '--' + what} <train.ldm workdir or diffusers folder>")
+  refuse_pickle(path, what=what)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{what} {path!r} is neither a train.ldm workdir nor a diffusers folder: it does "
                             "not exist")

@@ -239,6 +239,7 @@ class StableDiffusion:
     from jdiff.convert.controlnet import load_controlnet
 
     root = Path(path)
+    _io.refuse_pickle(root, what="pipeline")  # a single .ckpt file is named as what it is
     if not root.is_dir():
       raise FileNotFoundError(f"diffusers pipeline folder {str(root)!r} does not exist")
     index = _io.read_config(root, name="model_index.json")

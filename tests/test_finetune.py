@@ -333,3 +333,12 @@ def test_cli_fine_tune_on_precomputed_data(sd_folder, image_folder, tmp_path, ca
   step, state, _ = saved_state(workdir)
   assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
   assert (workdir / "diffusers" / "unet").is_dir() and len(os.listdir(tmp_path / "pre")) >= 2
+
+
+def test_pickled_checkpoints_are_refused_by_name(tmp_path):
+  ckpt = tmp_path / "v1-5-pruned.ckpt"
+  ckpt.write_bytes(b"\x80\x02not really")
+  for load in (lambda: StableDiffusion.from_diffusers(ckpt), lambda: ldm.load_path(str(ckpt), what="base")):
+    with pytest.raises(ValueError, match=r"pickle file \(\.ckpt") as e:
+      load()
+    assert "\n" not in str(e.value)

@@ -8,9 +8,10 @@ Example:
   >>> convert.save_unet(unet, params, "out/unet")  # doctest: +SKIP
 """
 
+from jdiff.convert._io import read_safetensors, refuse_pickle
 from jdiff.convert.text import load_text_encoder, save_text_encoder
 from jdiff.convert.unet import load_unet, save_unet, unet_param_shapes
 from jdiff.convert.vae import load_vae, save_vae, vae_param_shapes
 
-__all__ = ["load_unet", "save_unet", "load_vae", "save_vae", "load_text_encoder",
+__all__ = ["read_safetensors", "refuse_pickle", "load_unet", "save_unet", "load_vae", "save_vae", "load_text_encoder",
            "save_text_encoder", "unet_param_shapes", "vae_param_shapes"]
