@@ -116,5 +116,5 @@ def prepare(x_T: jax.Array, prediction: str, key: jax.Array | None, num_steps: i
       raise ValueError("this sampler configuration is stochastic: pass key=jax.random.key(...)")
     keys = jax.random.split(key, num_steps)
   else:
-    keys = jnp.zeros((num_steps,), jnp.uint32)  # unused placeholder carried through the scan
+    keys = jnp.zeros((num_steps,), jnp.uint32)  # never read: deterministic rules get no key, the scan still carries one entry per step
   return x_T.astype(jnp.float32), prediction, keys

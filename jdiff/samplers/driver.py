@@ -40,7 +40,7 @@ class Step(NamedTuple):
     alpha_to, sigma_to, alpha_bar_to: the level the step lands on.
     plan: this step's slice of ``rule.plan(grid)`` (e.g. the solver order), or None.
     last: whether the step lands on the last level of the uncut grid.
-    key: this step's PRNG key (``jax.random.split(key, n)[i]``), or a placeholder.
+    key: this step's PRNG key (``jax.random.split(key, n)[i]``); zeros for rules that draw no noise.
   """
   t: jax.Array
   alpha: jax.Array
@@ -122,7 +122,7 @@ def solve(model_fn: Callable[[jax.Array, jax.Array], jax.Array], g: Grid, x_T: j
       raise ValueError("this sampler configuration is stochastic: pass key=jax.random.key(...)")
     keys = jax.random.split(key, n)
   else:
-    keys = jnp.zeros((n,), jnp.uint32)  # unused placeholder carried through the scan
+    keys = jnp.zeros((n,), jnp.uint32)  # never read: deterministic rules get no key, the scan still carries one entry per step
   plan = rule.plan(g)
   if plan is not None:
     plan = jax.tree.map(jnp.asarray, plan)
