@@ -20,6 +20,11 @@ def data_config() -> ml_collections.ConfigDict:
       channels=1,
       batch_size=64,            # global batch
       seed=0,
+      crop="",                  # "" (resize only), "center" or "random" crop after resizing the shorter side
+      flip=False,               # random horizontal flips
+      verify="header",          # build-time check of folder images: "header", "full" or "none"
+      max_bad_fraction=0.01,    # unreadable examples per epoch (replaced by the next readable) before stopping
+      precompute="",            # fine-tuning: a folder for the frozen encoders' outputs (configs/sd_finetune.py)
   ))
 
 

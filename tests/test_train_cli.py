@@ -174,3 +174,26 @@ def test_unet_class_conditioning_must_come_from_text(unet_overrides, needle):
   vae = AutoencoderKL(vae_train.vae_config(config.vae))
   with pytest.raises(ValueError, match=needle):
     ldm_train.build(config, vae, None)
+
+
+def test_corrupt_images_met_in_training_are_replaced_and_counted(tmp_path, data_dir, capsys, caplog):
+  """A folder with one image cut off half-way, not checked when the run starts (``verify=none``): the
+  loader meets it in training, replaces it by the next readable image, logs a warning with its path,
+  and the run finishes (1 of 24 is under the 10% limit); under a 1% limit the run stops with one line."""
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(24):
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), mode="L").save(folder / f"{i:02d}.png")
+  whole = (folder / "05.png").read_bytes()
+  (folder / "05.png").write_bytes(whole[: len(whole) // 2])
+  argv = ["--config.data.kind=folder", f"--config.data.path={folder}", "--config.data.channels=1",
+          "--config.data.verify=none", "--config.train.steps=4", "--config.train.batch_size=8"]
+  with caplog.at_level("WARNING"):
+    rc = _vae([*argv, "--config.data.max_bad_fraction=0.1"], tmp_path / "w", data_dir)
+  assert rc == 0, capsys.readouterr().err
+  assert any(str(folder / "05.png") in r.getMessage() for r in caplog.records)
+  capsys.readouterr()
+  rc = _vae([*argv, "--config.data.max_bad_fraction=0.01"], tmp_path / "w2", data_dir)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len([ln for ln in err if ln.startswith("error:")]) == 1
