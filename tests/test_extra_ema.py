@@ -4,7 +4,6 @@ to the online parameters only, non-finite steps leave them unchanged, and checkp
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,19 +11,7 @@ import optax
 import pytest
 
 from jdiff import checkpoint, parallel, training
-
-
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(nn.tanh(nn.Dense(8)(x)))
-
-
-MODEL = MLP()
-
-
-def init_params(key):
-  return MODEL.init(key, jnp.zeros((1, 5), jnp.float32))["params"]
+from tests.test_training import MODEL, init_params, make_batch  # the same tiny regression model and data
 
 
 def loss_fn(params, batch, key, frozen, state):
@@ -34,14 +21,6 @@ def loss_fn(params, batch, key, frozen, state):
   target = MODEL.apply({"params": state.extra_ema["target"]}, batch["x"])
   loss = jnp.mean(jnp.square(pred - batch["y"] - noise)) + frozen["w"] * jnp.mean(jnp.square(pred - target))
   return loss, {"step_seen": state.step.astype(jnp.float32)}
-
-
-def make_batch(seed, bad=False):
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(4, 5)).astype(np.float32)
-  if bad:
-    x[0, 0] = np.nan
-  return {"x": x, "y": rng.normal(size=(4, 3)).astype(np.float32)}
 
 
 def mu(step):

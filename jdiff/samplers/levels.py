@@ -134,6 +134,16 @@ def beta(sigma_min, sigma_max, num: int, a: float = 0.6, b: float = 0.6, xp=np):
 _SCHEDULE_FNS = {"karras": karras, "exponential": exponential, "logsnr": logsnr_uniform, "beta": beta}
 
 
+
+def _checked_steps(num_steps, num_train) -> tuple[int, int]:
+  """(n, T) as ints; refuses n < 1 or n > T (one line)."""
+  n, big_t = int(num_steps), int(num_train)
+  if n < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  if n > big_t:
+    raise ValueError(f"num_steps={n} exceeds the schedule's {big_t} training timesteps")
+  return n, big_t
+
 def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "leading",
                      steps_offset: int = 0) -> np.ndarray:
   """The descending integer timesteps of diffusers' DDIM/DDPM schedulers (``timestep_spacing``).
@@ -145,11 +155,7 @@ def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "l
   Example:
     >>> spaced_timesteps(1000, 4, "linspace").tolist()  # [999, 666, 333, 0]
   """
-  n, big_t = int(num_steps), int(num_train_timesteps)
-  if n < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  if n > big_t:
-    raise ValueError(f"num_steps={n} exceeds the schedule's {big_t} training timesteps")
+  n, big_t = _checked_steps(num_steps, num_train_timesteps)
   if spacing == "linspace":
     ts = np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
   elif spacing == "leading":
@@ -215,11 +221,7 @@ def multistep_timesteps(num_train: int, num_steps: int, spacing: str, steps_offs
   the final step goes from the smallest visited timestep to the end sigma; ``"trailing"``
   starts at T - 1 in steps of T / num_steps.
   """
-  n, big_t = int(num_steps), int(num_train)
-  if n < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  if n > big_t:
-    raise ValueError(f"num_steps={n} exceeds the schedule's {big_t} training timesteps")
+  n, big_t = _checked_steps(num_steps, num_train)
   if spacing == "linspace":
     ts = np.linspace(0, big_t - 1, n + 1).round()[::-1][:-1].astype(np.int64)
   elif spacing == "leading":
@@ -238,11 +240,7 @@ def multistep_timesteps(num_train: int, num_steps: int, spacing: str, steps_offs
 def euler_timesteps(num_train: int, num_steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
   """The float32 timesteps of diffusers' Euler/Heun schedulers (``num_steps`` points, not rounded
   for ``"linspace"``)."""
-  n, big_t = int(num_steps), int(num_train)
-  if n < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  if n > big_t:
-    raise ValueError(f"num_steps={n} exceeds the schedule's {big_t} training timesteps")
+  n, big_t = _checked_steps(num_steps, num_train)
   if spacing == "linspace":
     ts = np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1]
   elif spacing == "leading":
