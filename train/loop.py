@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -532,7 +533,11 @@ def main_wrapper(run: Callable[[ml_collections.ConfigDict, str], Any], *, defaul
     print(f"preempted: {e}", file=sys.stderr, flush=True)
     return EXIT_PREEMPTED.get(e.signum, 128 + int(e.signum))
   except (ValueError, FileNotFoundError, KeyError, training.NonFiniteError, checkpoint.CheckpointSaveError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    if isinstance(e, checkpoint.CheckpointSaveError):
+      # The failed write's sibling tasks are collected at exit, each logging the same error again
+      # ("exception was never retrieved"); the line below already reports it.
+      logging.getLogger("asyncio").disabled = True
+    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
     return EXIT_USAGE
   finally:
     _GUARD.uninstall()
