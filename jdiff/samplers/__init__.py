@@ -30,6 +30,7 @@ from jdiff.samplers.ddpm import ddpm, ddpm_rule
 from jdiff.samplers.dpm_solver import dpm_solver, dpm_solver_rule
 from jdiff.samplers.euler import euler, euler_ancestral, euler_ancestral_rule, euler_rule, heun, heun_rule
 from jdiff.samplers.grids import Grid, cut, grid
+from jdiff.samplers.inversion import ddim_inversion, ddim_inversion_rule, inversion_grid
 from jdiff.samplers.lcm import lcm, lcm_rule, lcm_timesteps
 from jdiff.samplers.levels import (SIGMA_SCHEDULES, beta as beta_sigmas, exponential as exponential_sigmas,
                                    karras as karras_sigmas, logsnr_uniform as logsnr_sigmas, sigma_to_t,
@@ -46,6 +47,7 @@ __all__ = ["sample", "available", "get", "register", "spaced_timesteps", "ddim",
            "call_model", "step_noise", "process_x0", "threshold_sample",
            "SIGMA_SCHEDULES", "karras_sigmas", "exponential_sigmas", "logsnr_sigmas", "beta_sigmas", "sigma_to_t",
            "train_sigmas"]
+__all__ += ["ddim_inversion", "ddim_inversion_rule", "inversion_grid"]  # data -> noise (not a registered sampler)
 
 
 def sample(method: str, model_fn, schedule, x_T: jax.Array, *, num_steps: int | None = None,
