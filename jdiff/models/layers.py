@@ -22,6 +22,7 @@ from jdiff.models.configs import check_remat
 
 __all__ = [
     "attention_implementation",
+    "attend",
     "Conv2D",
     "timestep_embedding",
     "TimestepEmbedding",
@@ -280,6 +281,19 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, upcast: boo
   else:
     out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d), implementation=impl)  # [B, T, heads, d]
   return out.astype(dtype).reshape(b, tq, inner)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, upcast: bool = False) -> jax.Array:
+  """Multi-head scaled dot-product attention on projections q [B, T, heads * d], k and v [B, S, heads * d].
+
+  The attention core of :class:`Attention` (``jax.nn.dot_product_attention``, honouring
+  :func:`attention_implementation`), for modules that project or normalise q/k themselves.
+  ``upcast`` computes it in float32 whatever the input dtype. Returns [B, T, heads * d].
+
+  Example:
+    >>> out = attend(q, k, v, heads=8)  # doctest: +SKIP
+  """
+  return _attend(q, k, v, heads, upcast=upcast)
 
 
 def _attend_heads_major(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
