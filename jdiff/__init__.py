@@ -2,8 +2,8 @@
 
 Submodules: ``consistency``, ``schedules``, ``diffusion``, ``guidance``, ``samplers``, ``models``, ``lora``,
 ``partition``, ``tokenizers``; ``convert``, ``pipelines`` (the latent diffusion bundle), ``ldm`` (bundles
-of training workdirs), ``evaluation``, ``training``, ``checkpoint``, ``parallel`` and ``data`` are
-imported on first use (``import jdiff.pipelines``).
+of training workdirs), ``textual_inversion``, ``evaluation``, ``training``, ``checkpoint``, ``parallel`` and
+``data`` are imported on first use (``import jdiff.pipelines``).
 """
 
 from jdiff import consistency, diffusion, guidance, lora, models, partition, samplers, schedules, tokenizers
@@ -15,7 +15,7 @@ from jdiff.schedules import Schedule
 __version__ = "0.1.0"
 
 _LAZY = ("checkpoint", "control_images", "convert", "data", "evaluation", "ldm", "parallel", "pipelines",
-         "training")
+         "training", "textual_inversion")
 
 
 def __getattr__(name):

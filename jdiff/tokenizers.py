@@ -7,6 +7,11 @@ English contractions); each word's UTF-8 bytes are mapped to printable character
 table), ``</w>`` is attached to its last character, and BPE merges are applied in rank order. Sequences are
 ``[bos] + tokens + [eos]``, truncated to ``max_length`` (the eos is kept) and padded with the pad token.
 
+Added tokens (:meth:`CLIPTokenizer.add_tokens`, e.g. textual-inversion tokens) get the ids after the vocabulary and
+are matched as transformers matches non-special added tokens: in the normalised text, before BPE, leftmost-longest,
+case-insensitively. As diffusers' pipelines do for multi-vector textual inversion, an added token ``t`` stands for
+``t, t_1, t_2, ...`` while those are added tokens too.
+
 :class:`ByteTokenizer` is the vocabulary-free tokenizer for text encoders trained from scratch here: one token
 per UTF-8 byte, plus pad/bos/eos.
 
@@ -19,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import unicodedata
@@ -91,6 +97,8 @@ class CLIPTokenizer:
     merges: BPE merges in rank order, each ``(left, right)``.
     max_length: padded/truncated sequence length (``model_max_length``; 77 for CLIP).
     bos_token / eos_token / pad_token / unk_token: special token strings (must be in ``vocab``).
+    added_tokens: tokens added after the vocabulary, with ids ``len(vocab)``, ``len(vocab) + 1``, ... (see
+      :meth:`add_tokens`).
 
   Example:
     >>> tok = CLIPTokenizer.from_files("vocab.json", "merges.txt")  # doctest: +SKIP
@@ -99,9 +107,15 @@ class CLIPTokenizer:
 
   def __init__(self, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], *, max_length: int = 77,
                bos_token: str = "<|startoftext|>", eos_token: str = "<|endoftext|>",
-               pad_token: str = "<|endoftext|>", unk_token: str = "<|endoftext|>"):
+               pad_token: str = "<|endoftext|>", unk_token: str = "<|endoftext|>",
+               added_tokens: Sequence[str] = ()):
     self.vocab = dict(vocab)
-    self.inverse = {i: s for s, i in self.vocab.items()}
+    self.added = {tok: len(self.vocab) + i for i, tok in enumerate(added_tokens)}
+    clash = [tok for tok in self.added if tok in self.vocab] or sorted(
+        {tok for tok in added_tokens if list(added_tokens).count(tok) > 1})
+    if clash:
+      raise ValueError(f"added tokens must be new and distinct: {clash} repeat a token")
+    self.inverse = {i: s for s, i in [*self.vocab.items(), *self.added.items()]}
     self.ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
     for name, token in [("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token),
                         ("unk_token", unk_token)]:
@@ -120,6 +134,11 @@ class CLIPTokenizer:
     self.specials = sorted({bos_token, eos_token, pad_token, unk_token}, key=len, reverse=True)
     regex = _patterns()[0]
     self._special_re = regex.compile("(" + "|".join(regex.escape(s) for s in self.specials) + ")")
+    # added tokens are matched in the normalised text (their own text normalised too), longest first
+    self._added_norm = {self.normalize(tok): tok for tok in self.added}
+    self._added_re = regex.compile("(" + "|".join(regex.escape(s) for s in sorted(self._added_norm, key=len,
+                                                                                  reverse=True)) + ")") \
+        if self.added else None
     self._byte = bytes_to_unicode()
     self._unbyte = {c: b for b, c in self._byte.items()}
     self._bpe = functools.lru_cache(maxsize=65536)(self._bpe_uncached)
@@ -156,7 +175,8 @@ class CLIPTokenizer:
   @classmethod
   def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> CLIPTokenizer:
     """Loads a tokenizer folder (``vocab.json``, ``merges.txt`` and optionally ``tokenizer_config.json`` /
-    ``special_tokens_map.json`` for special tokens and ``model_max_length``), e.g. ``sd15/tokenizer``.
+    ``special_tokens_map.json`` for special tokens, ``model_max_length`` and non-special added tokens), e.g.
+    ``sd15/tokenizer``.
 
     Example:
       >>> tok = CLIPTokenizer.from_pretrained("sd21/tokenizer")  # pad token "!"  # doctest: +SKIP
@@ -165,6 +185,7 @@ class CLIPTokenizer:
     if not path.is_dir():
       raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist")
     kwargs: dict[str, Any] = {}
+    declared: dict[int, Any] = {}  # id -> added token entry (tokenizer_config.json / tokenizer.json)
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
       file = path / name
       if not file.is_file():
@@ -179,10 +200,23 @@ class CLIPTokenizer:
       length = config.get("model_max_length")
       if isinstance(length, int) and length < 10**6:  # transformers writes a huge int for "no limit"
         kwargs["max_length"] = length
+      for i, entry in (config.get("added_tokens_decoder") or {}).items():
+        declared[int(i)] = entry
     kwargs.update(overrides)
     if not (path / "vocab.json").is_file() and (path / "tokenizer.json").is_file():
-      return cls._from_tokenizer_json(path / "tokenizer.json", **kwargs)
-    return cls.from_files(path / "vocab.json", path / "merges.txt", **kwargs)
+      tok = cls._from_tokenizer_json(path / "tokenizer.json", **kwargs)
+      for entry in json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or []:
+        declared[int(entry["id"])] = entry
+    else:
+      tok = cls.from_files(path / "vocab.json", path / "merges.txt", **kwargs)
+    added = sorted((i, _token_text(e)) for i, e in declared.items()
+                   if _token_text(e) not in tok.vocab and not (isinstance(e, Mapping) and e.get("special")))
+    if not added:
+      return tok
+    ids = [i for i, _ in added]
+    if ids != list(range(tok.vocab_size, tok.vocab_size + len(added))):
+      raise ValueError(f"added tokens of {str(path)!r} have ids {ids}: expected consecutive ids from {tok.vocab_size}")
+    return tok.add_tokens([t for _, t in added])
 
   @classmethod
   def _from_tokenizer_json(cls, file: Path, **kwargs: Any) -> CLIPTokenizer:
@@ -263,12 +297,33 @@ class CLIPTokenizer:
     (path / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
     config = {**specials, "model_max_length": self.max_length, "tokenizer_class": "CLIPTokenizer",
               "do_lower_case": True, "clean_up_tokenization_spaces": False}
+    if self.added:  # transformers' layout of non-special added tokens
+      config["added_tokens_decoder"] = {
+          str(i): {"content": tok, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False,
+                   "special": False} for tok, i in self.added.items()}
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return path
 
   @property
   def vocab_size(self) -> int:
-    return len(self.vocab)
+    """Number of ids: the vocabulary plus the added tokens."""
+    return len(self.vocab) + len(self.added)
+
+  def add_tokens(self, tokens: Sequence[str]) -> CLIPTokenizer:
+    """A new tokenizer with ``tokens`` added after the current ids (``vocab_size``, ``vocab_size + 1``, ...).
+
+    Raises:
+      ValueError: a token is already in the vocabulary or added, or repeats.
+
+    Example:
+      >>> tok2 = tok.add_tokens(["<cat-toy>"])  # doctest: +SKIP
+      >>> tok2.encode("a <cat-toy>")[2] == tok.vocab_size  # doctest: +SKIP
+      True
+    """
+    merges = [pair for pair, _ in sorted(self.ranks.items(), key=lambda kv: kv[1])]
+    return type(self)(self.vocab, merges, max_length=self.max_length, bos_token=self.bos_token,
+                      eos_token=self.eos_token, pad_token=self.pad_token, unk_token=self.unk_token,
+                      added_tokens=[*self.added, *tokens])
 
   def _bpe_uncached(self, word: str) -> tuple[str, ...]:
     symbols = list(word[:-1]) + [word[-1] + _SUFFIX]
@@ -299,8 +354,15 @@ class CLIPTokenizer:
       if segment in self.specials:
         tokens.append(segment)
         continue
-      for word in _patterns()[1].findall(self.normalize(segment)):
-        tokens.extend(self._bpe("".join(self._byte[b] for b in word.encode("utf-8"))))
+      text = self.normalize(segment)
+      for piece in self._added_re.split(text) if self._added_re is not None else [text]:
+        if piece in self._added_norm:
+          tok = self._added_norm[piece]
+          tokens.append(tok)  # then tok_1, tok_2, ... (a multi-vector token)
+          tokens.extend(itertools.takewhile(self.added.__contains__, (f"{tok}_{i}" for i in itertools.count(1))))
+          continue
+        for word in _patterns()[1].findall(piece):
+          tokens.extend(self._bpe("".join(self._byte[b] for b in word.encode("utf-8"))))
     return tokens
 
   def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
@@ -309,7 +371,7 @@ class CLIPTokenizer:
     Example:
       >>> tok.encode("a cat")  # [bos, id("a</w>"), id("cat</w>"), eos]  # doctest: +SKIP
     """
-    ids = [self.vocab.get(tok, self.unk_token_id) for tok in self.tokenize(text)]
+    ids = [self.vocab.get(tok, self.added.get(tok, self.unk_token_id)) for tok in self.tokenize(text)]
     return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
 
   def __call__(self, texts: str | Sequence[str], *, max_length: int | None = None,
