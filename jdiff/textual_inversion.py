@@ -42,8 +42,8 @@ def read_embeddings(path: str | os.PathLike, *, token: str | None = None) -> dic
 
   Args:
     path: a ``.safetensors`` file, or a folder holding diffusers' ``learned_embeds.safetensors``.
-    token: the token to use instead of the file's own (required by nothing; overrides the tensor
-      name, the ``name`` metadata and the file name).
+    token: the token to use instead of the file's own (the tensor's name in a diffusers file; the
+      ``name`` metadata entry, else the file name, in an A1111 file).
 
   Returns:
     One entry: the token and its N vectors (N = 1 for a single-vector embedding).
