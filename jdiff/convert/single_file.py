@@ -28,7 +28,7 @@ Pickled checkpoints (``.ckpt``, ``.pt``, ``.bin``) are never opened.
 
 Example:
   >>> parts = read_single_file("model.safetensors", family="sd15")  # doctest: +SKIP
-  >>> pipe = load_single_file_bundle("model.safetensors", config="sd15")  # doctest: +SKIP
+  >>> pipe = load_single_file_bundle("model.safetensors", config="sd15_diffusers_folder")  # doctest: +SKIP
   >>> save_single_file_bundle(pipe, "out.safetensors")  # doctest: +SKIP
 """
 
@@ -449,8 +449,9 @@ def write_single_file(path: str | os.PathLike, unet_params: Mapping[str, Any], v
     The file.
 
   Raises:
-    ValueError: a pickle suffix, an unknown family or dtype, a parameter tree that does not match its
-      config, or a tensor the original layout has no place for (one line naming it).
+    ValueError: a pickle suffix, an unknown family or dtype, a text encoder whose activation is not the
+      layout's (quick_gelu for "sd15", gelu for SD 2), a parameter tree that does not match its config, or a
+      tensor the original layout has no place for (one line naming it).
 
   Example:
     >>> write_single_file("out.safetensors", unet_p, vae_p, text_p, unet_config=UNetConfig.sd15(),
@@ -461,9 +462,10 @@ def write_single_file(path: str | os.PathLike, unet_params: Mapping[str, Any], v
   _check_family(family)
   if dtype not in ("float32", "float16"):
     raise ValueError(f"dtype={dtype!r}; a single file is written as float32 or float16")
-  if _TEXT_LAYOUT[family] == "open_clip" and text_config.hidden_act != "gelu":
-    raise ValueError(f"family {family!r} stores an OpenCLIP text encoder, whose MLP uses gelu; this one uses "
-                     f"{text_config.hidden_act!r} (write it as 'sd15')")
+  act = {"clip": "quick_gelu", "open_clip": "gelu"}[_TEXT_LAYOUT[family]]
+  if text_config.hidden_act != act:  # original-layout readers take the activation from the layout
+    raise ValueError(f"family {family!r} stores a text encoder whose MLP uses {act}; this one uses "
+                     f"{text_config.hidden_act!r}")
   out: dict[str, np.ndarray] = {}
   unet = _unet.params_to_torch(_unwrap(unet_params))
   _io.check_tensors(_expected(_unet.unet_param_shapes(unet_config)), unet, source="UNet params")

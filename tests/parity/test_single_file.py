@@ -170,6 +170,21 @@ def test_missing_part_and_foreign_layout_in_one_line(sd1, tmp_path):
   assert "\n" not in str(err.value)
   with pytest.raises(ValueError, match="OpenAI CLIP"):  # an SD 1 file read as an SD 2 family
     read_single_file(file, family="sd21-base")
+  with pytest.raises(ValueError, match="exactly one of family= .* or config="):
+    read_single_file(file)
+  with pytest.raises(ValueError, match="holds no tokenizer"):
+    load_single_file_bundle(file, family="sd15")
+
+
+def test_float16_file_reads_as_rounded_float32(sd1, tmp_path):
+  _, ours, _, _ = sd1
+  half = save_single_file_bundle(ours, tmp_path / "half.safetensors", dtype="float16")
+  raw = half.read_bytes()
+  header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+  assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+  got = read_single_file(half, config=ours.source)
+  for a, b in zip(jax.tree.leaves(ours.unet_params), jax.tree.leaves(got.unet_params)):
+    np.testing.assert_array_equal(np.asarray(a).astype(np.float16).astype(np.float32), np.asarray(b))
 
 
 def test_sd15_family_names_match_the_original_files():
