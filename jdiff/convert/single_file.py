@@ -353,6 +353,9 @@ def _renamed(found: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, 
     value = found[o]
     if len(expected[name]) == 2 and value.ndim > 2 and all(s == 1 for s in value.shape[2:]):
       value = value.reshape(value.shape[:2])
+    if tuple(value.shape) != tuple(expected[name]):
+      raise ValueError(f"{source}: {what} tensor {prefix + o!r} has shape {tuple(found[o].shape)}, the config "
+                       f"needs {tuple(expected[name])}; does the family or config match the file?")
     out[name] = value
   return out
 

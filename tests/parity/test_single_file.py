@@ -158,6 +158,9 @@ def test_pickle_refused_in_one_line(tmp_path):
 def test_missing_part_and_foreign_layout_in_one_line(sd1, tmp_path):
   folder, _, file, _ = sd1
   tensors, _ = _io.read_safetensors(file)
+  shutil.copytree(folder, tmp_path / "other", ignore=shutil.ignore_patterns("*.safetensors"))
+  unet_config = json.loads((folder / "unet" / "config.json").read_text())
+  (tmp_path / "other" / "unet" / "config.json").write_text(json.dumps({**unet_config, "in_channels": 9}))
   no_vae = tmp_path / "no_vae.safetensors"
   save_file({k: np.array(v) for k, v in tensors.items() if not k.startswith("first_stage_model.")}, str(no_vae))
   with pytest.raises(ValueError, match="holds no VAE") as err:
@@ -168,6 +171,8 @@ def test_missing_part_and_foreign_layout_in_one_line(sd1, tmp_path):
   with pytest.raises(ValueError, match="not an original-layout") as err:
     read_single_file(diffusers_layout, config=folder)
   assert "\n" not in str(err.value)
+  with pytest.raises(ValueError, match="'model.diffusion_model.input_blocks.0.0.weight' has shape"):
+    read_single_file(file, config=tmp_path / "other")
   with pytest.raises(ValueError, match="OpenAI CLIP"):  # an SD 1 file read as an SD 2 family
     read_single_file(file, family="sd21-base")
   with pytest.raises(ValueError, match="exactly one of family= .* or config="):
