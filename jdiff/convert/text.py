@@ -1,9 +1,12 @@
-"""transformers ``CLIPTextModel`` folders <-> jdiff :class:`~jdiff.models.text.CLIPTextModel` parameters.
+"""transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` folders <-> jdiff
+:class:`~jdiff.models.text.CLIPTextModel` parameters.
 
 A folder holds ``config.json`` and ``model.safetensors`` (or shards with an index), as written by
-``CLIPTextModel.save_pretrained`` or found under ``text_encoder/`` of a diffusers pipeline. Tensor names may
-carry the ``text_model.`` prefix (hub checkpoints, transformers < 5) or not (transformers 5); both load.
-:func:`save_text_encoder` writes the prefixed form, which every transformers version reads.
+``save_pretrained`` or found under ``text_encoder/`` / ``text_encoder_2/`` of a diffusers pipeline. Tensor
+names may carry the ``text_model.`` prefix (hub checkpoints, transformers < 5) or not (transformers 5); both
+load. :func:`save_text_encoder` writes the prefixed form, which every transformers version reads. The
+projection of ``CLIPTextModelWithProjection`` (config ``architectures``) is ``text_projection.weight``,
+never prefixed.
 
 Name mapping (torch -> flax): ``encoder.layers.3.mlp.fc1.weight`` -> ``encoder/layers_3/mlp/fc1/kernel``
 (transposed); LayerNorm ``weight`` -> ``scale``; embedding ``weight`` -> ``embedding``.
@@ -28,6 +31,7 @@ __all__ = ["load_text_encoder", "save_text_encoder", "text_params_from_torch", "
            "text_param_shapes"]
 
 _PREFIX = "text_model."
+_PROJECTION = "text_projection"  # CLIPTextModelWithProjection's head: outside text_model
 _IGNORED = ("embeddings.position_ids",)  # a buffer older transformers versions saved
 
 
@@ -36,6 +40,10 @@ def _torch_name(path: tuple[str, ...]) -> str:
   mods = [re.sub(r"^layers_(\d+)$", r"layers.\1", m) for m in mods]
   leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
   return ".".join([*mods, leaf])
+
+
+def _saved_name(path: tuple[str, ...], prefix: str) -> str:
+  return _torch_name(path) if path[0] == _PROJECTION else prefix + _torch_name(path)
 
 
 def text_param_shapes(config: CLIPTextConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -75,7 +83,7 @@ def text_params_to_torch(params: dict[str, Any], *, prefix: str = _PREFIX) -> di
   out = {}
   for path, value in traverse_util.flatten_dict(params).items():
     value = np.asarray(jax.device_get(value), np.float32)
-    out[prefix + _torch_name(path)] = value.T if path[-1] == "kernel" else value
+    out[_saved_name(path, prefix)] = value.T if path[-1] == "kernel" else value
   return out
 
 
@@ -88,7 +96,8 @@ def _resolve(path: str | os.PathLike) -> Path:
 
 def load_text_encoder(path: str | os.PathLike, *, dtype: str | None = None,
                       remat: bool = False) -> tuple[CLIPTextModel, dict[str, Any]]:
-  """Loads a transformers CLIP text encoder folder (or a diffusers pipeline root's ``text_encoder/``).
+  """Loads a transformers CLIP text encoder folder (or a diffusers pipeline root's ``text_encoder/``);
+  a ``CLIPTextModelWithProjection`` folder (e.g. SDXL's ``text_encoder_2/``) loads with its projection.
 
   Args:
     path: folder with ``config.json`` and ``model.safetensors`` (or shards).
@@ -118,10 +127,11 @@ def load_text_encoder(path: str | os.PathLike, *, dtype: str | None = None,
 
 def save_text_encoder(model: CLIPTextModel | CLIPTextConfig, params: dict[str, Any], path: str | os.PathLike,
                       *, max_shard_size: int | str | None = None) -> Path:
-  """Writes ``config.json`` + ``model.safetensors`` that ``transformers.CLIPTextModel.from_pretrained`` loads.
+  """Writes ``config.json`` + ``model.safetensors`` that ``transformers.CLIPTextModel.from_pretrained`` loads
+  (``CLIPTextModelWithProjection.from_pretrained`` when the config has ``projection_dim``).
 
   Args:
-    model: the module or its config.
+    model: the module or its config (with ``projection_dim``: a ``CLIPTextModelWithProjection`` folder).
     params: the parameter tree (``{"params": ...}`` accepted too).
     path: output folder (created).
     max_shard_size: shard above this size (``"5GB"``), as ``save_pretrained`` does.
@@ -141,7 +151,7 @@ def save_text_encoder(model: CLIPTextModel | CLIPTextConfig, params: dict[str, A
   tensors = text_params_to_torch(params)
   expected = {}
   for p, shape in text_param_shapes(config).items():
-    expected[_PREFIX + _torch_name(p)] = shape[::-1] if p[-1] == "kernel" else shape
+    expected[_saved_name(p, _PREFIX)] = shape[::-1] if p[-1] == "kernel" else shape
   _io.check_tensors(expected, tensors, source="params")
   _io.write_config(folder, config.to_hf_config())
   _io.save_tensors(tensors, folder, prefix="model", max_shard_size=max_shard_size)

@@ -101,6 +101,9 @@ def unet_param_shapes(config: UNetConfig) -> dict[tuple[str, ...], tuple[int, ..
     kwargs["class_labels"] = jnp.zeros((1, config.time_embed_dim), jnp.float32)
   if config.time_cond_proj_dim is not None:
     kwargs["timestep_cond"] = jnp.zeros((1, config.time_cond_proj_dim), jnp.float32)
+  if config.addition_embed_type == "text_time":  # any split of the MLP's input width will do
+    kwargs["text_embeds"] = jnp.zeros((1, config.projection_class_embeddings_input_dim), jnp.float32)
+    kwargs["time_ids"] = jnp.zeros((1, 0), jnp.float32)
   module = UNet(config)
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), x, t, ctx, **kwargs))
   return _shapes(abstract)

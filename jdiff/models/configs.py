@@ -6,7 +6,8 @@ number of heads when ``num_attention_heads`` is unset. Two jdiff-only fields: ``
 dtype; parameters are always float32) and ``remat`` (rematerialise blocks in the backward pass).
 
 Presets: ``tiny`` (tests), ``digits`` (the bundled 32x32 digits, trains on CPU in minutes), ``sd15`` and
-``sd21`` (Stable Diffusion 1.5 / 2.1 shapes).
+``sd21`` (Stable Diffusion 1.5 / 2.1 shapes), ``sdxl_base`` and ``sdxl_refiner`` (the UNets of Stable
+Diffusion XL 1.0; the VAE preset ``sdxl``).
 
 Example:
   >>> cfg = UNetConfig.sd15(dtype="bfloat16", remat=True)
@@ -27,6 +28,7 @@ _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
 _CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
+_ADDITION_EMBED_TYPES = (None, "text_time")
 
 # diffusers UNet2DConditionModel options jdiff does not implement: accepted only at these values.
 _UNET_FIXED: dict[str, tuple[Any, ...]] = {
@@ -36,8 +38,6 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "dual_cross_attention": (False,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1.0,),
@@ -48,13 +48,12 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = {
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False),
     "cross_attention_norm": (None,),
-    "addition_embed_type_num_heads": None,  # any value: unused without addition_embed_type
+    "addition_embed_type_num_heads": None,  # any value: only "text" / "text_image" embeddings use it
 }
 _VAE_FIXED: dict[str, tuple[Any, ...]] = {
     "act_fn": ("silu",),
     "latents_mean": None,  # informational: kept in the config, not used by the network
     "latents_std": None,
-    "force_upcast": None,
 }
 
 
@@ -136,10 +135,18 @@ class UNetConfig:
     attention_head_dim: heads per level when ``num_attention_heads`` is None (diffusers' naming).
     num_attention_heads: heads per level (int or per level); overrides ``attention_head_dim``.
     use_linear_projection: linear (SD2) instead of 1x1-conv (SD1) transformer projections.
-    upcast_attention: compute attention in float32 whatever the compute dtype.
-    class_embed_type, num_class_embeds, projection_class_embeddings_input_dim: class conditioning:
-      None with ``num_class_embeds`` is a label embedding table; "timestep", "identity", "projection"
-      and "simple_projection" as in diffusers.
+    upcast_attention: compute attention in float32 whatever the compute dtype (None reads as False).
+    class_embed_type, num_class_embeds: class conditioning: None with ``num_class_embeds`` is a label
+      embedding table; "timestep", "identity", "projection" and "simple_projection" as in diffusers.
+    projection_class_embeddings_input_dim: input width of the "projection" class embedding, and of the
+      "text_time" additional embedding (pooled text width + number of time ids x
+      ``addition_time_embed_dim``; 1280 + 6 x 256 = 2816 for SDXL base).
+    addition_embed_type: None or "text_time" (SDXL): the UNet takes ``text_embeds`` [B, P] (pooled
+      text) and ``time_ids`` [B, N] (micro-conditioning: original size, crop corner, target size or
+      aesthetic score); each time id gets the sinusoidal embedding of width ``addition_time_embed_dim``,
+      these are flattened, appended to ``text_embeds`` and sent through ``add_embedding`` (a
+      two-layer MLP), whose output is added to the time embedding.
+    addition_time_embed_dim: width of each time id's sinusoidal embedding ("text_time" only).
     time_embedding_dim: width of the time embedding (default 4 x block_out_channels[0]).
     time_cond_proj_dim: width of an extra embedding added to the timestep features (LCM's w embedding).
     conv_in_kernel, conv_out_kernel: kernel sizes of the first and last convs.
@@ -175,6 +182,8 @@ class UNetConfig:
   class_embed_type: str | None = None
   num_class_embeds: int | None = None
   projection_class_embeddings_input_dim: int | None = None
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
   time_embedding_dim: int | None = None
   time_cond_proj_dim: int | None = None
   conv_in_kernel: int = 3
@@ -210,6 +219,16 @@ class UNetConfig:
         and self.projection_class_embeddings_input_dim is None):
       raise ValueError(f"class_embed_type {self.class_embed_type!r} needs "
                        "projection_class_embeddings_input_dim")
+    if self.upcast_attention is None:  # diffusers configs write null for False
+      object.__setattr__(self, "upcast_attention", False)
+    if self.addition_embed_type not in _ADDITION_EMBED_TYPES:
+      raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not supported (supported: "
+                       f"{' or '.join(repr(a) for a in _ADDITION_EMBED_TYPES)})")
+    if self.addition_embed_type == "text_time":
+      for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+          raise ValueError(f"addition_embed_type 'text_time' needs a positive {name}, got "
+                           f"{getattr(self, name)!r}")
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
         raise ValueError(f"block_out_channels {self.block_out_channels} must be divisible by "
@@ -278,10 +297,38 @@ class UNetConfig:
     return cls(**{**base, **overrides})
 
   @classmethod
+  def sdxl_base(cls, **overrides) -> UNetConfig:
+    """Stable Diffusion XL 1.0 base (2,567,463,684 parameters): three levels, no attention at the first,
+    1, 2 and 10 transformer blocks, 2048-wide text (both encoders' hidden states), "text_time"
+    conditioning on the 1280-wide pooled text and six time ids."""
+    base = dict(sample_size=128, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    return cls(**{**base, **overrides})
+
+  @classmethod
+  def sdxl_refiner(cls, **overrides) -> UNetConfig:
+    """Stable Diffusion XL 1.0 refiner (2,259,526,660 parameters): four 384-based levels with 4 transformer blocks, 1280-wide text
+    (the second encoder only), "text_time" conditioning on the pooled text and five time ids (original
+    size, crop corner, aesthetic score)."""
+    base = dict(sample_size=128, block_out_channels=(384, 768, 1536, 1536),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24),
+                cross_attention_dim=1280, use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560)
+    return cls(**{**base, **overrides})
+
+  PRESETS = ("tiny", "digits", "sd15", "sd21", "sdxl_base", "sdxl_refiner")
+
+  @classmethod
   def preset(cls, name: str, **overrides) -> UNetConfig:
-    """A preset by name: "tiny", "digits", "sd15" or "sd21"."""
-    if name not in ("tiny", "digits", "sd15", "sd21"):
-      raise ValueError(f"unknown UNet preset {name!r} (choose tiny, digits, sd15, sd21)")
+    """A preset by name: one of :attr:`PRESETS`."""
+    if name not in cls.PRESETS:
+      raise ValueError(f"unknown UNet preset {name!r} (choose {', '.join(cls.PRESETS)})")
     return getattr(cls, name)(**overrides)
 
   # diffusers config.json ------------------------------------------------------------------------
@@ -344,6 +391,9 @@ class VAEConfig:
     shift_factor: subtracted before scaling when set (latent = (z - shift) * scale).
     use_quant_conv, use_post_quant_conv: the 1x1 convs around the latent.
     mid_block_add_attention: attention in the middle blocks.
+    force_upcast: compute in float32 when ``dtype`` is float16 (diffusers' flag of the same name: the
+      SDXL autoencoder's activations overflow float16). bfloat16, which has float32's range, is kept;
+      :attr:`compute_dtype` is the dtype actually used.
     dtype: compute dtype; parameters are float32.
     remat: rematerialise resnets: False, True or a policy (see :func:`check_remat`).
   """
@@ -362,6 +412,7 @@ class VAEConfig:
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
+  force_upcast: bool = True
   dtype: str = "float32"
   remat: bool | str = False
 
@@ -386,7 +437,11 @@ class VAEConfig:
 
   @property
   def compute_dtype(self) -> Any:
-    return _resolve_dtype(self.dtype)
+    """The dtype the autoencoder computes in: ``dtype``, or float32 for float16 with ``force_upcast``."""
+    dtype = _resolve_dtype(self.dtype)
+    if self.force_upcast and dtype == jnp.float16:
+      return jnp.dtype(jnp.float32)
+    return dtype
 
   @property
   def downsample_factor(self) -> int:
@@ -420,10 +475,18 @@ class VAEConfig:
     return cls.sd15(**{"sample_size": 768, **overrides})
 
   @classmethod
+  def sdxl(cls, **overrides) -> VAEConfig:
+    """Stable Diffusion XL's autoencoder: SD's shapes, 1024-pixel sample size, scaling factor 0.13025,
+    float32 compute under a float16 dtype (``force_upcast``)."""
+    return cls.sd15(**{"sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True, **overrides})
+
+  PRESETS = ("tiny", "digits", "sd15", "sd21", "sdxl")
+
+  @classmethod
   def preset(cls, name: str, **overrides) -> VAEConfig:
-    """A preset by name: "tiny", "digits", "sd15" or "sd21"."""
-    if name not in ("tiny", "digits", "sd15", "sd21"):
-      raise ValueError(f"unknown VAE preset {name!r} (choose tiny, digits, sd15, sd21)")
+    """A preset by name: one of :attr:`PRESETS`."""
+    if name not in cls.PRESETS:
+      raise ValueError(f"unknown VAE preset {name!r} (choose {', '.join(cls.PRESETS)})")
     return getattr(cls, name)(**overrides)
 
   @classmethod

@@ -5,7 +5,8 @@ Structure (parameter names = diffusers' module names with list indices joined by
   conv_in -> down_blocks_i (resnets_j [+ attentions_j], downsamplers_0) -> mid_block
           -> up_blocks_i (resnets_j on [h, skip] [+ attentions_j], upsamplers_0)
           -> conv_norm_out -> silu -> conv_out
-  time_embedding (linear_1, linear_2) on the sinusoidal timestep features, class_embedding optional.
+  time_embedding (linear_1, linear_2) on the sinusoidal timestep features, class_embedding optional,
+  add_embedding (linear_1, linear_2) for SDXL's "text_time" conditioning (pooled text + time ids).
 
 ControlNet residuals: ``down_residuals`` (one per skip connection, in order) are added to the skips and
 ``mid_residual`` to the middle block output, exactly as diffusers' ``down_block_additional_residuals`` /
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from jdiff.models import layers
 from jdiff.models.configs import UNetConfig
 
-__all__ = ["UNet", "DownBlock", "MidBlock", "UpBlock", "class_embedding"]
+__all__ = ["UNet", "DownBlock", "MidBlock", "UpBlock", "class_embedding", "addition_embedding"]
 
 Dtype = Any
 
@@ -148,6 +149,16 @@ class UNet(nn.Module):
     >>> params = unet.init(jax.random.key(0), x, t, ctx)["params"]
     >>> unet.apply({"params": params}, x, t, ctx).shape
     (1, 16, 16, 4)
+
+  An SDXL-style UNet (``addition_embed_type="text_time"``) also takes the pooled text and the time ids,
+  diffusers' ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}`` as keyword arguments:
+
+    >>> cfg = UNetConfig.tiny(addition_embed_type="text_time", addition_time_embed_dim=8,
+    ...                       projection_class_embeddings_input_dim=32 + 6 * 8)
+    >>> pooled, ids = jnp.zeros((1, 32)), jnp.array([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])
+    >>> params = UNet(cfg).init(jax.random.key(0), x, t, ctx, text_embeds=pooled, time_ids=ids)["params"]
+    >>> UNet(cfg).apply({"params": params}, x, t, ctx, text_embeds=pooled, time_ids=ids).shape
+    (1, 16, 16, 4)
   """
 
   config: UNetConfig
@@ -156,7 +167,8 @@ class UNet(nn.Module):
   def __call__(self, x: jax.Array, t: jax.Array, encoder_hidden_states: jax.Array, *,
                down_residuals: Sequence[jax.Array] | None = None,
                mid_residual: jax.Array | None = None, class_labels: jax.Array | None = None,
-               timestep_cond: jax.Array | None = None, train: bool = False) -> jax.Array:
+               timestep_cond: jax.Array | None = None, text_embeds: jax.Array | None = None,
+               time_ids: jax.Array | None = None, train: bool = False) -> jax.Array:
     """Predicts the model output for a batch.
 
     Args:
@@ -167,6 +179,10 @@ class UNet(nn.Module):
       mid_residual: ControlNet residual for the middle block output.
       class_labels: [B] int labels (label embedding), [B] timesteps ("timestep") or [B, D] vectors.
       timestep_cond: [B, time_cond_proj_dim] when the config has ``time_cond_proj_dim``.
+      text_embeds: pooled text [B, P] for ``addition_embed_type="text_time"`` (SDXL).
+      time_ids: micro-conditioning [B, N] for "text_time", with P + N x ``addition_time_embed_dim`` =
+        ``projection_class_embeddings_input_dim`` (SDXL base: original height, width, crop top, left,
+        target height, width; the refiner: original height, width, crop top, left, aesthetic score).
       train: enables dropout (needs a "dropout" rng when ``config.dropout`` > 0).
 
     Returns:
@@ -207,6 +223,7 @@ class UNet(nn.Module):
     emb = layers.TimestepEmbedding(cfg.time_embed_dim, cond_proj_dim=cfg.time_cond_proj_dim,
                                    dtype=dtype, name="time_embedding")(t_feat, timestep_cond)
     emb = emb + class_embedding(cfg, class_labels, b, ch[0], dtype)  # [B, T]
+    emb = emb + addition_embedding(cfg, text_embeds, time_ids, b, dtype)  # [B, T]
 
     h = nn.Conv(ch[0], (cfg.conv_in_kernel,) * 2, padding=(cfg.conv_in_kernel - 1) // 2, dtype=dtype,
                 name="conv_in")(x.astype(dtype))  # [B, H, W, C0]
@@ -280,4 +297,40 @@ def class_embedding(cfg: UNetConfig, labels: jax.Array | None, b: int, c0: int, 
     out = nn.Dense(cfg.time_embed_dim, dtype=dtype, name="class_embedding")(labels.astype(dtype))
   if out.shape != (b, cfg.time_embed_dim):
     raise ValueError(f"class embedding has shape {out.shape}, expected {(b, cfg.time_embed_dim)}")
+  return out.astype(dtype)
+
+
+def addition_embedding(cfg: UNetConfig, text_embeds: jax.Array | None, time_ids: jax.Array | None, b: int,
+                       dtype) -> jax.Array:
+  """The additional embedding added to the time embedding ([B, T]), zero without ``addition_embed_type``.
+
+  For "text_time" (SDXL): each time id gets the sinusoidal embedding of width
+  ``addition_time_embed_dim`` (the UNet's ``flip_sin_to_cos`` / ``freq_shift``), the [B, N x width]
+  result is appended to ``text_embeds`` and sent through a two-layer MLP. Call it inside a compact
+  module: its submodule is named "add_embedding" in the caller's scope.
+  """
+  if cfg.addition_embed_type is None:
+    for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+      if value is not None:
+        raise ValueError(f"{name} given but this UNet has no addition_embed_type (not an SDXL UNet)")
+    return jnp.zeros((b, cfg.time_embed_dim), dtype)
+  if text_embeds is None or time_ids is None:
+    raise ValueError("this UNet has addition_embed_type='text_time' (SDXL): pass text_embeds [B, P] and "
+                     "time_ids [B, N]")
+  text_embeds, time_ids = jnp.asarray(text_embeds), jnp.asarray(time_ids)
+  if text_embeds.ndim != 2 or time_ids.ndim != 2 or text_embeds.shape[0] != b or time_ids.shape[0] != b:
+    raise ValueError(f"text_embeds and time_ids must be [B={b}, P] and [B={b}, N], got "
+                     f"{text_embeds.shape} and {time_ids.shape}")
+  width = text_embeds.shape[1] + time_ids.shape[1] * cfg.addition_time_embed_dim
+  if width != cfg.projection_class_embeddings_input_dim:
+    raise ValueError(f"text_embeds {text_embeds.shape} and time_ids {time_ids.shape} give "
+                     f"{text_embeds.shape[1]} + {time_ids.shape[1]} x {cfg.addition_time_embed_dim} = {width} "
+                     f"features, the UNet expects projection_class_embeddings_input_dim="
+                     f"{cfg.projection_class_embeddings_input_dim}")
+  ids = layers.timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                  flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                  freq_shift=cfg.freq_shift)  # [B * N, addition_time_embed_dim]
+  ids = ids.reshape(b, time_ids.shape[1] * cfg.addition_time_embed_dim)  # [B, N x width]
+  feats = jnp.concatenate([text_embeds.astype(jnp.float32), ids], axis=-1)  # [B, P + N x width]
+  out = layers.TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="add_embedding")(feats)
   return out.astype(dtype)

@@ -195,8 +195,8 @@ def test_unet_config_from_diffusers_rejects_unsupported(reference):
       k: v for k, v in SD1_LIKE.items()})
   with pytest.raises(ValueError, match="unknown key 'frobnicate'"):
     UNetConfig.from_diffusers_config({**config, "frobnicate": 1})
-  with pytest.raises(ValueError, match="addition_embed_type='text_time' is not supported"):
-    UNetConfig.from_diffusers_config({**config, "addition_embed_type": "text_time"})
+  with pytest.raises(ValueError, match="addition_embed_type='text' is not supported"):
+    UNetConfig.from_diffusers_config({**config, "addition_embed_type": "text"})
   with pytest.raises(ValueError, match="down block type 'AttnDownBlock2D'"):
     UNetConfig.from_diffusers_config({**config, "down_block_types": ["AttnDownBlock2D", "DownBlock2D"]})
   # the config jdiff writes is one diffusers accepts and reads back to the same jdiff config
