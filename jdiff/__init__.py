@@ -1,12 +1,12 @@
 """jdiff: diffusion models as pure functions over arrays and pytrees, in JAX/Flax.
 
-Submodules: ``consistency``, ``schedules``, ``diffusion``, ``guidance``, ``samplers``, ``models``, ``lora``,
-``partition``, ``tokenizers``; ``convert``, ``pipelines`` (the latent diffusion bundle), ``ldm`` (bundles
-of training workdirs), ``textual_inversion``, ``evaluation``, ``training``, ``checkpoint``, ``parallel`` and
-``data`` are imported on first use (``import jdiff.pipelines``).
+Submodules: ``consistency``, ``schedules``, ``diffusion``, ``flow`` (rectified flow), ``guidance``, ``samplers``,
+``models``, ``lora``, ``partition``, ``tokenizers``; ``convert``, ``pipelines`` (the latent diffusion bundle),
+``ldm`` (bundles of training workdirs), ``textual_inversion``, ``evaluation``, ``training``, ``checkpoint``,
+``parallel`` and ``data`` are imported on first use (``import jdiff.pipelines``).
 """
 
-from jdiff import consistency, diffusion, guidance, lora, models, partition, samplers, schedules, tokenizers
+from jdiff import consistency, diffusion, flow, guidance, lora, models, partition, samplers, schedules, tokenizers
 from jdiff.diffusion import q_posterior, q_sample
 from jdiff.guidance import cfg
 from jdiff.samplers import sample
@@ -25,5 +25,5 @@ def __getattr__(name):
     return importlib.import_module(f"jdiff.{name}")
   raise AttributeError(f"module 'jdiff' has no attribute {name!r}")
 
-__all__ = ["consistency", "diffusion", "guidance", "lora", "models", "partition", "samplers", "schedules", "tokenizers",
-           "Schedule", "cfg", "q_sample", "q_posterior", "sample"]
+__all__ = ["consistency", "diffusion", "flow", "guidance", "lora", "models", "partition", "samplers", "schedules",
+           "tokenizers", "Schedule", "cfg", "q_sample", "q_posterior", "sample"]

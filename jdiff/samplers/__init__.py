@@ -8,8 +8,10 @@ Research code composes the pieces::
 
 Rules: :func:`ddim_rule`, :func:`ddpm_rule`, :func:`euler_rule`, :func:`euler_ancestral_rule`,
 :func:`heun_rule`, :func:`dpm_solver_rule`, :func:`unipc_rule`, :func:`lcm_rule`, or a custom
-:class:`Rule`. ``sample(method, model_fn, schedule, x_T, *, num_steps, key=None, **options)`` is the
-diffusers-named facade that builds grid + rule (options keep diffusers' names and meanings:
+:class:`Rule`. Rectified-flow models (velocity prediction) sample on :func:`flow_grid` with
+:func:`flow_euler_rule` / :func:`flow_heun_rule` (or DPM-Solver++ / UniPC): :mod:`jdiff.samplers.flow`.
+``sample(method, model_fn, schedule, x_T, *, num_steps, key=None, **options)`` is the diffusers-named
+facade that builds grid + rule (options keep diffusers' names and meanings:
 ``timestep_spacing``, ``steps_offset``, ``prediction``, ``eta``, ...); each method is also
 importable directly (``samplers.ddim(...)``). ``calibrate_timesteps`` fits the ``sigmas=`` grid of
 a multistep solver to a model (:mod:`jdiff.samplers.calibrate`).
@@ -29,6 +31,7 @@ from jdiff.samplers.ddim import ddim, ddim_rule
 from jdiff.samplers.ddpm import ddpm, ddpm_rule
 from jdiff.samplers.dpm_solver import dpm_solver, dpm_solver_rule
 from jdiff.samplers.euler import euler, euler_ancestral, euler_ancestral_rule, euler_rule, heun, heun_rule
+from jdiff.samplers.flow import flow_euler, flow_euler_rule, flow_grid, flow_heun, flow_heun_rule, flow_sigmas
 from jdiff.samplers.grids import Grid, cut, grid
 from jdiff.samplers.inversion import ddim_inversion, ddim_inversion_rule, inversion_grid
 from jdiff.samplers.lcm import lcm, lcm_rule, lcm_timesteps
@@ -40,10 +43,11 @@ from jdiff.samplers.driver import Rule, Step, solve
 from jdiff.samplers.unipc import unipc, unipc_rule
 
 __all__ = ["sample", "available", "get", "register", "spaced_timesteps", "ddim", "ddpm", "dpm_solver", "euler",
-           "euler_ancestral", "heun", "unipc", "lcm", "calibrate_timesteps",
+           "euler_ancestral", "heun", "unipc", "lcm", "calibrate_timesteps", "flow_euler", "flow_heun",
            # the composable surface
            "Grid", "grid", "cut", "Rule", "Step", "solve", "step_orders", "ddim_rule", "ddpm_rule", "euler_rule",
            "euler_ancestral_rule", "heun_rule", "dpm_solver_rule", "unipc_rule", "lcm_rule", "lcm_timesteps",
+           "flow_grid", "flow_sigmas", "flow_euler_rule", "flow_heun_rule",
            "call_model", "step_noise", "process_x0", "threshold_sample",
            "SIGMA_SCHEDULES", "karras_sigmas", "exponential_sigmas", "logsnr_sigmas", "beta_sigmas", "sigma_to_t",
            "train_sigmas"]

@@ -28,6 +28,10 @@ __all__ = [
     "call_model",
     "step_noise",
     "prepare",
+    "check_prediction",
+    "to_x0",
+    "to_epsilon",
+    "to_flow",
 ]
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
@@ -102,6 +106,37 @@ def call_model(model_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Arr
 def step_noise(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
   """The standard-normal noise a stochastic sampler draws from one step's key."""
   return jax.random.normal(key, shape, dtype)
+
+
+def check_prediction(prediction: str) -> str:
+  """:func:`jdiff.diffusion.check_prediction` plus the rectified-flow velocity ``"flow"`` (diffusers'
+  ``flow_prediction``), which the solvers on flow grids (:mod:`jdiff.samplers.flow`) take."""
+  return "flow" if prediction in ("flow", "flow_prediction") else diffusion.check_prediction(prediction)
+
+
+# A flow velocity v = eps - x0 at x_t = alpha x0 + sigma eps: x_t - sigma v = (alpha + sigma) x0 and
+# x_t + alpha v = (alpha + sigma) eps (alpha + sigma = 1 on a flow grid).
+
+
+def to_x0(out: jax.Array, x: jax.Array, alpha, sigma, prediction: str) -> jax.Array:
+  """:func:`jdiff.diffusion.to_x0` that also takes ``prediction="flow"``."""
+  if prediction == "flow":
+    return (x - sigma * out) / (alpha + sigma)
+  return diffusion.to_x0(out, x, alpha, sigma, prediction)
+
+
+def to_epsilon(out: jax.Array, x: jax.Array, alpha, sigma, prediction: str) -> jax.Array:
+  """:func:`jdiff.diffusion.to_epsilon` that also takes ``prediction="flow"``."""
+  if prediction == "flow":
+    return (x + alpha * out) / (alpha + sigma)
+  return diffusion.to_epsilon(out, x, alpha, sigma, prediction)
+
+
+def to_flow(out: jax.Array, x: jax.Array, alpha, sigma, prediction: str) -> jax.Array:
+  """The flow velocity eps - x0 implied by a model output of any prediction type."""
+  if prediction == "flow":
+    return out
+  return to_epsilon(out, x, alpha, sigma, prediction) - to_x0(out, x, alpha, sigma, prediction)
 
 
 def prepare(x_T: jax.Array, prediction: str, key: jax.Array | None, num_steps: int,

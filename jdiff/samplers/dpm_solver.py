@@ -27,6 +27,7 @@ import numpy as np
 
 from jdiff import diffusion
 from jdiff.samplers import base, levels
+from jdiff.samplers.flow import solver_flow_grid
 from jdiff.samplers.grids import grid
 from jdiff.samplers.multistep import (extrapolated_final_step, extrapolated_last_step, finite_target, history_init,
                                       history_push)
@@ -159,7 +160,7 @@ def dpm_solver_rule(order: int = 2, *, algorithm: str = "dpmsolver++", solver_ty
     raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
   if final_step not in FINAL_STEPS:
     raise ValueError(f"unknown final_step {final_step!r}; expected one of {FINAL_STEPS}")
-  prediction = diffusion.check_prediction(prediction)
+  prediction = base.check_prediction(prediction)
   if lower_order_final is None:
     lower_order_final = not singlestep
   extrapolate, stochastic = final_step == "extrapolate", algorithm == "sde-dpmsolver++"
@@ -180,8 +181,8 @@ def dpm_solver_rule(order: int = 2, *, algorithm: str = "dpmsolver++", solver_ty
 
   def convert(out, x, alpha, sigma):
     if data_pred:
-      return (postprocess or (lambda v: v))(diffusion.to_x0(out, x, alpha, sigma, prediction))
-    eps = diffusion.to_epsilon(out, x, alpha, sigma, prediction)
+      return (postprocess or (lambda v: v))(base.to_x0(out, x, alpha, sigma, prediction))
+    eps = base.to_epsilon(out, x, alpha, sigma, prediction)
     if postprocess is not None:
       x0 = postprocess(diffusion.to_x0(eps, x, alpha, sigma, "epsilon"))
       eps = diffusion.to_epsilon(x0, x, alpha, sigma, "sample")
@@ -226,7 +227,8 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int |
                dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
                singlestep: bool = False, final_step: str = "default",
                sigmas: jax.Array | np.ndarray | None = None, timesteps: jax.Array | np.ndarray | None = None,
-               return_trajectory: bool = False, use_beta_sigmas: bool = False):
+               return_trajectory: bool = False, use_beta_sigmas: bool = False, use_flow_sigmas: bool = False,
+               flow_shift: float = 1.0, use_dynamic_shifting: bool = False, mu: float | None = None):
   """Samples with DPM-Solver / DPM-Solver++ (multistep or singlestep).
 
   Args:
@@ -265,6 +267,10 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int |
     timesteps: optional model timesteps [n] that go with ``sigmas``.
     return_trajectory: also return the state after every step [num_steps, B, ...].
     use_beta_sigmas: diffusers' beta sigma schedule (``sigma_schedule="beta"``).
+    use_flow_sigmas, flow_shift, use_dynamic_shifting, mu: diffusers' rectified-flow grid
+      (:func:`jdiff.samplers.flow.flow_grid`, ``convention="multistep"``): alpha = 1 - sigma, the
+      shift ``flow_shift`` (``exp(mu)`` when dynamic); use with ``prediction="flow_prediction"`` (a
+      velocity model) and ``final_sigmas_type="zero"``. ``schedule`` may then be None (T = 1000).
 
   Image-to-image runs the same rule on a cut grid: ``samplers.solve(model_fn, samplers.cut(grid,
   strength=s), x, samplers.dpm_solver_rule(...))``.
@@ -287,8 +293,13 @@ def dpm_solver(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int |
                          prediction=prediction, postprocess=post)
   sigma_schedule = levels.pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas,
                                               use_beta_sigmas)
-  g = grid(schedule, num_steps, spacing=timestep_spacing, steps_offset=steps_offset,
-           sigmas=sigma_schedule if sigmas is None else sigmas, final=final_sigmas_type, timesteps=timesteps)
+  if use_flow_sigmas:
+    g = solver_flow_grid(schedule, num_steps, convention="multistep", flow_shift=flow_shift,
+                         use_dynamic_shifting=use_dynamic_shifting, mu=mu, final_sigmas_type=final_sigmas_type,
+                         sigma_schedule=sigma_schedule, sigmas=sigmas, timesteps=timesteps)
+  else:
+    g = grid(schedule, num_steps, spacing=timestep_spacing, steps_offset=steps_offset,
+             sigmas=sigma_schedule if sigmas is None else sigmas, final=final_sigmas_type, timesteps=timesteps)
   orders = rule.plan(g)
   if sigma_schedule is not None and final_sigmas_type == "sigma_min" and orders[-1] > 1:
     raise ValueError(f"sigma_schedule={sigma_schedule!r} already ends at sigma_min, so "

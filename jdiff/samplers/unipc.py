@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import diffusion
 from jdiff.samplers import base, levels
+from jdiff.samplers.flow import solver_flow_grid
 from jdiff.samplers.multistep import extrapolated_last_step, finite_target, history_init, history_push
 from jdiff.samplers.grids import grid
 from jdiff.samplers.orders import step_orders, unipc_orders
@@ -117,7 +117,7 @@ def unipc_rule(order: int = 2, *, solver_type: str = "bh2", predict_x0: bool = T
     raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
   if final_step not in ("default", "extrapolate"):
     raise ValueError(f"unknown final_step {final_step!r}; expected 'default' or 'extrapolate'")
-  prediction = diffusion.check_prediction(prediction)
+  prediction = base.check_prediction(prediction)
   extrapolate = final_step == "extrapolate"
   predictor, corrector = _updates(predict_x0, solver_type)
 
@@ -136,8 +136,8 @@ def unipc_rule(order: int = 2, *, solver_type: str = "bh2", predict_x0: bool = T
 
   def convert(out, x, alpha, sigma):
     if predict_x0:
-      return (postprocess or (lambda v: v))(diffusion.to_x0(out, x, alpha, sigma, prediction))
-    return diffusion.to_epsilon(out, x, alpha, sigma, prediction)
+      return (postprocess or (lambda v: v))(base.to_x0(out, x, alpha, sigma, prediction))
+    return base.to_epsilon(out, x, alpha, sigma, prediction)
 
   def init(x, g):
     return x, x, history_init(x, g), x
@@ -173,7 +173,9 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int | None
           dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
           final_step: str = "default", sigmas: jax.Array | np.ndarray | None = None,
           timesteps: jax.Array | np.ndarray | None = None, return_trajectory: bool = False,
-          use_beta_sigmas: bool = False):
+          use_beta_sigmas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
+          use_dynamic_shifting: bool = False, mu: float | None = None, time_shift_type: str = "exponential",
+          shift_terminal: float | None = None):
   """Samples with UniPC (multistep predictor-corrector).
 
   Args:
@@ -200,6 +202,10 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int | None
     sigmas, timesteps: an explicit grid (n + 1 descending sigmas, optional model timesteps [n]);
       see :func:`jdiff.samplers.dpm_solver`.
     use_beta_sigmas: diffusers' beta sigma schedule (``sigma_schedule="beta"``).
+    use_flow_sigmas, flow_shift, use_dynamic_shifting, mu, time_shift_type, shift_terminal: diffusers'
+      rectified-flow grid (:func:`jdiff.samplers.flow.flow_grid`, ``convention="unipc"``): alpha =
+      1 - sigma; use with ``prediction="flow_prediction"`` and ``final_sigmas_type="zero"``.
+      ``schedule`` may then be None (T = 1000).
 
   Returns:
     x_0 in float32 (and the trajectory when asked).
@@ -220,9 +226,15 @@ def unipc(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int | None
                                         use_exponential_sigmas, use_beta_sigmas)
   sigma_schedule = levels.pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas,
                                               use_beta_sigmas)
-  g = grid(schedule, num_steps, spacing=timestep_spacing, steps_offset=steps_offset,
-           sigmas=sigma_schedule if sigmas is None else sigmas, final=final_sigmas_type, timesteps=timesteps,
-           convention="unipc")
+  if use_flow_sigmas:
+    g = solver_flow_grid(schedule, num_steps, convention="unipc", flow_shift=flow_shift,
+                         use_dynamic_shifting=use_dynamic_shifting, mu=mu, time_shift_type=time_shift_type,
+                         shift_terminal=shift_terminal, final_sigmas_type=final_sigmas_type,
+                         sigma_schedule=sigma_schedule, sigmas=sigmas, timesteps=timesteps)
+  else:
+    g = grid(schedule, num_steps, spacing=timestep_spacing, steps_offset=steps_offset,
+             sigmas=sigma_schedule if sigmas is None else sigmas, final=final_sigmas_type, timesteps=timesteps,
+             convention="unipc")
   orders = rule.plan(g)
   if sigma_schedule is not None and final_sigmas_type == "sigma_min" and orders[-1, 0] > 1:
     raise ValueError(f"sigma_schedule={sigma_schedule!r} already ends at sigma_min, so "
