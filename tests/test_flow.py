@@ -200,3 +200,23 @@ def test_flow_euler_on_gaussian_data_has_its_exact_law(n, shift):
   assert abs(out.mean() - m) < 0.015 and abs(out.std() - math.sqrt(v)) < 0.01
   # and the law approaches the data distribution as the steps shrink (Euler's bias is O(1/n))
   assert abs(m - GAUSS_MU) < 2.0 / n and abs(math.sqrt(v) - GAUSS_S) < 2.0 / n
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("flow_euler", dict(shift=3.0)), ("flow_euler", dict(stochastic_sampling=True, key=jax.random.key(1))),
+    ("flow_heun", dict(use_dynamic_shifting=True, image_seq_len=1024)),
+    ("dpm_solver", dict(use_flow_sigmas=True, flow_shift=3.0, prediction="flow_prediction", order=3)),
+    ("unipc", dict(use_flow_sigmas=True, flow_shift=3.0, prediction="flow_prediction", order=3))])
+def test_flow_samplers_are_one_program_with_float32_state(method, opts):
+  traces = []
+
+  def bf16_model(x, t):
+    traces.append(1)  # runs only while tracing
+    return (0.1 * x * jnp.cos(t.astype(jnp.float32) / 700.0).reshape(-1, 1, 1, 1)).astype(jnp.bfloat16)
+
+  run = jax.jit(lambda z: samplers.sample(method, bf16_model, None, z, num_steps=6, **opts))
+  out = run(jnp.ones((1, 4, 4, 2), jnp.bfloat16))
+  assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+  assert len(traces) == 1  # the steps live in one lax.scan
+  run(jnp.zeros((1, 4, 4, 2), jnp.bfloat16))
+  assert len(traces) == 1 and run._cache_size() == 1
