@@ -13,6 +13,7 @@ growth; the UNet's own timestep (811) has the same structure and the same bound.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -25,6 +26,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from jdiff import sdxl  # noqa: E402
 from jdiff.convert import unet_param_shapes, vae_param_shapes  # noqa: E402
 from jdiff.convert.sdxl import load_sdxl_parts, save_sdxl_parts  # noqa: E402
 from jdiff.convert.text import text_param_shapes  # noqa: E402
@@ -95,21 +97,25 @@ def build_tiny_sdxl(folder) -> None:
                                              tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet.eval(),
                                              scheduler=scheduler)
   pipe.save_pretrained(folder)
+  return pipe
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-  """(folder, the diffusers pipeline loaded back from it)."""
+  """(folder, the diffusers pipeline that wrote it)."""
   folder = tmp_path_factory.mktemp("tiny_sdxl")
-  build_tiny_sdxl(folder)
-  pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
-  pipe.set_progress_bar_config(disable=True)
-  return folder, pipe
+  return folder, build_tiny_sdxl(folder)
 
 
 @pytest.fixture(scope="module")
 def parts(saved):
   return load_sdxl_parts(saved[0])
+
+
+@pytest.fixture(scope="module")
+def unet_apply(parts):
+  """The jitted UNet apply, shared by every test of this config."""
+  return jax.jit(parts.unet.apply)
 
 
 def unet_inputs(seed=0):
@@ -140,11 +146,11 @@ def test_loads_sdxl_parts(saved, parts):
   assert json.loads((folder / "model_index.json").read_text())["text_encoder_2"][1] == "CLIPTextModelWithProjection"
 
 
-def test_text_time_unet_matches_diffusers(saved, parts):
+def test_text_time_unet_matches_diffusers(saved, parts, unet_apply):
   _, pipe = saved
   x, t, ctx, pooled = unet_inputs()
   want = torch_unet(pipe.unet, x, t, ctx, pooled, TIME_IDS)
-  apply = jax.jit(parts.unet.apply)
+  apply = unet_apply
   got = apply({"params": parts.unet_params}, x, t, ctx, text_embeds=pooled, time_ids=TIME_IDS)
   assert got.shape == want.shape
   assert rel_err(got, want) <= RTOL
@@ -203,12 +209,11 @@ def test_refiner_text_conditioning_matches_encode_prompt(saved, parts):
     sdxl_text_conditioning(parts.encoders[:1], [parts.tokenizer(PROMPTS)])
 
 
-def test_save_sdxl_parts_loads_in_diffusers(parts, tmp_path):
+def test_save_sdxl_parts_loads_in_diffusers(parts, unet_apply, tmp_path):
   """jdiff parameters -> save_sdxl_parts (sharded UNet) -> diffusers from_pretrained and load_sdxl_parts."""
   rng = np.random.default_rng(4)
   shift = lambda tree: jax.tree.map(  # noqa: E731
       lambda p: np.asarray(p) + np.float32(0.05) * rng.standard_normal(p.shape, np.float32), tree)
-  import dataclasses
   mine = dataclasses.replace(parts, unet_params=shift(parts.unet_params),
                              text_encoder_2_params=shift(parts.text_encoder_2_params))
   save_sdxl_parts(mine, tmp_path / "out", max_shard_size="200KB")
@@ -220,7 +225,7 @@ def test_save_sdxl_parts_loads_in_diffusers(parts, tmp_path):
   pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "out")
   x, t, ctx, pooled = unet_inputs(seed=2)
   want = torch_unet(pipe.unet, x, t, ctx, pooled, TIME_IDS)
-  got = mine.unet.apply({"params": mine.unet_params}, x, t, ctx, text_embeds=pooled, time_ids=TIME_IDS)
+  got = unet_apply({"params": mine.unet_params}, x, t, ctx, text_embeds=pooled, time_ids=TIME_IDS)
   assert rel_err(got, want) <= RTOL
   with torch.no_grad():
     embeds, _, pooled_ref, _ = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
@@ -253,12 +258,14 @@ def test_full_size_parameter_counts_equal_diffusers():
   count = lambda shapes: sum(int(np.prod(s)) for s in shapes.values())  # noqa: E731
   strip = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
   n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+  got = {}
   for preset in ("sdxl_base", "sdxl_refiner"):
     cfg = UNetConfig.preset(preset)
     with torch.device("meta"):
       ref = diffusers.UNet2DConditionModel(**strip(cfg.to_diffusers_config()))
-    assert count(unet_param_shapes(cfg)) == n(ref), preset
-  assert count(unet_param_shapes(UNetConfig.sdxl_base())) == 2_567_463_684
+    got[preset] = count(unet_param_shapes(cfg))
+    assert got[preset] == n(ref), preset
+  assert got["sdxl_base"] == 2_567_463_684  # the published size of SDXL 1.0 base
   text_2 = CLIPTextConfig.sdxl_2()
   with torch.device("meta"):
     ref = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**strip(text_2.to_hf_config())))
@@ -285,3 +292,21 @@ def test_configs_and_force_upcast():
   assert VAEConfig.sdxl(dtype="bfloat16").compute_dtype == jnp.bfloat16
   assert VAEConfig.from_diffusers_config({**VAEConfig.sdxl().to_diffusers_config(), "force_upcast": False}) == \
       VAEConfig.sdxl(force_upcast=False)
+
+
+def test_time_ids_match_diffusers(saved):
+  _, pipe = saved
+  want = pipe._get_add_time_ids((768, 1344), (16, 48), (1024, 1024), dtype=torch.float32,
+                                text_encoder_projection_dim=PROJ)
+  np.testing.assert_array_equal(sdxl.time_ids((768, 1344), (16, 48), (1024, 1024)), want.numpy())
+  refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+      vae=pipe.vae, text_encoder=None, text_encoder_2=pipe.text_encoder_2, tokenizer=None,
+      tokenizer_2=pipe.tokenizer_2, scheduler=pipe.scheduler, requires_aesthetics_score=True,
+      unet=diffusers.UNet2DConditionModel(**{**UNET, "projection_class_embeddings_input_dim": PROJ + 5 * TIME_DIM}))
+  want, want_neg = refiner._get_add_time_ids((512, 640), (0, 8), (1024, 1024), 6.0, 2.5, (512, 640), (0, 8),
+                                             (1024, 1024), dtype=torch.float32, text_encoder_projection_dim=PROJ)
+  np.testing.assert_array_equal(sdxl.time_ids((512, 640), (0, 8), aesthetic_score=6.0), want.numpy())
+  np.testing.assert_array_equal(sdxl.time_ids((512, 640), (0, 8), aesthetic_score=2.5), want_neg.numpy())
+  assert sdxl.time_ids((64, 64), batch_size=3).shape == (3, 6)
+  with pytest.raises(ValueError, match="original_size must be a pair"):
+    sdxl.time_ids((64,))
