@@ -40,7 +40,7 @@ from jdiff.models import layers
 from jdiff.models.configs import check_remat
 
 __all__ = ["DiT", "DiTConfig", "DiTBlock", "PatchEmbed", "FeedForward", "AdaLayerNormZero", "sincos_pos_embed",
-           "patchify", "unpatchify", "modulate", "layer_norm", "config_from_dict", "resolve_dtype"]
+           "patchify", "unpatchify", "modulate", "layer_norm", "config_from_dict", "config_to_dict", "resolve_dtype"]
 
 Dtype = Any
 
@@ -494,8 +494,9 @@ class DiT(nn.Module):
     if t.shape != (b,):
       raise ValueError(f"timesteps must have shape [{b}] or be a scalar, got {t.shape}")
     class_labels = jnp.asarray(class_labels)
-    if class_labels.shape != (b,):
-      raise ValueError(f"class_labels must have shape [{b}], got {class_labels.shape}")
+    if class_labels.shape != (b,) or not jnp.issubdtype(class_labels.dtype, jnp.integer):
+      raise ValueError(f"class_labels must be integer labels of shape [{b}], got {class_labels.dtype} "
+                       f"{class_labels.shape}")
     h, w = hgt // p, wid // p
     d = cfg.inner_dim
 

@@ -291,7 +291,8 @@ class MMDiT(nn.Module):
       t: timesteps [B] (float, SD3 passes ``1000 * sigma``) or a scalar.
       encoder_hidden_states: text tokens [B, L, joint_attention_dim].
       pooled_projections: pooled text vectors [B, pooled_projection_dim].
-      skip_layers: indices of blocks to skip (diffusers' ``skip_layers``, skip-layer guidance).
+      skip_layers: indices of blocks to skip (diffusers' ``skip_layers``, skip-layer guidance); initialise
+        parameters without it (a skipped block creates none).
 
     Returns:
       float32 [B, H, W, out_channels].

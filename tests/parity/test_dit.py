@@ -10,8 +10,8 @@ LayerNorms, the same depth class as the UNet tests: ``1e-4`` relative. Pipeline:
 error (a few 1e-6 relative) is amplified by the sampler: DDIM's first x_0 estimate divides by
 sqrt(alpha_bar) (sqrt((1 - a) / a) ~ 6 at t = 800 of the scaled-linear schedule used here; ~25 on the
 linear one, hence the fixture's schedule) and guidance at scale s multiplies epsilon differences by up
-to 2s - 1 = 7; the clipping of x_0 and the VAE decode do not add to it. Observed: 2.5e-5 (1 and 2
-torch threads); the bound ``1e-4`` stands 4x above that.
+to 2s - 1 = 7; the clipping of x_0 and the VAE decode do not add to it. Both bounds were checked to pass
+cut to 0.3x with PyTorch on 1 and on 2 threads.
 """
 
 from __future__ import annotations
@@ -229,14 +229,16 @@ def test_remat_and_bfloat16_options():
   params = traverse_util.unflatten_dict({  # random everywhere: no zero adaLN gates
       k: np.float32(0.2) * rng.standard_normal(s, np.float32) for k, s in convert.dit_param_shapes(base).items()})
 
-  def grad(config):
-    module = DiT(config)
-    return jax.jit(jax.grad(lambda p: jnp.mean(module.apply({"params": p}, x, t, y) ** 2)))(params)
+  def grad(config):  # (gradient of a loss, the forward output)
+    def loss(p):
+      out = DiT(config).apply({"params": p}, x, t, y)
+      return jnp.mean(out ** 2), out
 
-  g0, g1 = grad(base), grad(dataclasses.replace(base, remat="matmuls"))
+    return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+  (g0, full), (g1, _) = grad(base), grad(dataclasses.replace(base, remat="matmuls"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
   low = jax.jit(DiT(dataclasses.replace(base, dtype="bfloat16")).apply)({"params": params}, x, t, y)
-  full = jax.jit(DiT(base).apply)({"params": params}, x, t, y)
   assert low.dtype == jnp.float32
   assert rel_err(low, full) <= 0.05  # bfloat16 keeps 8 bits: ~4e-3 per rounding, a few dozen roundings deep
 
