@@ -122,7 +122,8 @@ class SD3Config:
 
   @classmethod
   def sd3_medium(cls, **overrides) -> SD3Config:
-    """Stable Diffusion 3 Medium's transformer (24 blocks of width 1536, 16 latent channels)."""
+    """Stable Diffusion 3 Medium's transformer (24 blocks of width 1536, 16 latent channels; 2,028,328,000
+    parameters)."""
     base = dict(sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
                 caption_projection_dim=1536, pos_embed_max_size=192)
     return cls(**{**base, **overrides})
