@@ -7,7 +7,7 @@ Structure (parameter names = diffusers' module names with list indices joined by
   time_text_embed: timestep_embedder(sin-cos t) + text_embedder(pooled projections)   -> temb [B, D]
   context_embedder: text tokens [B, L, joint_attention_dim] -> [B, L, D]
   transformer_blocks_i (JointTransformerBlock): adaLN-zero on both streams, one attention over the
-      concatenated [image; text] tokens (per-stream q/k/v, optional per-head RMS/LayerNorm of q and k),
+      concatenated [image; text] tokens (per-stream q/k/v, optional per-head RMS norm of q and k),
       gated feed-forwards; the last block updates only the image stream (context_pre_only);
       blocks in ``dual_attention_layers`` add a second, image-only attention (SD3.5, adaLN-zero-X)
   norm_out (AdaLayerNormContinuous on temb), proj_out, unpatchify
@@ -41,7 +41,7 @@ from jdiff.models.dit import (AdaLayerNormZero, FeedForward, PatchEmbed, config_
 __all__ = ["MMDiT", "SD3Config", "JointTransformerBlock", "JointAttention", "sd3_pos_embed"]
 
 Dtype = Any
-_QK_NORMS = (None, "rms_norm", "layer_norm")
+_QK_NORMS = (None, "rms_norm")  # SD3.0 and SD3.5 checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ class SD3Config:
     pooled_projection_dim: width of the pooled text vector.
     pos_embed_max_size: side of the position-embedding table; inputs may be at most this many patches.
     dual_attention_layers: blocks with a second, image-only attention (SD3.5).
-    qk_norm: None, "rms_norm" or "layer_norm" on each head's queries and keys.
+    qk_norm: None or "rms_norm" (learned-scale RMS norm of each head's queries and keys, SD3.5).
     dtype: compute dtype; parameters are float32.
     remat: rematerialise blocks: False, True or a policy of
       :data:`jdiff.models.configs.REMAT_POLICIES`.
@@ -168,11 +168,7 @@ def sd3_pos_embed(config: SD3Config, h: int, w: int):
 
 
 def _qk_norm(kind: str | None, dtype: Dtype, name: str) -> nn.Module | None:
-  if kind is None:
-    return None
-  if kind == "rms_norm":
-    return nn.RMSNorm(epsilon=1e-6, dtype=dtype, name=name)
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, use_fast_variance=False, name=name)
+  return None if kind is None else nn.RMSNorm(epsilon=1e-6, dtype=dtype, name=name)
 
 
 def _heads_norm(norm: nn.Module | None, x: jax.Array, heads: int) -> jax.Array:

@@ -300,6 +300,8 @@ def test_bad_input_one_line_errors(dit_ref, sd3_ref, dit_pipelines, tmp_path):
     DiTConfig.from_diffusers_config({**config, "norm_type": "ada_norm_single"})
   with pytest.raises(ValueError, match="SD3 transformer config: unknown key 'frobnicate'"):
     SD3Config.from_diffusers_config({**_io.read_config(sd3_ref["sd3"][1]), "frobnicate": 1})
+  with pytest.raises(ValueError, match="qk_norm='layer_norm' is not supported"):
+    SD3Config.from_diffusers_config({**_io.read_config(sd3_ref["sd3"][1]), "qk_norm": "layer_norm"})
   # pickles are never opened: a .bin file named directly, or a folder holding only one
   pickled = tmp_path / "pickled"
   pickled.mkdir()
