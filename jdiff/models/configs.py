@@ -311,12 +311,11 @@ class UNetConfig:
 
   @classmethod
   def sdxl_refiner(cls, **overrides) -> UNetConfig:
-    """Stable Diffusion XL 1.0 refiner (2,259,526,660 parameters): four 384-based levels with 4 transformer blocks, 1280-wide text
-    (the second encoder only), "text_time" conditioning on the pooled text and five time ids (original
-    size, crop corner, aesthetic score)."""
+    """Stable Diffusion XL 1.0 refiner (2,259,526,660 parameters): four 384-based levels with 4
+    transformer blocks, 1280-wide text (the second encoder only), "text_time" conditioning on the pooled
+    text and five time ids (original size, crop corner, aesthetic score)."""
     base = dict(sample_size=128, block_out_channels=(384, 768, 1536, 1536),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                  "DownBlock2D"),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                 transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24),
                 cross_attention_dim=1280, use_linear_projection=True, addition_embed_type="text_time",
