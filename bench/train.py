@@ -108,7 +108,7 @@ class JdiffTrainer:
       def model_fn(x_t, t):
         return unet.apply({"params": params}, x_t, t, batch["context"])
 
-      return diffusion.loss(model_fn, sched, batch["latents"], key, t=batch["t"], noise=batch["noise"]), {}
+      return diffusion.loss(model_fn, sched, batch["latents"], key=key, t=batch["t"], noise=batch["noise"]), {}
 
     shardings = training.state_shardings(self.state, mesh)
     self.step = training.make_train_step(loss_fn, self.tx, mesh=mesh, state_sharding=shardings,

@@ -27,7 +27,7 @@ ignored by networks without a w embedding, e.g. LCM-LoRA), a teacher is ``(x, t,
 output``; outputs have the type ``prediction`` ("epsilon", "v" or "sample").
 
 Example:
-  >>> loss = consistency.distillation_loss(student, teacher, sched, latents, key,
+  >>> loss = consistency.distillation_loss(student, teacher, sched, latents, key=key,
   ...                                      num_ddim_timesteps=50, w_min=3.0, w_max=15.0)
 """
 
@@ -103,16 +103,16 @@ def boundary_scalings(t: jax.Array, timestep_scaling: float = 10.0, *,
   return c_skip, c_out
 
 
-def consistency_output(output: jax.Array, x_t: jax.Array, t: jax.Array, schedule: Schedule, *,
+def consistency_output(schedule: Schedule, output: jax.Array, x_t: jax.Array, t: jax.Array, *,
                        prediction: str = "epsilon", timestep_scaling: float = 10.0,
                        sigma_data: float = SIGMA_DATA) -> jax.Array:
   """The consistency function f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat from a network output.
 
   Args:
+    schedule: the noise schedule.
     output: the network output at (x_t, t), of type ``prediction`` [B, ...].
     x_t: the noisy input [B, ...].
     t: int timesteps [B].
-    schedule: the noise schedule.
     prediction: "epsilon", "v" or "sample".
     timestep_scaling, sigma_data: see :func:`boundary_scalings`.
 
@@ -120,7 +120,7 @@ def consistency_output(output: jax.Array, x_t: jax.Array, t: jax.Array, schedule
     f(x_t, t) in float32, shape of ``x_t``.
 
   Example:
-    >>> f = consistency.consistency_output(unet.apply(p, x, t, c), x, t, sched)
+    >>> f = consistency.consistency_output(sched, unet.apply(p, x, t, c), x, t)
   """
   t = jnp.asarray(t)
   if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
@@ -356,8 +356,8 @@ def _draw_pair(k_idx: jax.Array, k_noise: jax.Array, schedule: Schedule, x0: jax
   return x0, t, s, noise.astype(jnp.float32)
 
 
-def distillation_loss(student_fn: GuidedFn, teacher_fn: GuidedFn, schedule: Schedule, x0: jax.Array,
-                      key: jax.Array, *, target_fn: GuidedFn | None = None, num_ddim_timesteps: int = 50,
+def distillation_loss(student_fn: GuidedFn, teacher_fn: GuidedFn, schedule: Schedule, x0: jax.Array, *,
+                      key: jax.Array, target_fn: GuidedFn | None = None, num_ddim_timesteps: int = 50,
                       w_min: float = 3.0, w_max: float = 15.0, solver: str | Solver = "ddim",
                       loss_type: str = "huber", huber_c: float = 0.001, prediction: str = "epsilon",
                       teacher_prediction: str | None = None, timestep_scaling: float = 10.0,
@@ -394,7 +394,7 @@ def distillation_loss(student_fn: GuidedFn, teacher_fn: GuidedFn, schedule: Sche
   Example:
     >>> student = lambda x, t, w: unet.apply(p, x, t, ctx, timestep_cond=guidance_scale_embedding(w, 256))
     >>> teacher = guided_teacher(lambda x, t, c: unet.apply(tp, x, t, c), ctx, null)
-    >>> loss, aux = distillation_loss(student, teacher, sched, latents, key)
+    >>> loss, aux = distillation_loss(student, teacher, sched, latents, key=key)
   """
   _check_w_range(w_min, w_max)
   prediction = diffusion.check_prediction(prediction)
@@ -408,19 +408,19 @@ def distillation_loss(student_fn: GuidedFn, teacher_fn: GuidedFn, schedule: Sche
   x_t = diffusion.q_sample(schedule, x0, t, noise)
   scal = dict(timestep_scaling=timestep_scaling, sigma_data=sigma_data)
 
-  f_student = consistency_output(student_fn(x_t, t, w), x_t, t, schedule, prediction=prediction, **scal)
+  f_student = consistency_output(schedule, student_fn(x_t, t, w), x_t, t, prediction=prediction, **scal)
   x_s = teacher_step(lambda x, tt: teacher_fn(x, tt, w), schedule, jax.lax.stop_gradient(x_t), t, s,
                      solver=solver, prediction=teacher_prediction)
   x_s = jax.lax.stop_gradient(x_s)
   tgt_fn = student_fn if target_fn is None else target_fn
   f_target = jax.lax.stop_gradient(
-      consistency_output(tgt_fn(x_s, s, w), x_s, s, schedule, prediction=prediction, **scal))
+      consistency_output(schedule, tgt_fn(x_s, s, w), x_s, s, prediction=prediction, **scal))
   per_ex = distance(f_student, f_target, kind=loss_type, huber_c=huber_c)
   metrics = {"w": jnp.mean(w), "t": jnp.mean(t.astype(jnp.float32))}
   return (jnp.mean(per_ex) if reduce else per_ex), metrics
 
 
-def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *,
+def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, *, key: jax.Array,
                   target_fn: ModelFn | None = None, num_ddim_timesteps: int = 50, loss_type: str = "huber",
                   huber_c: float = 0.001, prediction: str = "epsilon", timestep_scaling: float = 10.0,
                   sigma_data: float = SIGMA_DATA, index: jax.Array | None = None,
@@ -447,7 +447,7 @@ def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: j
     (loss, metrics) with the mean ``t`` sampled.
 
   Example:
-    >>> loss, _ = consistency.training_loss(lambda x, t: unet.apply(p, x, t, c), sched, x0, key)
+    >>> loss, _ = consistency.training_loss(lambda x, t: unet.apply(p, x, t, c), sched, x0, key=key)
   """
   prediction = diffusion.check_prediction(prediction)
   k_idx, k_noise = jax.random.split(key)
@@ -455,10 +455,10 @@ def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: j
   x_t = diffusion.q_sample(schedule, x0, t, noise)
   x_s = diffusion.q_sample(schedule, x0, s, noise)
   scal = dict(timestep_scaling=timestep_scaling, sigma_data=sigma_data)
-  f_student = consistency_output(student_fn(x_t, t), x_t, t, schedule, prediction=prediction, **scal)
+  f_student = consistency_output(schedule, student_fn(x_t, t), x_t, t, prediction=prediction, **scal)
   tgt_fn = student_fn if target_fn is None else target_fn
   f_target = jax.lax.stop_gradient(
-      consistency_output(tgt_fn(x_s, s), x_s, s, schedule, prediction=prediction, **scal))
+      consistency_output(schedule, tgt_fn(x_s, s), x_s, s, prediction=prediction, **scal))
   per_ex = distance(f_student, f_target, kind=loss_type, huber_c=huber_c)
   return (jnp.mean(per_ex) if reduce else per_ex), {"t": jnp.mean(t.astype(jnp.float32))}
 

@@ -199,7 +199,7 @@ def loss_weight(schedule: Schedule, t: jax.Array, *, prediction: str, weighting:
   return clipped
 
 
-def loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *,
+def loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, *, key: jax.Array,
          prediction: str = "epsilon", weighting: str | None = None, min_snr_gamma: float = 5.0,
          t: jax.Array | None = None, noise: jax.Array | None = None, noise_offset: float = 0.0,
          input_perturbation: float = 0.0, reduce: bool = True) -> jax.Array:
@@ -229,7 +229,7 @@ def loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *
     A scalar loss (or [B]).
 
   Example:
-    >>> loss_value = diffusion.loss(lambda x, t: unet.apply(p, x, t, c), sched, latents, key)
+    >>> loss_value = diffusion.loss(lambda x, t: unet.apply(p, x, t, c), sched, latents, key=key)
   """
   k_t, k_n = jax.random.split(key)
   b = x0.shape[0]
@@ -355,7 +355,7 @@ def vb_term_bpd(schedule: Schedule, output: jax.Array, x0: jax.Array, x_t: jax.A
   return jnp.where(t == 0, nll, kl)
 
 
-def bits_per_dim(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.Array, *,
+def bits_per_dim(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, *, key: jax.Array,
                  prediction: str = "epsilon", variance_type: str = "fixed_small") -> dict[str, jax.Array]:
   """The full negative ELBO of x0 in bits/dim (one model call per timestep, in a lax.scan).
 
@@ -383,7 +383,7 @@ def bits_per_dim(model_fn: ModelFn, schedule: Schedule, x0: jax.Array, key: jax.
 # ----------------------------------------------------------------------------- CFG training
 
 
-def drop_condition(key: jax.Array, cond: Any, null_cond: Any, p: float) -> Any:
+def drop_condition(cond: Any, null_cond: Any, p: float, *, key: jax.Array) -> Any:
   """Replaces each example's condition by the null condition with probability ``p``.
 
   Used to train one network both conditionally and unconditionally for classifier-free guidance.

@@ -1,14 +1,14 @@
 """Classifier-free guidance as a transformation of a model function.
 
-``cfg(apply, cond, uncond, scale)`` turns a conditional network ``apply(x, t, c)`` into a plain
+``cfg(apply, cond, uncond, guidance_scale)`` turns a conditional network ``apply(x, t, c)`` into a plain
 model function ``(x, t) -> output`` that evaluates the conditional and unconditional branches in
 ONE call on a doubled batch and mixes them:
 
-    out = out_uncond + scale * (out_cond - out_uncond)
+    out = out_uncond + guidance_scale * (out_cond - out_uncond)
 
 optionally followed by guidance rescale (Lin et al., 2023, "Common Diffusion Noise Schedules and
 Sample Steps are Flawed", eq. 15-16), which matches the per-example standard deviation of the
-guided output to that of the conditional one and blends with weight ``rescale``.
+guided output to that of the conditional one and blends with weight ``guidance_rescale``.
 """
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ def rescale_guidance(guided: jax.Array, cond_out: jax.Array, phi: float) -> jax.
   return phi * rescaled + (1.0 - phi) * guided
 
 
-def mix(cond_out: jax.Array, uncond_out: jax.Array, scale, rescale: float = 0.0) -> jax.Array:
-  """uncond + scale * (cond - uncond), with optional guidance rescale. ``scale`` may be [B]."""
-  scale = jnp.asarray(scale, cond_out.dtype)
+def mix(cond_out: jax.Array, uncond_out: jax.Array, guidance_scale, guidance_rescale: float = 0.0) -> jax.Array:
+  """uncond + guidance_scale * (cond - uncond), with optional guidance rescale; the scale may be [B]."""
+  scale = jnp.asarray(guidance_scale, cond_out.dtype)
   if scale.ndim == 1:
     scale = scale.reshape((-1,) + (1,) * (cond_out.ndim - 1))
   guided = uncond_out + scale * (cond_out - uncond_out)
-  if rescale:
-    guided = rescale_guidance(guided, cond_out, rescale)
-  return guided
+  if isinstance(guidance_rescale, (int, float)):
+    return rescale_guidance(guided, cond_out, guidance_rescale) if guidance_rescale else guided
+  # a traced weight: 0 selects the plain guided output exactly
+  return jnp.where(guidance_rescale > 0, rescale_guidance(guided, cond_out, guidance_rescale), guided)
 
 
 def _batch_of(tree: Any) -> int | None:
@@ -46,8 +47,8 @@ def _batch_of(tree: Any) -> int | None:
   return leaves[0].shape[0] if leaves and jnp.ndim(leaves[0]) > 0 else None
 
 
-def cfg(apply: Callable[[jax.Array, jax.Array, Any], jax.Array], cond: Any, uncond: Any, scale,
-        *, rescale: float = 0.0, out_channels: int | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def cfg(apply: Callable[[jax.Array, jax.Array, Any], jax.Array], cond: Any, uncond: Any, guidance_scale,
+        *, guidance_rescale: float = 0.0, out_channels: int | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Wraps a conditional network into a guided model function evaluated on one doubled batch.
 
   Args:
@@ -56,9 +57,9 @@ def cfg(apply: Callable[[jax.Array, jax.Array, Any], jax.Array], cond: Any, unco
     cond: the conditioning pytree for the B examples (leaves [B, ...]).
     uncond: the null conditioning with the same structure; leaves with batch 1 (or no batch axis
       matching B) are broadcast to B.
-    scale: guidance scale w (scalar or [B]); w = 1 gives the conditional model, w = 0 the
+    guidance_scale: guidance scale w (scalar or [B]); w = 1 gives the conditional model, w = 0 the
       unconditional one.
-    rescale: guidance-rescale weight phi in [0, 1] (0 disables it).
+    guidance_rescale: guidance-rescale weight phi in [0, 1] (0 disables it).
     out_channels: if the network outputs extra channels (e.g. a learned variance), only the first
       ``out_channels`` are guided; the rest are taken from the conditional branch.
 
@@ -91,8 +92,8 @@ def cfg(apply: Callable[[jax.Array, jax.Array, Any], jax.Array], cond: Any, unco
     out = apply(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)
     out_c, out_u = jnp.split(out, 2, axis=0)
     if out_channels is not None and out_c.shape[-1] > out_channels:
-      guided = mix(out_c[..., :out_channels], out_u[..., :out_channels], scale, rescale)
+      guided = mix(out_c[..., :out_channels], out_u[..., :out_channels], guidance_scale, guidance_rescale)
       return jnp.concatenate([guided, out_c[..., out_channels:]], axis=-1)
-    return mix(out_c, out_u, scale, rescale)
+    return mix(out_c, out_u, guidance_scale, guidance_rescale)
 
   return model_fn

@@ -413,7 +413,7 @@ def controlnet_for(bundle, widths: Any = ()):
   unet_params = bundle.unet_params
 
   def init(key):
-    return init_from_unet(unet_params, key, net, x, t, ctx, hint, **class_kwargs(bundle.unet.config, ctx))
+    return init_from_unet(unet_params, net, x, t, ctx, hint, **class_kwargs(bundle.unet.config, ctx, key=key))
 
   return net, init
 
@@ -516,7 +516,7 @@ def _load_lora(workdir: str, config):
   c = config.lora
   opts = dict(rank=int(c.rank), alpha=float(c.alpha or c.rank), targets=lora_targets(c.targets))
   params = base.unet_params
-  adapter = jax.eval_shape(lambda: lora.init(jax.random.key(0), params, **opts))
+  adapter = jax.eval_shape(lambda: lora.init(params, key=jax.random.key(0), **opts))
   trained = restore_checked_ema(workdir, factors_to_tree(adapter.factors), what="LoRA checkpoint")
   merged = lora.merge(params, tree_to_lora(trained, adapter.scales))
   return _with_training(dataclasses.replace(base, unet_params=merged), config)
@@ -555,7 +555,7 @@ def _load_lcm(workdir: str, config):
   params = teacher.unet_params
   if c.lora:
     opts = dict(rank=int(c.lora_rank), alpha=float(c.lora_alpha or c.lora_rank), targets=lora_targets(c.lora_targets))
-    adapter = jax.eval_shape(lambda: lora.init(jax.random.key(0), params, **opts))
+    adapter = jax.eval_shape(lambda: lora.init(params, key=jax.random.key(0), **opts))
     trained = restore_checked_ema(workdir, factors_to_tree(adapter.factors), what="LCM checkpoint")
     student = lcm_student(teacher, w_dim=None, unet_params=lora.merge(params, tree_to_lora(trained, adapter.scales)),
                           **common)

@@ -10,7 +10,7 @@ Nothing here knows about layers: :func:`init` selects kernels by parameter-path 
 base parameters are never written. Training differentiates only ``LoRA.factors``.
 
 Example:
-  >>> adapter = lora.init(key, params, rank=8, alpha=32)
+  >>> adapter = lora.init(params, key=key, rank=8, alpha=32)
   >>> out = unet.apply({"params": lora.merge(params, adapter)}, x, t, emb)
 """
 
@@ -112,7 +112,7 @@ def target_paths(params: Params, targets: Iterable[str] = DEFAULT_TARGETS) -> li
   return sorted(out)
 
 
-def init(key: jax.Array, params: Params, *, rank: int = 4, alpha: float | None = None,
+def init(params: Params, *, key: jax.Array, rank: int = 4, alpha: float | None = None,
          targets: Iterable[str] = DEFAULT_TARGETS, dtype=jnp.float32) -> LoRA:
   """Creates a zero-effect adapter for the kernels of ``params`` selected by ``targets``.
 

@@ -4,8 +4,9 @@
 a tokenizer and the training noise schedule. ``generate`` is tokenize -> encode text -> classifier-free
 guidance (:func:`jdiff.guidance.cfg`) -> a registered sampler (:func:`jdiff.samplers.sample`) -> VAE decode,
 compiled as ONE XLA program per static configuration (sampler, steps, options) and input shape.
-``img2img`` encodes images with the VAE, noises them to the strength's timestep
-(:func:`jdiff.diffusion.q_sample`) and runs the sampler from there (``start_step``). LoRA adapters
+``img2img`` and ``inpaint`` encode images with the VAE, noise them to the first level the strength keeps and
+run any sampler from there (its plan cut at that step: :func:`jdiff.samplers.plan`, :func:`jdiff.samplers.cut`);
+``invert`` maps images to the noise DDIM brings back to them. LoRA adapters
 (``lora=``) are merged into the parameter trees, which are program arguments, so switching adapters
 or scales never recompiles. ControlNets (``controlnets``, ``from_diffusers(..., controlnet=...)``)
 add their residuals to the UNet's inside the same program (``generate(..., control_images=...)``).
@@ -43,16 +44,28 @@ from jdiff.models.controlnet import combine_residuals, guidance_active
 from jdiff.schedules import Schedule
 from jdiff.tokenizers import ByteTokenizer, CLIPTokenizer
 
-__all__ = ["StableDiffusion", "Control", "schedule_from_config", "sampler_options_from_config", "step_timesteps"]
+__all__ = ["StableDiffusion", "Control", "schedule_from_config", "sampler_options_from_config", "SCHEDULER_SAMPLERS"]
 
 # scheduler_config.json keys that define the training schedule rather than a sampler option
 _SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "rescale_betas_zero_snr", "prediction_type", "_class_name", "_diffusers_version"}
 # diffusers scheduler option name -> jdiff sampler option name, where they differ
 _OPTION_ALIASES = {"solver_order": "order", "algorithm_type": "algorithm"}
-# samplers whose timestep grid is ``samplers.spaced_timesteps(T, n, timestep_spacing, steps_offset)`` and
-# whose model calls are one per grid entry: img2img and control_guidance_start/end need that grid
-_GRID_SAMPLERS = ("ddim", "ddpm")
+# diffusers scheduler class -> (the jdiff sampler that runs it, options the class implies); a folder's
+# scheduler is its pipelines' default sampler (another class: DDIM)
+SCHEDULER_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DDIMScheduler": ("ddim", {}),
+    "DDPMScheduler": ("ddpm", {}),
+    "DPMSolverMultistepScheduler": ("dpm_solver", {}),
+    "DPMSolverSinglestepScheduler": ("dpm_solver", {"singlestep": True}),
+    "EulerDiscreteScheduler": ("euler", {}),
+    "EulerAncestralDiscreteScheduler": ("euler_ancestral", {}),
+    "HeunDiscreteScheduler": ("heun", {}),
+    "UniPCMultistepScheduler": ("unipc", {}),
+    "LCMScheduler": ("lcm", {}),
+    "FlowMatchEulerDiscreteScheduler": ("flow_euler", {}),
+    "FlowMatchHeunDiscreteScheduler": ("flow_heun", {}),
+}
 
 
 def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
@@ -77,9 +90,9 @@ def sampler_options_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
   return {_OPTION_ALIASES.get(k, k): v for k, v in config.items() if k not in _SCHEDULE_KEYS}
 
 
-def _accepted(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
-  """The subset of ``options`` that sampler ``method`` takes as keyword arguments."""
-  params = inspect.signature(samplers.get(method)).parameters
+def _accepted(method: str | Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
+  """The subset of ``options`` that sampler ``method`` (a registered name or a function) takes as keywords."""
+  params = inspect.signature(method if callable(method) else samplers.get(method)).parameters
   if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
     return dict(options)
   return {k: v for k, v in options.items() if k in params}
@@ -93,22 +106,16 @@ def _hashable(value: Any) -> Any:
   return value
 
 
-def _sampler_default(method: str, name: str, fallback: Any) -> Any:
-  param = inspect.signature(samplers.get(method)).parameters.get(name)
-  return fallback if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-def step_timesteps(method: str, num_steps: int, num_train_timesteps: int, options: Mapping[str, Any]) -> np.ndarray:
-  """The integer timesteps sampler ``method`` calls the model at, in order (one call per step).
-
-  Known for the samplers in ``_GRID_SAMPLERS`` (DDIM, DDPM); others raise a ValueError naming them.
-  """
-  if method not in _GRID_SAMPLERS:
-    raise ValueError(f"sampler {method!r} does not expose its timestep grid; this feature supports "
-                     f"{', '.join(_GRID_SAMPLERS)}")
-  spacing = options.get("timestep_spacing", _sampler_default(method, "timestep_spacing", "leading"))
-  offset = options.get("steps_offset", _sampler_default(method, "steps_offset", 0))
-  return samplers.spaced_timesteps(num_train_timesteps, num_steps, spacing, offset)
+def _start_step(num_steps: int, strength: float) -> tuple[int, int]:
+  """(n, the first step kept) of an n-step grid at img2img ``strength``: the last
+  ``min(int(n * strength), n)`` steps run, as diffusers' pipelines cut their timesteps."""
+  if not 0.0 < float(strength) <= 1.0:
+    raise ValueError(f"strength must be in (0, 1], got {strength}")
+  n = int(num_steps)
+  init_steps = min(int(n * float(strength)), n)
+  if init_steps < 1:
+    raise ValueError(f"strength={strength} with num_steps={n} leaves no denoising step; raise either")
+  return n, n - init_steps
 
 
 def _per_net(value: Any, n: int, name: str) -> list[Any]:
@@ -250,6 +257,7 @@ class StableDiffusion:
       if not (root / part).is_dir():
         raise FileNotFoundError(f"pipeline part {str(root / part)!r} does not exist")
     sched_config = _io.read_config(root / "scheduler", name="scheduler_config.json")
+    method, implied = SCHEDULER_SAMPLERS.get(sched_config.get("_class_name"), ("ddim", {}))
     unet, unet_params = load_unet(root / "unet", dtype=dtype)
     vae, vae_params = load_vae(root / "vae", dtype=dtype)
     c, c_in = int(vae.config.latent_channels), int(unet.config.in_channels)
@@ -273,9 +281,9 @@ class StableDiffusion:
                text_params=text_params, tokenizer=tokenizer, schedule=schedule_from_config(sched_config),
                prediction=sched_config.get("prediction_type", "epsilon"),
                scaling_factor=float(vae.config.scaling_factor), shift_factor=float(vae.config.shift_factor or 0.0),
-               sampler_options=sampler_options_from_config(sched_config), clip_skip=clip_skip,
+               sampler_options={**sampler_options_from_config(sched_config), **implied}, clip_skip=clip_skip,
                controlnets=tuple(nets), controlnet_params=tuple(net_params), scheduler_config=sched_config,
-               source=os.fspath(root))
+               defaults={"sampler": method}, source=os.fspath(root))
 
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike) -> StableDiffusion:
@@ -291,6 +299,40 @@ class StableDiffusion:
     from jdiff import ldm
 
     return ldm.load(os.fspath(workdir))
+
+  @classmethod
+  def from_single_file(cls, path: str | os.PathLike, *, family: str | None = None,
+                       config: str | os.PathLike | None = None, tokenizer: Any = None,
+                       dtype: str | None = None) -> StableDiffusion:
+    """Loads an original-layout single ``.safetensors`` checkpoint (SD 1.x / 2.x), given its model
+    ``family`` ("sd15", "sd21", "sd21-base"; then a ``tokenizer``) or a diffusers folder ``config``
+    (:func:`jdiff.convert.single_file.load_single_file_bundle`). Pickled ``.ckpt`` files are refused.
+
+    Example:
+      >>> pipe = StableDiffusion.from_single_file("v1-5.safetensors", config="sd15_folder")  # doctest: +SKIP
+    """
+    from jdiff.convert.single_file import load_single_file_bundle
+
+    return load_single_file_bundle(path, family=family, config=config, tokenizer=tokenizer, dtype=dtype)
+
+  def save_single_file(self, path: str | os.PathLike, *, family: str | None = None,
+                       dtype: str = "float32") -> Path:
+    """Writes the UNet, VAE and text encoder as one original-layout ``.safetensors`` file
+    (:func:`jdiff.convert.single_file.save_single_file_bundle`)."""
+    from jdiff.convert.single_file import save_single_file_bundle
+
+    return save_single_file_bundle(self, path, family=family, dtype=dtype)
+
+  def load_textual_inversion(self, path: str | os.PathLike, *, token: str | None = None) -> StableDiffusion:
+    """A copy of this bundle with a textual-inversion embedding (safetensors) added to its tokenizer
+    and text encoder (:func:`jdiff.textual_inversion.load_textual_inversion`).
+
+    Example:
+      >>> pipe = pipe.load_textual_inversion("cat-toy.safetensors", token="<cat-toy>")  # doctest: +SKIP
+    """
+    from jdiff.textual_inversion import load_textual_inversion
+
+    return load_textual_inversion(self, path, token=token)
 
   def save_pretrained(self, folder: str | os.PathLike, *, copy_from: str | os.PathLike | None = None,
                       copy_parts: Sequence[str] = ()) -> Path:
@@ -369,7 +411,8 @@ class StableDiffusion:
 
   @property
   def latent_channels(self) -> int:
-    return int(self.unet.config.in_channels)
+    """Channels of the latents (the VAE's; an inpainting UNet takes more inputs)."""
+    return int(self.vae.config.latent_channels)
 
   @property
   def vae_factor(self) -> int:
@@ -413,18 +456,18 @@ class StableDiffusion:
     """Text embeddings ``[B, L, D]`` of prompts (the UNet's ``encoder_hidden_states``)."""
     return self.encode_text(self.text_params, jnp.asarray(self.tokenizer(list(prompts))))
 
-  def encode_images(self, vae_params: Any, images: jax.Array, key: jax.Array | None,
+  def encode_images(self, vae_params: Any, images: jax.Array, *, key: jax.Array | None = None,
                     sample: bool | jax.Array = True) -> jax.Array:
     """Images ``[B, H, W, C]`` in [-1, 1] -> latents as the UNet sees them, ``(z - shift) * scaling``
     ``[B, h, w, C_latent]``, with ``z`` a posterior sample drawn with ``key`` (or, where the possibly
     traced flag ``sample`` is false, the posterior mean)."""
     posterior = self.vae.apply({"params": vae_params}, images, method=self.vae.encode)
     if sample is True:
-      z = posterior.sample(key)
+      z = posterior.sample(key=key)
     elif sample is False:
       z = posterior.mode()
     else:
-      z = jnp.where(sample, posterior.sample(key), posterior.mode())
+      z = jnp.where(sample, posterior.sample(key=key), posterior.mode())
     return self.scale_latents(z)
 
   def scale_latents(self, z: jax.Array) -> jax.Array:
@@ -449,27 +492,31 @@ class StableDiffusion:
 
   def init_unet(self, key: jax.Array) -> Any:
     """Fresh UNet parameters for this bundle's latents and text width (trainers start from these)."""
-    h, w, c = self.latent_shape
+    h, w, _ = self.latent_shape
+    c = int(self.unet.config.in_channels)
     length = int(self.tokenize("").shape[0])
     ctx = jnp.zeros((1, length, self.unet.config.per_block("cross_attention_dim")[0]), jnp.float32)
     return self.unet.init(key, jnp.zeros((1, h, w, c), jnp.float32), jnp.zeros((1,), jnp.int32), ctx)["params"]
 
   def model_fn(self, unet_params: Any, context: jax.Array, *, null_context: jax.Array | None = None,
-               guidance_scale: float | jax.Array | None = None, timestep_cond: jax.Array | None = None,
-               controls: Sequence[Control] = (), lora: _lora.LoRA | None = None, lora_scale: float = 1.0,
+               guidance_scale: float | jax.Array | None = None, guidance_rescale: float = 0.0,
+               timestep_cond: jax.Array | None = None, controls: Sequence[Control] = (),
+               concat: jax.Array | None = None, lora: _lora.LoRA | None = None, lora_scale: float = 1.0,
                lora_dropout: float = 0.0, key: jax.Array | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The denoiser as ``model_fn(x_t [B, h, w, C], t [B]) -> output`` for text ``context [B, L, D]``.
 
     Each option is a transformation of the plain UNet call: ``lora`` merges an adapter into
     ``unet_params`` (:func:`jdiff.lora.merge`, with rank dropout ``lora_dropout`` keyed by ``key``);
-    ``controls`` add ControlNet residuals (:class:`Control`, summed over nets); ``guidance_scale``
-    with ``null_context`` ``[1 or B, L, D]`` wraps the result in classifier-free guidance
-    (:func:`jdiff.guidance.cfg`, one doubled batch); ``timestep_cond`` ``[B, d]`` feeds a
-    guidance-scale embedding (unguided calls only).
+    ``controls`` add ControlNet residuals (:class:`Control`, summed over nets; the nets see ``x_t``);
+    ``concat`` ``[B, h, w, C']`` is appended to ``x_t`` on the channel axis (an inpainting UNet's mask
+    and masked-image latents); ``guidance_scale`` with ``null_context`` ``[1 or B, L, D]`` wraps the
+    result in classifier-free guidance (:func:`jdiff.guidance.cfg`, one doubled batch, with
+    ``guidance_rescale``); ``timestep_cond`` ``[B, d]`` feeds a guidance-scale embedding (unguided
+    calls only).
 
     Example:
       >>> fn = pipe.model_fn(pipe.unet_params, ctx, null_context=null, guidance_scale=3.0)  # doctest: +SKIP
-      >>> loss = diffusion.loss(pipe.model_fn(params, ctx), pipe.schedule, z, key)  # doctest: +SKIP
+      >>> loss = diffusion.loss(pipe.model_fn(params, ctx), pipe.schedule, z, key=key)  # doctest: +SKIP
     """
     from jdiff.ldm import class_kwargs
 
@@ -479,38 +526,44 @@ class StableDiffusion:
     extra = {} if timestep_cond is None else {"timestep_cond": timestep_cond}
     if guidance_scale is not None and timestep_cond is not None:
       raise ValueError("timestep_cond (a guidance embedding) and classifier-free guidance exclude each other")
-    if not controls:
-      def apply(x, t, c):
-        return self.unet.apply({"params": unet_params}, x, t, c, **extra)
+    controls = tuple(controls)
 
-      cond, uncond = context, null_context
-    else:
-      controls = tuple(controls)
-      images = tuple(ctl.image for ctl in controls)
-
-      def apply(x, t, c):
-        # t [N] with N = B (or 2B under guidance); c["on"] [N] is 0 where guess mode drops the residuals
-        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    def apply(x, t, c):
+      # t [N] with N = B (or 2B under guidance); c["on"] [N] is 0 where guess mode drops the residuals
+      t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+      kwargs = dict(extra)
+      if controls:
         outputs, weights = [], []
         for k, ctl in enumerate(controls):
           outputs.append(ctl.net.apply({"params": ctl.params}, x, t, c["text"], c["images"][k],
                                        guess_mode=ctl.guess_mode, **class_kwargs(self.unet.config, c["text"])))
           w = ctl.scale(t) if callable(ctl.scale) else ctl.scale
           weights.append((w * c["on"]).reshape((-1, 1, 1, 1)))  # [N, 1, 1, 1]
-        down, mid = combine_residuals(outputs, weights)
-        return self.unet.apply({"params": unet_params}, x, t, c["text"], down_residuals=down, mid_residual=mid,
-                               **extra)
+        kwargs["down_residuals"], kwargs["mid_residual"] = combine_residuals(outputs, weights)
+      x_in = x if concat is None else jnp.concatenate([x, c["concat"].astype(x.dtype)], axis=-1)
+      return self.unet.apply({"params": unet_params}, x_in, t, c["text"], **kwargs)
 
-      b = context.shape[0]
-      cond = {"text": context, "images": images, "on": jnp.ones((b,), jnp.float32)}
-      # diffusers' guess mode runs the ControlNets on the conditional half only (zeros for the other)
-      on_uncond = (jnp.zeros if any(ctl.guess_mode for ctl in controls) else jnp.ones)((b,), jnp.float32)
-      uncond = None if null_context is None else {"text": null_context, "images": images, "on": on_uncond}
+    b = context.shape[0]
+    cond = {"text": context}
+    uncond = None if null_context is None else {"text": null_context}
+    if concat is not None:
+      if concat.ndim != 4 or concat.shape[0] != b:
+        raise ValueError(f"concat must be [B={b}, h, w, C'], got shape {concat.shape}")
+      cond["concat"] = concat
+      if uncond is not None:
+        uncond["concat"] = concat
+    if controls:
+      images = tuple(ctl.image for ctl in controls)
+      cond.update(images=images, on=jnp.ones((b,), jnp.float32))
+      if uncond is not None:
+        # diffusers' guess mode runs the ControlNets on the conditional half only (zeros for the other)
+        on_uncond = (jnp.zeros if any(ctl.guess_mode for ctl in controls) else jnp.ones)((b,), jnp.float32)
+        uncond.update(images=images, on=on_uncond)
     if guidance_scale is None:
       return lambda x, t: apply(x, t, cond)
     if null_context is None:
       raise ValueError("classifier-free guidance needs null_context (the empty prompt's embedding)")
-    return guidance.cfg(apply, cond, uncond, guidance_scale)
+    return guidance.cfg(apply, cond, uncond, guidance_scale, guidance_rescale=guidance_rescale)
 
   def guidance_kwargs(self, text_params: Any, batch: int, guidance_scale: float | jax.Array | None,
                       neg_ids: jax.Array | None = None) -> dict[str, Any]:
@@ -530,8 +583,9 @@ class StableDiffusion:
     return {"null_context": null, "guidance_scale": guidance_scale}
 
   def sample(self, unet_params: Any, ids: jax.Array, noise: jax.Array, *, key: jax.Array | None = None,
-             guidance_scale: float | jax.Array | None = None, sampler: str | None = None,
-             num_steps: int | None = None, neg_ids: jax.Array | None = None, text_params: Any = None,
+             guidance_scale: float | jax.Array | None = None, guidance_rescale: float = 0.0,
+             sampler: str | None = None, num_steps: int | None = None, neg_ids: jax.Array | None = None,
+             text_params: Any = None,
              vae_params: Any = None, controls: Sequence[Control] = (), **options: Any) -> jax.Array:
     """Pure generation (jit it): token ids ``[B, L]`` and initial noise ``[B, h, w, C]`` -> images
     ``[B, H, W, C_img]`` in [-1, 1].
@@ -541,6 +595,7 @@ class StableDiffusion:
       ids, noise: the prompts' token ids and the starting latents x_T.
       key: the sampler's key (stochastic samplers); None for deterministic ones.
       guidance_scale: see :meth:`guidance_kwargs` (classifier-free guidance at any scale, even <= 1).
+      guidance_rescale: guidance rescale weight (with classifier-free guidance).
       sampler, num_steps: default ``defaults["sampler"]`` / ``defaults["num_steps"]`` (else ddim, 25).
       neg_ids: unconditional prompts' ids (default: the empty prompt).
       text_params, vae_params: default the bundle's own.
@@ -552,35 +607,41 @@ class StableDiffusion:
     sampler = sampler or self.defaults.get("sampler", "ddim")
     num_steps = int(num_steps or self.defaults.get("num_steps", 25))
     context = self.encode_text(text_params, ids)  # [B, L, D]
-    fn = self.model_fn(unet_params, context, controls=controls,
-                       **self.guidance_kwargs(text_params, ids.shape[0], guidance_scale, neg_ids))
+    guide = self.guidance_kwargs(text_params, ids.shape[0], guidance_scale, neg_ids)
+    if "null_context" in guide:
+      guide["guidance_rescale"] = guidance_rescale
+    fn = self.model_fn(unet_params, context, controls=controls, **guide)
     z0 = samplers.sample(sampler, fn, self.schedule, noise, num_steps=num_steps, key=key, prediction=self.prediction,
                          **{**_accepted(sampler, self.sampler_options), **options})
     return self.decode(vae_params, z0)
 
-  def _model_fn(self, params, ids, neg_ids, scale, guided: bool, control=None,
-                guess_mode: bool = False) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  def _model_fn(self, params, ids, neg_ids, scale, guided: bool, *, rescale=0.0, control=None,
+                guess_mode: bool = False, timesteps=None, concat=None) -> Callable[[jax.Array, jax.Array], jax.Array]:
     unet_params, _, text_params, cn_params = params
     cond = self.encode_text(text_params, ids)  # [B, L, D]
-    if control is None:
-      if self.guidance_embedding_dim:
-        return self.model_fn(unet_params, cond, **self.guidance_kwargs(text_params, ids.shape[0], scale))
-      if guided:
-        return self.model_fn(unet_params, cond, null_context=self.encode_text(text_params, neg_ids),
-                             guidance_scale=scale)
-      return self.model_fn(unet_params, cond)
+    kwargs: dict[str, Any] = {"concat": concat}
+    if self.guidance_embedding_dim:
+      kwargs.update(self.guidance_kwargs(text_params, ids.shape[0], scale))
+    elif guided:
+      kwargs.update(null_context=self.encode_text(text_params, neg_ids), guidance_scale=scale,
+                    guidance_rescale=rescale)
+    if control is not None:
+      active = control["active"]  # [nets, n]: whether net k acts at step i of the grid
 
-    num_t = control["keep"].shape[1]
+      def window(k):  # net k's weight at model timesteps t [N]: its scale at the steps of its window, else 0
+        def scale_at(t):
+          hit = jnp.asarray(t, timesteps.dtype)[:, None] == timesteps[None, :]  # [N, n]
+          return control["scales"][k] * jnp.any(hit & active[k][None, :], axis=1).astype(jnp.float32)
+        return scale_at
 
-    def window(k):  # net k's weight at timesteps t [N]: its scale inside its start/end window, else 0
-      return lambda t: control["scales"][k] * control["keep"][k][jnp.clip(t.astype(jnp.int32), 0, num_t - 1)]
+      kwargs["controls"] = [Control(net, p, control["images"][k], window(k), guess_mode)
+                            for k, (net, p) in enumerate(zip(self.controlnets, cn_params))]
+    return self.model_fn(unet_params, cond, **kwargs)
 
-    controls = [Control(net, p, control["images"][k], window(k), guess_mode)
-                for k, (net, p) in enumerate(zip(self.controlnets, cn_params))]
-    if not guided:
-      return self.model_fn(unet_params, cond, controls=controls)
-    return self.model_fn(unet_params, cond, null_context=self.encode_text(text_params, neg_ids), guidance_scale=scale,
-                         controls=controls)
+  def _start(self, schedule, method: str, num_steps: int, start_step: int, options: dict[str, Any]):
+    """The plan of ``method`` (:func:`jdiff.samplers.plan`) and its grid cut at ``start_step``."""
+    plan = samplers.plan(method, schedule, num_steps, prediction=self.prediction, **options)
+    return plan, samplers.cut(plan.grid, start_step)
 
   def _program(self, kind: str, method: str, num_steps: int, guided: bool, options: dict[str, Any],
                extra: tuple = ()) -> Callable[..., jax.Array]:
@@ -592,23 +653,47 @@ class StableDiffusion:
     if kind == "txt2img":
       guess_mode, = extra
 
-      def run(params, schedule, ids, neg_ids, latents, scale, key, control):
-        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, control, guess_mode)
+      def run(params, schedule, ids, neg_ids, latents, scale, rescale, key, control):
+        timesteps = None
+        if control is not None:
+          timesteps = samplers.plan(method, schedule, num_steps, prediction=self.prediction, **options).grid.timesteps
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale, control=control,
+                                  guess_mode=guess_mode, timesteps=timesteps)
         z0 = samplers.sample(method, model_fn, schedule, latents, num_steps=num_steps, key=key,
                              prediction=self.prediction, **options)
         return self.decode(params[1], z0) * 0.5 + 0.5  # [B, H, W, 3] in [0, 1]
     elif kind == "img2img":
-      start_step, start_t = extra
+      start_step, = extra
 
-      def run(params, schedule, ids, neg_ids, images, noise, scale, key, sample_posterior):
+      def run(params, schedule, ids, neg_ids, images, noise, scale, rescale, key, sample_posterior):
         encode_key, sample_key = jax.random.split(key)
-        z = self.encode_images(params[1], images * 2.0 - 1.0, encode_key, sample_posterior)
-        t = jnp.full((z.shape[0],), start_t, jnp.int32)
-        z_t = diffusion.q_sample(schedule, z, t, noise)
-        model_fn = self._model_fn(params, ids, neg_ids, scale, guided)
-        z0 = samplers.sample(method, model_fn, schedule, z_t, num_steps=num_steps, key=sample_key,
-                             prediction=self.prediction, start_step=start_step, **options)
+        z = self.encode_images(params[1], images * 2.0 - 1.0, key=encode_key, sample=sample_posterior)
+        plan, g = self._start(schedule, method, num_steps, start_step, options)
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale)
+        z0 = samplers.solve(model_fn, g, g.alpha[0] * z + g.sigma[0] * noise, plan.rule, key=sample_key)
         return self.decode(params[1], z0) * 0.5 + 0.5  # [B, H, W, 3] in [0, 1]
+    elif kind == "inpaint":
+      start_step, = extra
+      inpainting_unet = self.unet.config.in_channels != self.latent_channels
+      f = self.vae_factor
+
+      def run(params, schedule, ids, neg_ids, images, masks, noise, scale, rescale, key, sample_posterior):
+        encode_key, masked_key, sample_key = jax.random.split(key, 3)
+        plan, g = self._start(schedule, method, num_steps, start_step, options)
+        mask_latents = masks[:, ::f, ::f, :]  # [B, h, w, 1]: nearest resize, as torch's interpolate
+        pixels = images * 2.0 - 1.0
+        need_image = not inpainting_unet or start_step > 0
+        z = self.encode_images(params[1], pixels, key=encode_key, sample=sample_posterior) if need_image else None
+        x = noise * plan.noise_scale if start_step == 0 else g.alpha[0] * z + g.sigma[0] * noise
+        rule, concat = plan.rule, None
+        if inpainting_unet:  # the mask and the masked image's latents are inputs of the UNet
+          masked = self.encode_images(params[1], pixels * (masks < 0.5), key=masked_key, sample=sample_posterior)
+          concat = jnp.concatenate([mask_latents, masked], axis=-1)
+        else:  # the known region is pinned to the image latents after every step
+          rule = samplers.masked_rule(rule, z, noise, mask_latents)
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale, concat=concat)
+        z0 = samplers.solve(model_fn, g, x, rule, key=sample_key)
+        return self.decode(params[1], z0) * 0.5 + 0.5
     else:
       raise ValueError(f"unknown program kind {kind!r}")
     program = jax.jit(run)
@@ -724,9 +809,8 @@ class StableDiffusion:
     return list(control_images)
 
   def _control_inputs(self, control_images: Any, batch: int, height: int, width: int, conditioning_scale: Any,
-                      start: Any, end: Any, sampler: str, num_steps: int,
-                      options: Mapping[str, Any]) -> dict[str, Any]:
-    """Control images [B, H, W, 3] per net, per-net scales [n] and the keep table [n, T]."""
+                      start: Any, end: Any, num_steps: int) -> dict[str, Any]:
+    """Control images [B, H, W, 3] per net, per-net scales [nets] and the steps each net acts at [nets, n]."""
     n = len(self.controlnets)
     per_net = self._per_net_images(control_images)
     images = []
@@ -745,22 +829,17 @@ class StableDiffusion:
     scales = [float(s) for s in _per_net(conditioning_scale, n, "controlnet_conditioning_scale")]
     starts = [float(s) for s in _per_net(start, n, "control_guidance_start")]
     ends = [float(e) for e in _per_net(end, n, "control_guidance_end")]
-    num_t = self.schedule.num_timesteps
-    keep = np.ones((n, num_t), np.float32)
+    active = np.ones((n, num_steps), bool)
     for k, (s, e) in enumerate(zip(starts, ends)):
       if not 0.0 <= s < e <= 1.0:
         raise ValueError(f"control_guidance_start/end must satisfy 0 <= start < end <= 1, got {s}, {e}")
-      if (s, e) != (0.0, 1.0):
-        ts = step_timesteps(sampler, num_steps, num_t, options)
-        active = np.asarray(guidance_active(np.arange(len(ts)), len(ts), s, e))
-        keep[k] = 0.0
-        keep[k, ts] = active
-    return {"images": tuple(images), "scales": jnp.asarray(scales, jnp.float32), "keep": jnp.asarray(keep)}
+      active[k] = np.asarray(guidance_active(np.arange(num_steps), num_steps, s, e)) > 0
+    return {"images": tuple(images), "scales": jnp.asarray(scales, jnp.float32), "active": jnp.asarray(active)}
 
   # ---- generation ----
 
   def generate(self, prompts: str | Sequence[str], *, key: jax.Array, num_steps: int | None = None,
-               guidance_scale: float | None = None, sampler: str | None = None,
+               guidance_scale: float | None = None, guidance_rescale: float = 0.0, sampler: str | None = None,
                negative_prompts: str | Sequence[str] | None = None, height: int | None = None,
                width: int | None = None, latents: jax.Array | None = None, lora: Any = None,
                lora_scale: float = 1.0, control_images: Any = None,
@@ -777,6 +856,7 @@ class StableDiffusion:
       guidance_scale: classifier-free guidance weight; <= 1 runs the conditional model alone (a
         guidance-distilled UNet gets it as its embedding, a ``cfg=False`` model ignores it); default
         ``defaults["guidance_scale"]``, else 7.5.
+      guidance_rescale: guidance rescale weight phi in [0, 1] (diffusers' ``guidance_rescale``).
       sampler: a registered sampler name (``jdiff.samplers.available()``); default
         ``defaults["sampler"]``, else "ddim".
       negative_prompts: the unconditional prompts (default: the empty prompt).
@@ -792,8 +872,7 @@ class StableDiffusion:
       guess_mode: diffusers' guess mode: residuals scaled from 0.1 (shallowest) to 1 (middle), and
         under guidance only the conditional branch gets them.
       control_guidance_start, control_guidance_end: fraction of the steps during which each net is
-        active (one value or one per net); other than (0, 1) needs a sampler with a known grid
-        (ddim, ddpm).
+        active (one value or one per net), any sampler.
       **sampler_options: override the scheduler-config defaults (``eta``, ``order``, ...).
 
     Returns:
@@ -827,8 +906,7 @@ class StableDiffusion:
     control = None
     if self.controlnets:
       control = self._control_inputs(control_images, batch, height, width, controlnet_conditioning_scale,
-                                     control_guidance_start, control_guidance_end, sampler, int(num_steps),
-                                     options)
+                                     control_guidance_start, control_guidance_end, int(num_steps))
       guess_mode = bool(guess_mode or self.controlnets[0].config.global_pool_conditions)
     elif control_images is not None:
       raise ValueError("control_images given but the pipeline has no ControlNet (from_diffusers(..., controlnet=...))")
@@ -836,7 +914,7 @@ class StableDiffusion:
       guess_mode = False
     program = self._program("txt2img", sampler, int(num_steps), guided, options, (guess_mode,))
     return program(self._params(lora, lora_scale), self.schedule, ids, neg_ids, latents,
-                   jnp.float32(guidance_scale), sample_key, control)
+                   jnp.float32(guidance_scale), jnp.float32(guidance_rescale), sample_key, control)
 
   @staticmethod
   def _image_size(image: Any) -> tuple[int, int]:
@@ -855,16 +933,17 @@ class StableDiffusion:
     return (shape[1], shape[2]) if len(shape) == 4 else (shape[0], shape[1])
 
   def img2img(self, images: Any, prompts: str | Sequence[str], *, key: jax.Array, strength: float = 0.8,
-              num_steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
-              negative_prompts: str | Sequence[str] | None = None, noise: jax.Array | None = None,
-              sample_posterior: bool = True, lora: Any = None, lora_scale: float = 1.0,
-              **sampler_options: Any) -> jax.Array:
-    """Image-to-image generation (diffusers' ``StableDiffusionImg2ImgPipeline``).
+              num_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+              sampler: str = "ddim", negative_prompts: str | Sequence[str] | None = None,
+              noise: jax.Array | None = None, sample_posterior: bool = True, lora: Any = None,
+              lora_scale: float = 1.0, **sampler_options: Any) -> jax.Array:
+    """Image-to-image generation (diffusers' ``StableDiffusionImg2ImgPipeline``), any sampler.
 
     The images are encoded with the VAE (a posterior sample, or its mean when ``sample_posterior``
-    is False) and scaled by ``scaling_factor``; of the ``num_steps`` grid the last
-    ``min(int(num_steps * strength), num_steps)`` steps run, starting from the latents noised to the
-    first of them with :func:`jdiff.diffusion.q_sample`.
+    is False) and scaled by ``scaling_factor``; of the sampler's ``num_steps`` grid
+    (:func:`jdiff.samplers.plan`) the last ``min(int(num_steps * strength), num_steps)`` steps run
+    (:func:`jdiff.samplers.cut`), starting from the latents noised to the first of their levels,
+    ``alpha z + sigma noise`` (diffusers' ``add_noise``).
 
     Args:
       images: ``[B, H, W, 3]`` (or ``[H, W, 3]``) in [0, 1]; H and W multiples of the UNet's factor.
@@ -873,8 +952,8 @@ class StableDiffusion:
       key: PRNG key for the posterior sample, the noise (when ``noise`` is None) and the sampler.
       strength: in (0, 1]: how much of the noise schedule to traverse (1 ignores the image).
       num_steps: the grid size before truncation by ``strength``.
-      guidance_scale, sampler, negative_prompts, lora, lora_scale: as in :meth:`generate`. The sampler
-        must support ``start_step`` and expose its grid (ddim, ddpm).
+      guidance_scale, guidance_rescale, sampler, negative_prompts, lora, lora_scale: as in
+        :meth:`generate`.
       noise: ``[B, h, w, C]`` standard-normal noise added to the image latents, instead of drawing it.
       sample_posterior: sample the VAE posterior (diffusers' default) rather than take its mean.
       **sampler_options: as in :meth:`generate`.
@@ -883,27 +962,25 @@ class StableDiffusion:
       float32 images ``[B, H, W, 3]`` in [0, 1].
 
     Raises:
-      ValueError: strength outside (0, 1] or too small for one step, a sampler without
-        ``start_step``, mis-shaped images or noise.
+      ValueError: strength outside (0, 1] or too small for one step, mis-shaped images or noise.
 
     Example:
       >>> out = pipe.img2img(photo[None], "an oil painting", key=jax.random.key(0), strength=0.6,
       ...                    num_steps=30)  # doctest: +SKIP
     """
-    if not 0.0 < float(strength) <= 1.0:
-      raise ValueError(f"strength must be in (0, 1], got {strength}")
-    n = int(num_steps)
-    init_steps = min(int(n * float(strength)), n)
-    if init_steps < 1:
-      raise ValueError(f"strength={strength} with num_steps={n} leaves no denoising step; raise either")
-    start_step = n - init_steps
-    samplers.get(sampler)
-    if "start_step" not in inspect.signature(samplers.get(sampler)).parameters:
-      raise ValueError(f"sampler {sampler!r} has no start_step option, so it cannot do image-to-image; "
-                       f"use one of {', '.join(_GRID_SAMPLERS)}")
+    n, start_step = _start_step(num_steps, strength)
     options = self._options(sampler, sampler_options)
-    start_t = int(step_timesteps(sampler, n, self.schedule.num_timesteps, options)[start_step])
+    images, ids, neg_ids = self._image_inputs(images, prompts, negative_prompts)
+    noise, run_key = self._noise(key, images, noise)
+    program = self._program("img2img", sampler, n, self._guided(guidance_scale), options, (start_step,))
+    return program(self._params(lora, lora_scale), self.schedule, ids, neg_ids, images, noise,
+                   jnp.float32(guidance_scale), jnp.float32(guidance_rescale), run_key,
+                   jnp.asarray(bool(sample_posterior)))
 
+  def _image_inputs(self, images: Any, prompts: str | Sequence[str],
+                    negative_prompts: str | Sequence[str] | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Images ``[B, H, W, 3]`` in [0, 1] (one image repeated for every prompt, one prompt for every
+    image) and the prompts' token ids."""
     images = jnp.asarray(images, jnp.float32)
     if images.ndim == 3:
       images = images[None]
@@ -918,17 +995,118 @@ class StableDiffusion:
     if images.shape[0] != batch:
       raise ValueError(f"{images.shape[0]} images for {batch} prompts")
     self._check_size(images.shape[1], images.shape[2])
-    latent_shape = (batch, images.shape[1] // self.vae_factor, images.shape[2] // self.vae_factor,
-                    self.latent_channels)
+    return images, ids, neg_ids
+
+  def _noise(self, key: jax.Array, images: jax.Array, noise: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Standard-normal latent noise for ``images`` (drawn, or the given array checked) and a key for the rest."""
+    shape = (images.shape[0], images.shape[1] // self.vae_factor, images.shape[2] // self.vae_factor,
+             self.latent_channels)
     noise_key, run_key = jax.random.split(key)
     if noise is None:
-      noise = jax.random.normal(noise_key, latent_shape, jnp.float32)
-    else:
-      noise = jnp.asarray(noise, jnp.float32)
-      if noise.shape != latent_shape:
-        raise ValueError(f"noise must have shape {latent_shape}, got {noise.shape}")
-    guided = self._guided(guidance_scale)
-    program = self._program("img2img", sampler, n, guided, options, (start_step, start_t))
-    params = self._params(lora, lora_scale)
-    return program(params, self.schedule, ids, neg_ids, images, noise, jnp.float32(guidance_scale), run_key,
+      return jax.random.normal(noise_key, shape, jnp.float32), run_key
+    noise = jnp.asarray(noise, jnp.float32)
+    if noise.shape != shape:
+      raise ValueError(f"noise must have shape {shape}, got {noise.shape}")
+    return noise, run_key
+
+  def inpaint(self, images: Any, masks: Any, prompts: str | Sequence[str], *, key: jax.Array, strength: float = 1.0,
+              num_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+              sampler: str = "ddim", negative_prompts: str | Sequence[str] | None = None,
+              noise: jax.Array | None = None, sample_posterior: bool = True, lora: Any = None,
+              lora_scale: float = 1.0, **sampler_options: Any) -> jax.Array:
+    """Inpainting (diffusers' ``StableDiffusionInpaintPipeline``): regenerates where ``masks`` is white.
+
+    Masks are binarised at 0.5 and resized to the latents by nearest neighbour. An inpainting UNet
+    (more input channels than the latents: 9 for SD) gets the latent mask and the latents of the
+    image with the masked region blanked as extra input channels. An ordinary UNet keeps the
+    unmasked region pinned to the image latents noised to each step's level
+    (:func:`jdiff.samplers.masked_rule`; not Heun). At ``strength`` 1 sampling starts from noise;
+    below 1 from the image latents noised to the first step kept, as in :meth:`img2img`.
+
+    Args:
+      images: ``[B, H, W, 3]`` (or ``[H, W, 3]``) in [0, 1].
+      masks: ``[B, H, W]``, ``[B, H, W, 1]`` (or one ``[H, W]``) in [0, 1], the size of ``images``;
+        1 (white) is regenerated, 0 kept.
+      prompts, key, strength, num_steps, guidance_scale, guidance_rescale, sampler,
+      negative_prompts, noise, sample_posterior, lora, lora_scale, **sampler_options: as in
+      :meth:`img2img` (``noise`` is also the starting latents at strength 1).
+
+    Returns:
+      float32 images ``[B, H, W, 3]`` in [0, 1].
+
+    Raises:
+      ValueError: a mask whose size differs from the images', a bad strength, a sampler that
+        cannot pin known data (Heun) with an ordinary UNet.
+
+    Example:
+      >>> out = pipe.inpaint(photo, mask, "a red door", key=jax.random.key(0), num_steps=30)  # doctest: +SKIP
+    """
+    n, start_step = _start_step(num_steps, strength)
+    options = self._options(sampler, sampler_options)
+    images, ids, neg_ids = self._image_inputs(images, prompts, negative_prompts)
+    masks = jnp.asarray(masks, jnp.float32)
+    if masks.ndim == images.ndim and masks.shape[-1] == 1:
+      masks = masks[..., 0]
+    if masks.ndim == 2:
+      masks = masks[None]
+    if masks.ndim != 3 or masks.shape[1:] != images.shape[1:3]:
+      raise ValueError(f"masks must be [B, H, W] with the images' size {tuple(images.shape[1:3])}, "
+                       f"got shape {tuple(masks.shape)}")
+    if masks.shape[0] == 1 and images.shape[0] > 1:
+      masks = jnp.broadcast_to(masks, images.shape[:3])
+    if masks.shape[0] != images.shape[0]:
+      raise ValueError(f"{masks.shape[0]} masks for {images.shape[0]} images")
+    masks = (masks >= 0.5).astype(jnp.float32)[..., None]  # [B, H, W, 1], binarised as diffusers does
+    extra = self.unet.config.in_channels - self.latent_channels
+    if extra not in (0, self.latent_channels + 1):
+      raise ValueError(f"a UNet with {self.unet.config.in_channels} input channels is neither an ordinary "
+                       f"({self.latent_channels}) nor an inpainting ({2 * self.latent_channels + 1}) UNet")
+    if not extra and samplers.plan(sampler, self.schedule, n, **options).rule.with_sample is None:
+      raise ValueError(f"sampler {sampler!r} cannot keep the unmasked region between its steps; "
+                       "use another sampler or an inpainting UNet")
+    noise, run_key = self._noise(key, images, noise)
+    program = self._program("inpaint", sampler, n, self._guided(guidance_scale), options, (start_step,))
+    return program(self._params(lora, lora_scale), self.schedule, ids, neg_ids, images, masks, noise,
+                   jnp.float32(guidance_scale), jnp.float32(guidance_rescale), run_key,
                    jnp.asarray(bool(sample_posterior)))
+
+  def invert(self, images: Any, prompts: str | Sequence[str], *, num_steps: int = 50, guidance_scale: float = 1.0,
+             negative_prompts: str | Sequence[str] | None = None, sample_posterior: bool = False,
+             key: jax.Array | None = None, **inversion_options: Any) -> jax.Array:
+    """DDIM inversion of images under prompts: the latent noise that DDIM sampling maps back to them.
+
+    The images are encoded (the posterior mean unless ``sample_posterior``), then
+    :func:`jdiff.samplers.ddim_inversion` runs the guided model from data to noise. Regenerate with
+    ``generate(prompts, latents=z_T, sampler="ddim", num_steps=num_steps, guidance_scale=...)``.
+
+    Args:
+      images, prompts, negative_prompts: as in :meth:`img2img`.
+      num_steps: inversion steps.
+      guidance_scale: classifier-free guidance during inversion (1: the conditional model).
+      sample_posterior: encode with a posterior sample (drawn with ``key``) instead of the mean.
+      **inversion_options: ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``, ... of
+        :func:`jdiff.samplers.ddim_inversion` (default: the bundle's scheduler config).
+
+    Returns:
+      float32 latents ``[B, h, w, C]`` (unit-variance scale, as ``generate``'s ``latents``).
+
+    Example:
+      >>> z_T = pipe.invert(photo, "a photo of a cat", num_steps=50)  # doctest: +SKIP
+      >>> again = pipe.generate("a photo of a cat", key=key, latents=z_T, num_steps=50, guidance_scale=1.0)  # doctest: +SKIP
+    """
+    images, ids, neg_ids = self._image_inputs(images, prompts, negative_prompts)
+    if sample_posterior and key is None:
+      raise ValueError("sample_posterior=True needs a key")
+    options = {**_accepted(samplers.ddim_inversion, self.sampler_options), **inversion_options}
+    guided = self._guided(guidance_scale)
+    cache_key = ("invert", int(num_steps), guided, bool(sample_posterior), _hashable(options))
+    if cache_key not in self._programs:
+      def run(params, schedule, ids, neg_ids, images, scale, key):
+        z = self.encode_images(params[1], images * 2.0 - 1.0, key=key, sample=sample_posterior)
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided)
+        return samplers.ddim_inversion(model_fn, schedule, z, num_steps=int(num_steps), prediction=self.prediction,
+                                       **options)
+      self._programs[cache_key] = jax.jit(run)
+    key = jax.random.key(0) if key is None else key
+    return self._programs[cache_key](self._params(None, 1.0), self.schedule, ids, neg_ids, images,
+                                     jnp.float32(guidance_scale), key)

@@ -19,7 +19,7 @@ explicit in/out shardings and the state donated. Inside the step:
 
 Example:
   >>> tx = make_optimizer(learning_rate=1e-3, clip_norm=1.0)
-  >>> state = create_train_state(lambda k: model.init(k, x)["params"], tx, key, mesh=mesh)
+  >>> state = create_train_state(lambda k: model.init(k, x)["params"], tx, key=key, mesh=mesh)
   >>> step = make_train_step(loss_fn, tx, mesh=mesh, state_sharding=state_shardings(state, mesh))
   >>> state, metrics = step(state, batch)
 """
@@ -130,8 +130,8 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, *, fsdp: bool = Fals
   return parallel.param_shardings(abstract_state, mesh, fsdp=fsdp, min_size=min_size)
 
 
-def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                       key: jax.Array, *, mesh: Mesh | None = None, fsdp: bool = False,
+def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, *,
+                       key: jax.Array, mesh: Mesh | None = None, fsdp: bool = False,
                        min_size: int = 0, extra_ema: Iterable[str] = ()) -> TrainState:
   """Initialises a TrainState directly into its shardings (``jit`` with ``out_shardings``).
 
@@ -147,8 +147,8 @@ def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTr
       at the initial parameters; none: ``state.extra_ema`` is None.
 
   Example:
-    >>> state = create_train_state(lambda k: model.init(k, x)["params"], tx, jax.random.key(0))
-    >>> state = create_train_state(init_fn, tx, key, extra_ema=("target",))  # state.extra_ema["target"]
+    >>> state = create_train_state(lambda k: model.init(k, x)["params"], tx, key=jax.random.key(0))
+    >>> state = create_train_state(init_fn, tx, key=key, extra_ema=("target",))  # state.extra_ema["target"]
   """
   mesh = mesh or parallel.make_mesh()
   k_init, k_rng = jax.random.split(key)

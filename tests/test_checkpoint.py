@@ -15,7 +15,7 @@ def _state(width: int, seed: int = 0):
   model = nn.Dense(width)
   tx = training.make_optimizer(learning_rate=1e-2)
   init = lambda k: model.init(k, jnp.zeros((1, 3)))["params"]  # noqa: E731
-  return training.create_train_state(init, tx, jax.random.key(seed), mesh=parallel.make_mesh())
+  return training.create_train_state(init, tx, key=jax.random.key(seed), mesh=parallel.make_mesh())
 
 
 def _abstract(state):

@@ -137,11 +137,11 @@ def test_boundary_condition_f_at_t0_is_identity(sched, key, prediction):
   t0 = jnp.zeros((SHAPE[0],), jnp.int32)
   c_skip, c_out = consistency.boundary_scalings(t0)
   assert np.all(np.asarray(c_skip) == 1.0) and np.all(np.asarray(c_out) == 0.0)
-  f = consistency.consistency_output(out, x, t0, sched, prediction=prediction)
+  f = consistency.consistency_output(sched, out, x, t0, prediction=prediction)
   np.testing.assert_array_equal(f, x)
   # Away from 0: c_skip x + c_out x0_hat with x0_hat from diffusion.to_x0, against float64.
   t = jnp.array([5, 50, 500, 999])
-  f = consistency.consistency_output(out, x, t, sched, prediction=prediction)
+  f = consistency.consistency_output(sched, out, x, t, prediction=prediction)
   abar = np.asarray(sched.alphas_cumprod, np.float64)[np.asarray(t)].reshape(-1, 1, 1, 1)
   a, sg = np.sqrt(abar), np.sqrt(1.0 - abar)
   xn, on = np.asarray(x, np.float64), np.asarray(out, np.float64)
@@ -287,18 +287,18 @@ def test_distillation_loss_zero_for_exact_student_and_teacher(sched, sched_zero,
             teacher_prediction="epsilon", w=w)
   for i, index in enumerate([jnp.array([0, 3, 12, 24]), None]):
     loss, aux = consistency.distillation_loss(g.student("sample"), g.teacher, sched_zero, x0,
-                                              jax.random.fold_in(key, i), index=index, **kw)
+                                              key=jax.random.fold_in(key, i), index=index, **kw)
     assert float(loss) < (1e-10 if loss_type == "l2" else 1e-7), float(loss)
     np.testing.assert_allclose(aux["w"], np.mean(np.asarray(w)), rtol=1e-6)
   # The same with an epsilon-predicting student away from t = 0 on the usual schedule.
   g2 = _gauss(sched)
-  loss, _ = consistency.distillation_loss(g2.student("epsilon"), g2.teacher, sched, _data(g2, key, w), key,
+  loss, _ = consistency.distillation_loss(g2.student("epsilon"), g2.teacher, sched, _data(g2, key, w), key=key,
                                           index=jnp.array([1, 5, 30, 49]), num_ddim_timesteps=50,
                                           loss_type=loss_type, solver=g2.exact_solver, w=w)
   assert float(loss) < (1e-9 if loss_type == "l2" else 1e-6), float(loss)
   # A student of the wrong guidance (the conditional model for every w) is penalised.
   wrong, _ = consistency.distillation_loss(lambda x, t, w_: g.student("sample")(x, t, jnp.zeros_like(w_)),
-                                           g.teacher, sched_zero, x0, key, index=jnp.array([3, 6, 12, 24]), **kw)
+                                           g.teacher, sched_zero, x0, key=key, index=jnp.array([3, 6, 12, 24]), **kw)
   assert float(wrong) > (1e-3 if loss_type == "l2" else 1e-2), float(wrong)
 
 
@@ -310,7 +310,7 @@ def test_distillation_loss_with_ddim_teacher_vanishes_with_step(sched_zero, key)
   x0 = _data(g, key, w)
   losses = []
   for n in (10, 20, 40):
-    loss, _ = consistency.distillation_loss(g.student("sample"), g.teacher, sched_zero, x0, key,
+    loss, _ = consistency.distillation_loss(g.student("sample"), g.teacher, sched_zero, x0, key=key,
                                             index=jnp.array([n // 2, n // 2 + 1, n - 2, n - 1]),
                                             num_ddim_timesteps=n, loss_type="l2", prediction="sample",
                                             teacher_prediction="epsilon", w=w)
@@ -324,19 +324,19 @@ def test_distillation_loss_samples_w_and_grid_and_is_jittable(sched, key):
   g = _gauss(sched)
   x0 = jax.random.normal(key, SHAPE)
   student = g.student("epsilon")
-  fn = jax.jit(lambda x, k: consistency.distillation_loss(student, g.teacher, sched, x, k, w_min=2.0,
+  fn = jax.jit(lambda x, k: consistency.distillation_loss(student, g.teacher, sched, x, key=k, w_min=2.0,
                                                           w_max=5.0, num_ddim_timesteps=50, reduce=False))
   per_ex, _ = fn(x0, key)
   assert per_ex.shape == (SHAPE[0],) and bool(jnp.all(jnp.isfinite(per_ex)))
   fn(x0, jax.random.fold_in(key, 1))
   assert fn._cache_size() == 1  # no recompilation for a new key
   big = jax.jit(lambda k: consistency.distillation_loss(student, g.teacher, sched,
-                                                        jnp.zeros((512,) + SHAPE[1:]), k, w_min=2.0, w_max=5.0))
+                                                        jnp.zeros((512,) + SHAPE[1:]), key=k, w_min=2.0, w_max=5.0))
   _, aux = big(key)
   assert 3.2 < float(aux["w"]) < 3.8  # mean of U[2, 5]
   assert 420 < float(aux["t"]) < 600  # mean of the grid 19, 39, ..., 999 is 509
   with pytest.raises(ValueError, match="w_min"):
-    consistency.distillation_loss(student, g.teacher, sched, x0, key, w_min=5.0, w_max=1.0)
+    consistency.distillation_loss(student, g.teacher, sched, x0, key=key, w_min=5.0, w_max=1.0)
 
 
 def test_gradients_flow_only_through_the_student(sched, key):
@@ -353,10 +353,10 @@ def test_gradients_flow_only_through_the_student(sched, key):
   kw = dict(num_ddim_timesteps=20, loss_type="huber", huber_c=0.01)
 
   def loss_self(p):
-    return consistency.distillation_loss(lambda x, t, w: net(p, x, t, w), teacher, sched, x0, key, **kw)[0]
+    return consistency.distillation_loss(lambda x, t, w: net(p, x, t, w), teacher, sched, x0, key=key, **kw)[0]
 
   def loss_frozen(p, q):
-    return consistency.distillation_loss(lambda x, t, w: net(p, x, t, w), teacher, sched, x0, key,
+    return consistency.distillation_loss(lambda x, t, w: net(p, x, t, w), teacher, sched, x0, key=key,
                                          target_fn=lambda x, t, w: net(q, x, t, w), **kw)[0]
 
   g_self = jax.grad(loss_self)(p)
@@ -376,8 +376,8 @@ def test_consistency_training_is_distillation_with_the_noise_as_teacher(sched, k
   def student(x, t):
     return jnp.tanh(0.9 * x) + t.astype(jnp.float32).reshape(-1, 1, 1, 1) / 3000.0
 
-  ct, _ = consistency.training_loss(student, sched, x0, key, index=index, noise=noise, loss_type="l2")
-  cd, _ = consistency.distillation_loss(lambda x, t, w: student(x, t), lambda x, t, w: noise, sched, x0, key,
+  ct, _ = consistency.training_loss(student, sched, x0, key=key, index=index, noise=noise, loss_type="l2")
+  cd, _ = consistency.distillation_loss(lambda x, t, w: student(x, t), lambda x, t, w: noise, sched, x0, key=key,
                                         index=index, noise=noise, loss_type="l2", w_min=0.0, w_max=0.0)
   np.testing.assert_allclose(ct, cd, rtol=1e-4)
   assert float(ct) > 1e-4
@@ -385,14 +385,14 @@ def test_consistency_training_is_distillation_with_the_noise_as_teacher(sched, k
   t, s = consistency.skipping_pairs(T, 50, index)
   xt = diffusion.q_sample(sched, x0, t, noise)
   xs = diffusion.q_sample(sched, x0, s, noise)
-  ft = consistency.consistency_output(student(xt, t), xt, t, sched)
-  fs = consistency.consistency_output(student(xs, s), xs, s, sched)
+  ft = consistency.consistency_output(sched, student(xt, t), xt, t)
+  fs = consistency.consistency_output(sched, student(xs, s), xs, s)
   np.testing.assert_allclose(ct, np.mean((np.asarray(ft, np.float64) - np.asarray(fs, np.float64)) ** 2),
                              rtol=1e-4)
   # The exact consistency function of Gaussian data is a fixed point in expectation only: the
   # one-sample loss does not vanish (unlike distillation with an exact teacher).
   g = _gauss(sched)
   ct_exact, _ = consistency.training_loss(lambda x, t: g.student("epsilon")(x, t, jnp.zeros((x.shape[0],))),
-                                          sched, _data(g, key, jnp.zeros((4,))), key, index=jnp.array([5, 9, 20, 40]),
+                                          sched, _data(g, key, jnp.zeros((4,))), key=key, index=jnp.array([5, 9, 20, 40]),
                                           loss_type="l2")
   assert float(ct_exact) > 1e-6

@@ -25,7 +25,7 @@ def nets():
   ctx = jax.random.normal(k[1], (2, 3, 16))
   hint = jax.random.uniform(k[2], (2, 16, 16, 3))
   up = unet.init(k[3], x, t, ctx)["params"]
-  cp = init_from_unet(up, jax.random.key(5), cn, x, t, ctx, hint)
+  cp = init_from_unet(up, cn, x, t, ctx, hint, key=jax.random.key(5))
   return unet, cn, up, cp, (x, t, ctx, hint)
 
 
@@ -111,7 +111,7 @@ def test_projection_class_embedding_is_copied_and_exact():
   ctx, hint = jnp.ones((1, 2, 16)), jnp.zeros((1, 16, 16, 3))
   labels = jnp.mean(ctx, axis=1)
   up = unet.init(jax.random.key(0), x, t, ctx, class_labels=labels)["params"]
-  cp = init_from_unet(up, jax.random.key(1), cn, x, t, ctx, hint, class_labels=labels)
+  cp = init_from_unet(up, cn, x, t, ctx, hint, class_labels=labels, key=jax.random.key(1))
   np.testing.assert_array_equal(cp["class_embedding"]["linear_1"]["kernel"], up["class_embedding"]["linear_1"]["kernel"])
   down, mid = cn.apply({"params": cp}, x, t, ctx, hint, class_labels=labels)
   out = unet.apply({"params": up}, x, t, ctx, class_labels=labels, down_residuals=down, mid_residual=mid)

@@ -96,8 +96,8 @@ def test_round_trip_equals_encoding_on_the_fly(tmp_path, folder, encoders):
     # The latent drawn from stored moments with a step key is the live posterior's draw.
     key = jax.random.fold_in(jax.random.key(3), j)
     live = posterior(ex["image"][None])
-    want = DiagonalGaussian(mean=live[0], logvar=live[1]).sample(key)
-    got = data.sample_latents(rec["latent_mean"][None], rec["latent_logvar"][None], key)
+    want = DiagonalGaussian(mean=live[0], logvar=live[1]).sample(key=key)
+    got = data.sample_latents(rec["latent_mean"][None], rec["latent_logvar"][None], key=key)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 

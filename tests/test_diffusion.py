@@ -70,7 +70,7 @@ def test_loss_matches_float64_recomputation(pred, weighting, key):
   t = jnp.array([3, 50, 400, 800, 999], jnp.int32)
   noise = jax.random.normal(jax.random.key(7), x0.shape)
   model = lambda x, tt: 0.3 * x - 0.1  # noqa: E731
-  got = diffusion.loss(model, SCHED, x0, key, prediction=pred, weighting=weighting, min_snr_gamma=5.0, t=t,
+  got = diffusion.loss(model, SCHED, x0, key=key, prediction=pred, weighting=weighting, min_snr_gamma=5.0, t=t,
                        noise=noise)
   abar = np.cumprod(1 - np.asarray(SCHED.betas, np.float64))[np.asarray(t)].reshape(-1, 1, 1, 1)
   x0n, nn = np.asarray(x0, np.float64), np.asarray(noise, np.float64)
@@ -92,7 +92,7 @@ def test_loss_offset_noise_and_input_perturbation(pred, key):
   t = jnp.array([10, 500, 990], jnp.int32)
   noise = jax.random.normal(jax.random.key(7), x0.shape)
   model = lambda x, tt: 0.3 * x - 0.1  # noqa: E731
-  got = diffusion.loss(model, SCHED, x0, key, prediction=pred, t=t, noise=noise, noise_offset=0.5,
+  got = diffusion.loss(model, SCHED, x0, key=key, prediction=pred, t=t, noise=noise, noise_offset=0.5,
                        input_perturbation=0.5)
   offset = 0.5 * np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (3, 1, 1, 2)), np.float64)
   extra = 0.5 * np.asarray(jax.random.normal(jax.random.fold_in(key, 2), x0.shape), np.float64)
@@ -104,8 +104,8 @@ def test_loss_offset_noise_and_input_perturbation(pred, key):
   want = ((0.3 * xt - 0.1 - tgt) ** 2).mean()
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   # Both options off: exactly the plain loss.
-  plain = diffusion.loss(model, SCHED, x0, key, prediction=pred, t=t, noise=noise)
-  assert float(diffusion.loss(model, SCHED, x0, key, prediction=pred, t=t, noise=noise, noise_offset=0.0,
+  plain = diffusion.loss(model, SCHED, x0, key=key, prediction=pred, t=t, noise=noise)
+  assert float(diffusion.loss(model, SCHED, x0, key=key, prediction=pred, t=t, noise=noise, noise_offset=0.0,
                               input_perturbation=0.0)) == float(plain)
   assert abs(float(plain) - want) > 1e-2 * want  # the options change the loss (far beyond rtol)
 
@@ -113,10 +113,10 @@ def test_loss_offset_noise_and_input_perturbation(pred, key):
 def test_loss_is_zero_for_the_exact_predictor(key):
   x0 = jax.random.normal(key, (4, 2, 2, 1))
   noise = jax.random.normal(jax.random.key(1), x0.shape)
-  got = diffusion.loss(lambda x, t: noise, SCHED, x0, key, noise=noise)
+  got = diffusion.loss(lambda x, t: noise, SCHED, x0, key=key, noise=noise)
   assert float(got) == 0.0
   with pytest.raises(ValueError, match="model output shape"):
-    diffusion.loss(lambda x, t: x[..., :1], SCHED, jnp.zeros((2, 2, 2, 3)), key)
+    diffusion.loss(lambda x, t: x[..., :1], SCHED, jnp.zeros((2, 2, 2, 3)), key=key)
   with pytest.raises(ValueError, match="integer timesteps"):
     diffusion.q_sample(SCHED, x0, jnp.zeros((4,)), noise)
 
@@ -169,7 +169,7 @@ def test_vb_terms_vanish_for_the_exact_predictor_and_bits_per_dim_adds_up(key):
     a, sg = diffusion.q_mean_std(s, tt, x)
     return (x - a * x0) / sg
 
-  out = diffusion.bits_per_dim(exact_eps, s, x0, key)
+  out = diffusion.bits_per_dim(exact_eps, s, x0, key=key)
   np.testing.assert_allclose(out["terms"][1:], np.zeros((19, 3)), atol=1e-4)
   np.testing.assert_allclose(out["total"], out["prior"] + out["terms"][0], rtol=1e-5)
   assert np.all(np.asarray(out["terms"][0]) > 0)
@@ -178,11 +178,11 @@ def test_vb_terms_vanish_for_the_exact_predictor_and_bits_per_dim_adds_up(key):
 def test_drop_condition(key):
   cond = {"emb": jnp.ones((10000, 3, 2)), "label": jnp.arange(10000)}
   null = {"emb": jnp.zeros((3, 2)), "label": jnp.array(-1)}
-  same = diffusion.drop_condition(key, cond, null, 0.0)
+  same = diffusion.drop_condition(cond, null, 0.0, key=key)
   np.testing.assert_array_equal(same["label"], cond["label"])
-  allnull = diffusion.drop_condition(key, cond, null, 1.0)
+  allnull = diffusion.drop_condition(cond, null, 1.0, key=key)
   assert np.all(np.asarray(allnull["label"]) == -1) and float(allnull["emb"].sum()) == 0
-  out = diffusion.drop_condition(key, cond, null, 0.3)
+  out = diffusion.drop_condition(cond, null, 0.3, key=key)
   dropped = np.asarray(out["label"]) == -1
   assert abs(dropped.mean() - 0.3) < 0.02
   np.testing.assert_array_equal(np.asarray(out["emb"]).sum((1, 2)) == 0, dropped)  # same decision per leaf

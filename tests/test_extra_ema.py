@@ -38,7 +38,7 @@ def setup():
   frozen = {"w": jnp.float32(0.5)}
 
   def fresh():
-    return training.create_train_state(init_params, tx, jax.random.key(3), mesh=mesh, extra_ema=tuple(DECAYS))
+    return training.create_train_state(init_params, tx, key=jax.random.key(3), mesh=mesh, extra_ema=tuple(DECAYS))
 
   shardings = jax.tree.map(lambda x: x.sharding, fresh())
   step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings, frozen=frozen,
@@ -106,7 +106,7 @@ def test_names_must_match_the_state(setup):
   with pytest.raises(ValueError, match="extra EMAs"):
     step(st, parallel.host_to_global(make_batch(0), mesh))
   with pytest.raises(ValueError, match="distinct"):
-    training.create_train_state(init_params, tx, jax.random.key(0), mesh=mesh, extra_ema=("a", "a"))
+    training.create_train_state(init_params, tx, key=jax.random.key(0), mesh=mesh, extra_ema=("a", "a"))
 
 
 def test_checkpoint_round_trip(setup, tmp_path):
@@ -119,7 +119,7 @@ def test_checkpoint_round_trip(setup, tmp_path):
     assert "extra_ema" in ck.saved_shapes(1)
     restored, _ = ck.restore(1, checkpoint.abstract_like(st))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), jax.tree.map(np.asarray, st))
-  plain = training.create_train_state(init_params, tx, jax.random.key(3), mesh=mesh)
+  plain = training.create_train_state(init_params, tx, key=jax.random.key(3), mesh=mesh)
   assert plain.extra_ema is None
   with checkpoint.Checkpointer(str(tmp_path / "b"), async_save=False) as ck:
     ck.save(0, plain, force=True)

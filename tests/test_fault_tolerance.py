@@ -248,7 +248,7 @@ def _fresh_state():
   t = config.train
   tx = training.make_optimizer(learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.steps,
                                schedule=t.lr_schedule, clip_norm=t.clip_norm)
-  return training.create_train_state(make_task().init_params, tx, jax.random.key(0), mesh=parallel.make_mesh())
+  return training.create_train_state(make_task().init_params, tx, key=jax.random.key(0), mesh=parallel.make_mesh())
 
 
 def test_fingerprint_detects_single_bit_flip():

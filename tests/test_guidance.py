@@ -36,7 +36,7 @@ def test_guidance_rescale_matches_definition(key):
   x = jax.random.normal(key, (2, 5, 5, 3))
   t = jnp.array([1, 2])
   cond, uncond = {"emb": jnp.array([2.0, -1.0])}, {"emb": jnp.array([0.1, 0.1])}
-  got = np.asarray(guidance.cfg(apply, cond, uncond, 6.0, rescale=0.7)(x, t), np.float64)
+  got = np.asarray(guidance.cfg(apply, cond, uncond, 6.0, guidance_rescale=0.7)(x, t), np.float64)
   c = np.asarray(apply(x, t, cond), np.float64)
   u = np.asarray(apply(x, t, uncond), np.float64)
   g = u + 6.0 * (c - u)

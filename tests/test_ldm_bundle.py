@@ -113,9 +113,9 @@ def test_generate_equals_the_hand_composition(base_dir, pipe):
 def test_pieces_encode_decode_and_model_fn(pipe):
   images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 1)), jnp.float32)
   post = pipe.vae.apply({"params": pipe.vae_params}, images, method=pipe.vae.encode)
-  z = pipe.encode_images(pipe.vae_params, images, jax.random.key(3))
-  np.testing.assert_allclose(z, post.sample(jax.random.key(3)) * 0.9, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(pipe.encode_images(pipe.vae_params, images, None, sample=False), post.mode() * 0.9,
+  z = pipe.encode_images(pipe.vae_params, images, key=jax.random.key(3))
+  np.testing.assert_allclose(z, post.sample(key=jax.random.key(3)) * 0.9, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(pipe.encode_images(pipe.vae_params, images, sample=False), post.mode() * 0.9,
                              rtol=1e-6, atol=1e-6)
   ctx = pipe.encode_text(pipe.text_params, jnp.asarray(pipe.tokenize(["a", "b"])))
   x = jax.random.normal(jax.random.key(4), (2, 16, 16, 4))
@@ -127,7 +127,7 @@ def test_pieces_encode_decode_and_model_fn(pipe):
   guided = pipe.model_fn(pipe.unet_params, ctx, null_context=null, guidance_scale=2.5)(x, t)
   np.testing.assert_allclose(guided, uncond + 2.5 * (plain - uncond), rtol=1e-5, atol=1e-5)
   # LoRA as a transformation: the same as merging by hand.
-  adapter = lora.init(jax.random.key(5), pipe.unet_params, rank=2, targets=("to_q",))
+  adapter = lora.init(pipe.unet_params, key=jax.random.key(5), rank=2, targets=("to_q",))
   adapter = lora.LoRA(factors=jax.tree.map(lambda a: a + 0.1, adapter.factors), scales=adapter.scales)
   merged = lora.merge(pipe.unet_params, adapter)
   np.testing.assert_array_equal(pipe.model_fn(pipe.unet_params, ctx, lora=adapter)(x, t),
@@ -143,7 +143,7 @@ def test_lora_workdir_loads_with_the_factors_merged(base_dir, pipe, tmp_path):
   config = lora_digits.get_config()
   config.base = base_dir
   config.lora.update(dict(rank=2, alpha=4.0))
-  adapter = lora.init(jax.random.key(0), pipe.unet_params, rank=2, alpha=4.0, targets=ldm.lora_targets(config.lora.targets))
+  adapter = lora.init(pipe.unet_params, key=jax.random.key(0), rank=2, alpha=4.0, targets=ldm.lora_targets(config.lora.targets))
   adapter = lora.LoRA(factors=jax.tree.map(lambda a: a + 0.05, adapter.factors), scales=adapter.scales)
   loop.write_config(config, workdir)
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:

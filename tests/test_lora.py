@@ -40,23 +40,23 @@ def _randomize_up(adapter, key):
 
 def test_targets_and_zero_init(model):
   m, params, x = model
-  ad = lora.init(jax.random.key(2), params, rank=2, alpha=4)
+  ad = lora.init(params, key=jax.random.key(2), rank=2, alpha=4)
   assert ad.paths == ["to_k/kernel", "to_out_0/kernel", "to_q/kernel", "to_v/kernel"]
   assert ad.scale_of("to_q/kernel") == 2.0
   merged = lora.merge(params, ad)
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)  # B = 0: the model is unchanged
-  conv = lora.init(jax.random.key(2), params, rank=3, targets=("conv_in",))
+  conv = lora.init(params, key=jax.random.key(2), rank=3, targets=("conv_in",))
   assert conv.factors["conv_in/kernel"]["down"].shape == (3, 3, 3, 3)
   assert conv.factors["conv_in/kernel"]["up"].shape == (3, 6)
   with pytest.raises(ValueError, match="no kernel matches"):
-    lora.init(jax.random.key(0), params, targets=("nothing",))
+    lora.init(params, key=jax.random.key(0), targets=("nothing",))
 
 
 def test_merged_equals_unmerged_computation(model):
   """Merged weights give the same output as evaluating W x + (alpha/r) B A x explicitly."""
   m, params, x = model
-  ad = _randomize_up(lora.init(jax.random.key(3), params, rank=2, alpha=3, targets=("to_q", "conv_in")), jax.random.key(4))
+  ad = _randomize_up(lora.init(params, key=jax.random.key(3), rank=2, alpha=3, targets=("to_q", "conv_in")), jax.random.key(4))
   merged_out = m.apply({"params": lora.merge(params, ad, scale=0.7)}, x)
 
   class Explicit(nn.Module):
@@ -84,8 +84,8 @@ def test_merged_equals_unmerged_computation(model):
 
 def test_merge_unmerge_round_trip_and_many(model):
   _, params, _ = model
-  a = _randomize_up(lora.init(jax.random.key(5), params, rank=4, alpha=8), jax.random.key(6))
-  b = _randomize_up(lora.init(jax.random.key(7), params, rank=2, alpha=2), jax.random.key(8))
+  a = _randomize_up(lora.init(params, key=jax.random.key(5), rank=4, alpha=8), jax.random.key(6))
+  b = _randomize_up(lora.init(params, key=jax.random.key(7), rank=2, alpha=2), jax.random.key(8))
   back = lora.unmerge(lora.merge(params, a, 0.8), a, 0.8)
   for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
     np.testing.assert_allclose(x, y, atol=1e-6)
@@ -103,7 +103,7 @@ def test_merge_unmerge_round_trip_and_many(model):
 def test_training_touches_only_the_factors(model):
   m, params, x = model
   base = jax.tree.map(np.array, params)
-  ad = lora.init(jax.random.key(9), params, rank=2, alpha=2)
+  ad = lora.init(params, key=jax.random.key(9), rank=2, alpha=2)
   opt = optax.adam(1e-2)
   opt_state = opt.init(ad.factors)
   # adam holds mu and nu for the factors only, plus its step count
@@ -134,7 +134,7 @@ def test_kohya_round_trip_matches_merged_weights(tmp_path, model, monkeypatch):
   _, params, _ = model
   # Name modules as diffusers would for this toy tree: the path without "/kernel".
   monkeypatch.setitem(lora._COMPONENTS, "unet", lambda p: p.rsplit("/", 1)[0].replace("/", "."))
-  ad = _randomize_up(lora.init(jax.random.key(10), params, rank=3, alpha=1.5, targets=("to_q", "conv_in")),
+  ad = _randomize_up(lora.init(params, key=jax.random.key(10), rank=3, alpha=1.5, targets=("to_q", "conv_in")),
                      jax.random.key(11))
   lora.save_kohya(tmp_path / "k.safetensors", {"unet": ad})
   from safetensors.numpy import load_file

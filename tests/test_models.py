@@ -178,7 +178,7 @@ def test_diagonal_gaussian_closed_form():
   noise = rng.standard_normal(mean.shape).astype(np.float32)
   np.testing.assert_allclose(post.reparameterize(noise), mean + np.exp(0.5 * logvar) * noise,
                              rtol=1e-5, atol=1e-6)
-  grads = jax.grad(lambda m: jnp.sum(DiagonalGaussian.from_moments(m).sample(jax.random.key(0))))(
+  grads = jax.grad(lambda m: jnp.sum(DiagonalGaussian.from_moments(m).sample(key=jax.random.key(0))))(
       jnp.asarray(moments, jnp.float32))
   np.testing.assert_allclose(grads[..., :4], 1.0)  # d sample / d mean = 1 (reparameterised)
 

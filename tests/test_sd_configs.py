@@ -36,7 +36,7 @@ def lower_step(variant: str) -> dict:
                                schedule=t.lr_schedule, clip_norm=t.clip_norm, weight_decay=t.weight_decay)
   mesh = parallel.make_mesh(fsdp=int(t.fsdp))
   key = jax.random.key(0)
-  state = jax.eval_shape(lambda k: training.create_train_state(bundle.init_unet, tx, k, mesh=mesh, fsdp=True), key)
+  state = jax.eval_shape(lambda k: training.create_train_state(bundle.init_unet, tx, key=k, mesh=mesh, fsdp=True), key)
   shardings = training.state_shardings(state, mesh, fsdp=True)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
   img = jnp.zeros((1, size, size, 3), jnp.float32)

@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent("""
   for name, mesh, fsdp in [("one", parallel.make_mesh(devices=jax.devices()[:1]), False),
                            ("eight", parallel.make_mesh(fsdp=4), True)]:
     tx = training.make_optimizer(learning_rate=1e-2)
-    st = training.create_train_state(init, tx, jax.random.key(0), mesh=mesh, fsdp=fsdp)
+    st = training.create_train_state(init, tx, key=jax.random.key(0), mesh=mesh, fsdp=fsdp)
     shard = training.state_shardings(jax.eval_shape(lambda: st), mesh, fsdp=fsdp)
     step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shard)
     losses = []

@@ -106,9 +106,9 @@ def test_loss_follows_the_curriculum_and_the_target():
   @jax.jit
   def reference(p, tg, n):
     k_z, k_loss = jax.random.split(key)
-    z = bundle.encode_images(bundle.vae_params, batch["image"], k_z)
+    z = bundle.encode_images(bundle.vae_params, batch["image"], key=k_z)
     fn = lambda q: bundle.model_fn(q["unet"], bundle.encode_text(q["text"], batch["tokens"]))  # noqa: E731
-    return consistency.training_loss(fn(p), bundle.schedule, z, k_loss, target_fn=fn(tg), num_ddim_timesteps=n,
+    return consistency.training_loss(fn(p), bundle.schedule, z, key=k_loss, target_fn=fn(tg), num_ddim_timesteps=n,
                                      loss_type="l2", prediction="sample", timestep_scaling=10.0)[0]
 
   seen = set()

@@ -137,12 +137,12 @@ def test_loss_uses_the_target_network(teacher, batch):
   @jax.jit
   def reference(p):
     k_z, k_loss = jax.random.split(key)
-    z = t.encode_images(t.vae_params, batch["image"], k_z)
+    z = t.encode_images(t.vae_params, batch["image"], key=k_z)
     ctx = t.encode_text(t.text_params, batch["tokens"])
     null = t.encode_text(t.text_params, t.null_ids())
     teacher_fn = consistency.guided_teacher(lambda x, tt, cc: t.model_fn(t.unet_params, cc)(x, tt), ctx, null)
     return consistency.distillation_loss(
-        student.model_fn(p, ctx), teacher_fn, t.schedule, z, k_loss, num_ddim_timesteps=int(c.num_ddim_timesteps),
+        student.model_fn(p, ctx), teacher_fn, t.schedule, z, key=k_loss, num_ddim_timesteps=int(c.num_ddim_timesteps),
         w_min=float(c.w_min), w_max=float(c.w_max), solver=c.solver, loss_type=c.loss_type,
         huber_c=float(c.huber_c), prediction=t.prediction, timestep_scaling=float(c.timestep_scaling))[0]
 

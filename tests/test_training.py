@@ -48,7 +48,7 @@ def setup():
   frozen = {"scale": jnp.float32(1.5)}
 
   def fresh():
-    return training.create_train_state(init_params, tx, jax.random.key(7), mesh=mesh)
+    return training.create_train_state(init_params, tx, key=jax.random.key(7), mesh=mesh)
 
   st = fresh()
   shardings = jax.tree.map(lambda x: x.sharding, st)

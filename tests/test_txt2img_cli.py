@@ -116,7 +116,7 @@ def test_lora_flag_generates_with_the_adapter(pipeline_dir, tmp_path, capsys, mo
   from jdiff.pipelines import StableDiffusion
   pipe = StableDiffusion.from_diffusers(pipeline_dir)
   monkeypatch.setattr(_cli, "load_pipeline", lambda kind, path, **kw: pipe)  # share the compiled program
-  ad = lora.init(jax.random.key(0), pipe.unet_params, rank=2, alpha=2.0)
+  ad = lora.init(pipe.unet_params, key=jax.random.key(0), rank=2, alpha=2.0)
   ad = lora.LoRA(factors={p: {"down": f["down"], "up": 0.5 * jax.random.normal(jax.random.key(i), f["up"].shape)}
                           for i, (p, f) in enumerate(sorted(ad.factors.items()))}, scales=ad.scales)
   lora.save_diffusers(tmp_path / "style.safetensors", {"unet": ad})

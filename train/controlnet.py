@@ -108,12 +108,12 @@ def make_task(config: ml_collections.ConfigDict, base: StableDiffusion, net: Con
   def loss_fn(params, batch, key, frozen):
     k_z, k_drop, k_loss = jax.random.split(key, 3)
     full = partition.combine(params, frozen["base"])  # {"unet": frozen, "controlnet": trained}
-    z = base.encode_images(frozen["vae"], batch["image"], k_z)  # [B, h, w, c]
+    z = base.encode_images(frozen["vae"], batch["image"], key=k_z)  # [B, h, w, c]
     ctx = base.encode_text(frozen["text"], batch["tokens"])  # [B, L, D]
     null = base.encode_text(frozen["text"], frozen["null_tokens"])  # [1, L, D]
-    ctx = diffusion.drop_condition(k_drop, ctx, null, rate)
+    ctx = diffusion.drop_condition(ctx, null, rate, key=k_drop)
     model_fn = base.model_fn(full["unet"], ctx, controls=[Control(net, full["controlnet"], batch["control"])])
-    loss = diffusion.loss(model_fn, base.schedule, z, k_loss, prediction=base.prediction,
+    loss = diffusion.loss(model_fn, base.schedule, z, key=k_loss, prediction=base.prediction,
                           weighting=d.weighting or None, min_snr_gamma=float(d.min_snr_gamma))
     return loss, {}
 

@@ -93,13 +93,13 @@ def make_task(config: ml_collections.ConfigDict, bundle: StableDiffusion) -> loo
 
   def loss_fn(params, batch, key, frozen, state):
     k_z, k_loss = jax.random.split(key)
-    z = bundle.encode_images(frozen["vae"], batch["image"], k_z)  # [B, h, w, c]
+    z = bundle.encode_images(frozen["vae"], batch["image"], key=k_z)  # [B, h, w, c]
     unet_params, text_params = split(params, frozen.get("text"))
     target_unet, target_text = split(state.extra_ema["target"], frozen.get("text"))
     student = bundle.model_fn(unet_params, bundle.encode_text(text_params, batch["tokens"]))
     target = bundle.model_fn(target_unet, bundle.encode_text(target_text, batch["tokens"]))
     n = at(n_table.astype("int32"), state.step)
-    loss, aux = consistency.training_loss(student, bundle.schedule, z, k_loss, target_fn=target,
+    loss, aux = consistency.training_loss(student, bundle.schedule, z, key=k_loss, target_fn=target,
                                           num_ddim_timesteps=n - 1, **opts)
     return loss, {**aux, "num_scales": n.astype(jnp.float32)}
 

@@ -120,13 +120,13 @@ def build(config: ml_collections.ConfigDict, teacher: StableDiffusion) -> tuple[
   if c.lora:
     lora_opts = dict(rank=int(c.lora_rank), alpha=float(c.lora_alpha or c.lora_rank),
                      targets=ldm.lora_targets(c.lora_targets))
-    adapter = jax.eval_shape(lambda: lora.init(jax.random.key(0), teacher_params, **lora_opts))
+    adapter = jax.eval_shape(lambda: lora.init(teacher_params, key=jax.random.key(0), **lora_opts))
     student = LCMStudent(teacher=teacher, bundle=ldm.lcm_student(teacher, w_dim=None, **common), w_dim=None,
                          lora_scales=adapter.scales)
 
     def init_params(k):
       # Zero up-projections: the student starts as the teacher.
-      return ldm.factors_to_tree(lora.init(k, teacher_params, **lora_opts).factors)
+      return ldm.factors_to_tree(lora.init(teacher_params, key=k, **lora_opts).factors)
 
     return student, init_params
 
@@ -179,14 +179,14 @@ def make_task(config: ml_collections.ConfigDict, student: LCMStudent,
 
   def loss_fn(params, batch, key, frozen, state):
     k_z, k_loss = jax.random.split(key)
-    z = t.encode_images(frozen["vae"], batch["image"], k_z)  # [B, h, w, c]
+    z = t.encode_images(frozen["vae"], batch["image"], key=k_z)  # [B, h, w, c]
     ctx = t.encode_text(frozen["text"], batch["tokens"])  # [B, L, D]
     null = t.encode_text(frozen["text"], frozen["null_tokens"])  # [1, L, D]
     unet_params = student.unet_params(params, frozen["teacher"])
     student_fn = student.model_fn(unet_params, ctx)
     target_fn = student.model_fn(student.unet_params(state.extra_ema["target"], frozen["teacher"]), ctx)
     teacher_fn = consistency.guided_teacher(lambda x, tt, cc: t.model_fn(frozen["teacher"], cc)(x, tt), ctx, null)
-    return consistency.distillation_loss(student_fn, teacher_fn, t.schedule, z, k_loss, target_fn=target_fn,
+    return consistency.distillation_loss(student_fn, teacher_fn, t.schedule, z, key=k_loss, target_fn=target_fn,
                                          **opts)
 
   s = config.sample

@@ -97,14 +97,14 @@ def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
     k_z, k_drop, k_loss = jax.random.split(key, 3)
     unet_params, text_params = split_params(config, params, frozen.get("text"))
     if "latent_mean" in batch:  # precomputed frozen encoders (jdiff.data.precompute): the same draws
-      z = bundle.scale_latents(data.sample_latents(batch["latent_mean"], batch["latent_logvar"], k_z))
-      ctx = diffusion.drop_condition(k_drop, batch["text"], frozen["null_text"], d.cond_drop)  # [B, L, D]
+      z = bundle.scale_latents(data.sample_latents(batch["latent_mean"], batch["latent_logvar"], key=k_z))
+      ctx = diffusion.drop_condition(batch["text"], frozen["null_text"], d.cond_drop, key=k_drop)  # [B, L, D]
     else:
-      z = bundle.encode_images(frozen["vae"], batch["image"], k_z)  # [B, h, w, c]
+      z = bundle.encode_images(frozen["vae"], batch["image"], key=k_z)  # [B, h, w, c]
       # Dropping the caption (not its embedding) trains the null embedding of a trainable encoder too.
-      tokens = diffusion.drop_condition(k_drop, batch["tokens"], frozen["null_tokens"], d.cond_drop)  # [B, L]
+      tokens = diffusion.drop_condition(batch["tokens"], frozen["null_tokens"], d.cond_drop, key=k_drop)  # [B, L]
       ctx = bundle.encode_text(text_params, tokens)  # [B, L, D]
-    loss = diffusion.loss(bundle.model_fn(unet_params, ctx), bundle.schedule, z, k_loss,
+    loss = diffusion.loss(bundle.model_fn(unet_params, ctx), bundle.schedule, z, key=k_loss,
                           prediction=bundle.prediction, weighting=weighting, **options)
     return loss, {}
 

@@ -321,14 +321,14 @@ def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
   key = jax.random.key(seed)
   fsdp = int(cfg.fsdp) > 1
   state_shape = jax.eval_shape(
-      lambda k: training.create_train_state(task.init_params, tx, k, mesh=mesh, fsdp=fsdp,
+      lambda k: training.create_train_state(task.init_params, tx, key=k, mesh=mesh, fsdp=fsdp,
                                             extra_ema=tuple(task.extra_ema or ())), key)
   shardings = training.state_shardings(state_shape, mesh, fsdp=fsdp)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
   try:
     restored = ckpt.restore_latest(_abstract_with_shardings(state_shape, shardings))
     if restored is None:
-      state = training.create_train_state(task.init_params, tx, key, mesh=mesh, fsdp=fsdp,
+      state = training.create_train_state(task.init_params, tx, key=key, mesh=mesh, fsdp=fsdp,
                                           extra_ema=tuple(task.extra_ema or ()))
     else:
       state, data_state = restored

@@ -108,12 +108,12 @@ def build(config: ml_collections.ConfigDict, base: StableDiffusion) -> tuple[tup
   params = base.unet_params
   opts = dict(rank=lcfg.rank, alpha=lcfg.alpha, targets=lcfg.targets)
   try:
-    scales = jax.eval_shape(lambda: lora.init(jax.random.key(0), params, **opts)).scales
+    scales = jax.eval_shape(lambda: lora.init(params, key=jax.random.key(0), **opts)).scales
   except ValueError as e:
     raise ValueError(f"lora.targets={c.targets!r}: {e}") from None
 
   def init_params(key):
-    return factors_to_tree(lora.init(key, params, **opts).factors)
+    return factors_to_tree(lora.init(params, key=key, **opts).factors)
 
   return scales, init_params
 
@@ -142,13 +142,13 @@ def make_task(config: ml_collections.ConfigDict, base: StableDiffusion, scales, 
 
   def loss_fn(params, batch, key, frozen):
     k_z, k_drop, k_lora, k_loss = jax.random.split(key, 4)
-    z = base.encode_images(frozen["vae"], batch["image"], k_z)  # [B, h, w, c]
+    z = base.encode_images(frozen["vae"], batch["image"], key=k_z)  # [B, h, w, c]
     ctx = base.encode_text(frozen["text"], batch["tokens"])  # [B, L, D]
     null = base.encode_text(frozen["text"], frozen["null_tokens"])  # [1, L, D]
-    ctx = diffusion.drop_condition(k_drop, ctx, null, float(d.cond_drop))
+    ctx = diffusion.drop_condition(ctx, null, float(d.cond_drop), key=k_drop)
     model_fn = base.model_fn(frozen["unet"], ctx, lora=tree_to_lora(params, scales), lora_dropout=dropout,
                              key=k_lora)
-    loss = diffusion.loss(model_fn, base.schedule, z, k_loss, prediction=base.prediction,
+    loss = diffusion.loss(model_fn, base.schedule, z, key=k_loss, prediction=base.prediction,
                           weighting=d.weighting or None, min_snr_gamma=float(d.min_snr_gamma))
     return loss, {}
 

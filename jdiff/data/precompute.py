@@ -19,7 +19,7 @@ Example:
   >>> precompute(folder, "/data/pokemon_sd15", encode_image=enc_img, encode_text=enc_txt,
   ...            tokenize=tok, image_size=512, crop="random", flip=True, batch_size=32)
   >>> loader = Loader(PrecomputedSource("/data/pokemon_sd15"), batch_size=64, seed=0)
-  >>> latents = sample_latents(batch["latent_mean"], batch["latent_logvar"], key) * scaling_factor
+  >>> latents = sample_latents(batch["latent_mean"], batch["latent_logvar"], key=key) * scaling_factor
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ class PrecomputedSource:
     return rec
 
 
-def sample_latents(mean, logvar, key):
+def sample_latents(mean, logvar, *, key):
   """A latent drawn from stored moments: ``mean + exp(logvar / 2) * N(0, 1)`` with ``key``, the same
   draw as :meth:`jdiff.models.vae.DiagonalGaussian.sample` of the live encoder (logvar clipped to
   [-30, 20] likewise)."""
@@ -250,4 +250,4 @@ def sample_latents(mean, logvar, key):
   from jdiff.models.vae import DiagonalGaussian
   post = DiagonalGaussian(mean=jnp.asarray(mean, jnp.float32),
                           logvar=jnp.clip(jnp.asarray(logvar, jnp.float32), -30.0, 20.0))
-  return post.sample(key)
+  return post.sample(key=key)

@@ -12,7 +12,7 @@ ControlNet, and :mod:`jdiff.partition` labels ``{"unet": frozen, "controlnet": t
 
 Example:
   >>> cn = ControlNet(ControlNetConfig(unet=unet.config, conditioning_embedding_out_channels=(16, 32)))
-  >>> cn_params = init_from_unet(unet_params, jax.random.key(0), cn, x, t, ctx, hint)
+  >>> cn_params = init_from_unet(unet_params, cn, x, t, ctx, hint, key=jax.random.key(0))
   >>> down, mid = cn.apply({"params": cn_params}, x, t, ctx, hint)
   >>> eps = unet.apply({"params": unet_params}, x, t, ctx, down_residuals=down, mid_residual=mid)
 """
@@ -202,8 +202,8 @@ class ControlNet(nn.Module):
     return [d.astype(jnp.float32) for d in down], mid.astype(jnp.float32)
 
 
-def init_from_unet(unet_params: Mapping[str, Any], key: jax.Array, controlnet: ControlNet,
-                   x: jax.Array, t: jax.Array, encoder_hidden_states: jax.Array, cond: jax.Array,
+def init_from_unet(unet_params: Mapping[str, Any], controlnet: ControlNet, x: jax.Array, t: jax.Array,
+                   encoder_hidden_states: jax.Array, cond: jax.Array, *, key: jax.Array,
                    **kwargs) -> dict[str, Any]:
   """Initialises ControlNet parameters with the UNet's encoder weights copied in.
 

@@ -1,7 +1,7 @@
 """The KL autoencoder of latent diffusion (diffusers' ``AutoencoderKL``), NHWC.
 
 ``encode`` returns a :class:`DiagonalGaussian` posterior over latents; ``decode`` maps latents back to
-images. Latents given to a diffusion model are ``(posterior.sample(key) - shift) * scaling_factor``
+images. Latents given to a diffusion model are ``(posterior.sample(key=key) - shift) * scaling_factor``
 (:meth:`AutoencoderKL.scale_latents`), and decoded after :meth:`AutoencoderKL.unscale_latents`.
 """
 
@@ -34,7 +34,7 @@ class DiagonalGaussian:
 
   Example:
     >>> post = vae.apply({"params": params}, images, method=AutoencoderKL.encode)
-    >>> z = post.sample(jax.random.key(0))
+    >>> z = post.sample(key=jax.random.key(0))
   """
 
   mean: jax.Array
@@ -58,7 +58,7 @@ class DiagonalGaussian:
     """``mean + std * noise`` for standard-normal ``noise`` of the latent shape."""
     return self.mean + self.std * noise
 
-  def sample(self, key: jax.Array) -> jax.Array:
+  def sample(self, *, key: jax.Array) -> jax.Array:
     """A reparameterised sample (differentiable in mean and logvar)."""
     return self.reparameterize(jax.random.normal(key, self.mean.shape, jnp.float32))
 
@@ -231,7 +231,7 @@ class AutoencoderKL(nn.Module):
     Decodes a posterior sample drawn with ``key``, or the posterior mode when ``key`` is None.
     """
     posterior = self.encode(x)
-    z = posterior.mode() if key is None else posterior.sample(key)
+    z = posterior.mode() if key is None else posterior.sample(key=key)
     return self.decode(z), posterior
 
   def scale_latents(self, z: jax.Array) -> jax.Array:

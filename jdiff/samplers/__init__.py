@@ -39,7 +39,7 @@ from jdiff.samplers.levels import (SIGMA_SCHEDULES, beta as beta_sigmas, exponen
                                    karras as karras_sigmas, logsnr_uniform as logsnr_sigmas, sigma_to_t,
                                    spaced_timesteps, train_sigmas)
 from jdiff.samplers.orders import step_orders
-from jdiff.samplers.driver import Rule, Step, solve
+from jdiff.samplers.driver import PLAN_REQUEST, Plan, Rule, Step, masked_rule, solve
 from jdiff.samplers.unipc import unipc, unipc_rule
 
 __all__ = ["sample", "available", "get", "register", "spaced_timesteps", "ddim", "ddpm", "dpm_solver", "euler",
@@ -52,6 +52,7 @@ __all__ = ["sample", "available", "get", "register", "spaced_timesteps", "ddim",
            "SIGMA_SCHEDULES", "karras_sigmas", "exponential_sigmas", "logsnr_sigmas", "beta_sigmas", "sigma_to_t",
            "train_sigmas"]
 __all__ += ["ddim_inversion", "ddim_inversion_rule", "inversion_grid"]  # data -> noise (not a registered sampler)
+__all__ += ["plan", "Plan", "masked_rule"]
 
 
 def sample(method: str, model_fn, schedule, x_T: jax.Array, *, num_steps: int | None = None,
@@ -59,3 +60,23 @@ def sample(method: str, model_fn, schedule, x_T: jax.Array, *, num_steps: int | 
   """Runs the sampler registered as ``method`` (see :func:`available`) from ``x_T`` to x_0."""
   fn = get(method)
   return fn(model_fn, schedule, x_T, num_steps=num_steps, key=key, **options)
+
+
+def plan(method: str, schedule, num_steps: int | None = None, **options) -> Plan:
+  """The grid and step rule the sampler registered as ``method`` runs for these (diffusers-named)
+  options, without running it.
+
+  The rule takes the sample at the grid's first level (x = alpha x_0 + sigma eps); the facade's own
+  start-from-unit-noise convention (Euler's ``init_noise_sigma``) is not part of it. Starting at
+  step k of any sampler is ``solve(model_fn, cut(p.grid, k), x_k, p.rule)``.
+
+  Example:
+    >>> p = samplers.plan("dpm_solver", sched, 20, use_karras_sigmas=True)
+    >>> k = 8; x_k = p.grid.alpha[k] * z0 + p.grid.sigma[k] * noise
+    >>> x0 = samplers.solve(model_fn, samplers.cut(p.grid, k), x_k, p.rule)
+  """
+  out = get(method)(PLAN_REQUEST, schedule, jax.numpy.zeros((1, 1), jax.numpy.float32), num_steps=num_steps,
+                    key=jax.random.key(0), **options)
+  if not isinstance(out, Plan):
+    raise ValueError(f"sampler {method!r} does not run through samplers.solve, so it has no plan")
+  return out

@@ -18,7 +18,7 @@ import numpy as np
 from jdiff import diffusion
 from jdiff.samplers import base, levels
 from jdiff.samplers.grids import cut, grid
-from jdiff.samplers.driver import Rule, solve
+from jdiff.samplers.driver import Rule, sample_is_state, solve
 from jdiff.schedules import Schedule
 
 __all__ = ["ddim", "ddim_rule"]
@@ -62,7 +62,8 @@ def ddim_rule(eta: float = 0.0, *, prediction: str = "epsilon", postprocess=None
 
   plan = (lambda g: None) if target_alpha_bar is None else (
       lambda g: jnp.asarray(target_alpha_bar, jnp.float32)[g.offset:g.offset + g.num_steps])
-  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, plan=plan, needs_key=lambda g: stochastic)
+  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, plan=plan, needs_key=lambda g: stochastic,
+              with_sample=sample_is_state)
 
 
 @base.register("ddim")

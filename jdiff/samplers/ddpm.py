@@ -16,7 +16,7 @@ import numpy as np
 from jdiff import diffusion
 from jdiff.samplers import base
 from jdiff.samplers.grids import cut, grid
-from jdiff.samplers.driver import Rule, solve
+from jdiff.samplers.driver import Rule, sample_is_state, solve
 from jdiff.schedules import Schedule
 
 __all__ = ["ddpm", "ddpm_rule", "VARIANCE_TYPES"]
@@ -71,7 +71,7 @@ def ddpm_rule(variance_type: str = "fixed_small", *, prediction: str = "epsilon"
     noise = base.step_noise(s.key, x.shape)
     return mean + jnp.where(t > 0, std * noise, 0.0)
 
-  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, needs_key=lambda g: True)
+  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, needs_key=lambda g: True, with_sample=sample_is_state)
 
 
 @base.register("ddpm")

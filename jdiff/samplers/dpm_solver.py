@@ -32,7 +32,7 @@ from jdiff.samplers.grids import grid
 from jdiff.samplers.multistep import (extrapolated_final_step, extrapolated_last_step, finite_target, history_init,
                                       history_push)
 from jdiff.samplers.orders import multistep_orders, singlestep_orders, step_orders
-from jdiff.samplers.driver import Rule, Step, solve
+from jdiff.samplers.driver import Rule, Step, sample_is_first, solve
 from jdiff.schedules import Schedule
 
 __all__ = ["dpm_solver", "dpm_solver_rule", "ALGORITHMS", "SOLVER_TYPES", "FINAL_STEPS", "multistep_orders",
@@ -213,7 +213,8 @@ def dpm_solver_rule(order: int = 2, *, algorithm: str = "dpmsolver++", solver_ty
       x_next = jnp.where(final, extrapolated_last_step(final, x, x_last, hist, data_pred), x_next)
     return x_next, x_start, hist, x
 
-  return Rule(init=init, step=step, sample=lambda state: state[0], plan=plan, needs_key=lambda g: stochastic)
+  return Rule(init=init, step=step, sample=lambda state: state[0], plan=plan, needs_key=lambda g: stochastic,
+              with_sample=sample_is_first)
 
 
 @base.register("dpm_solver")

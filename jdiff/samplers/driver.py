@@ -28,7 +28,7 @@ import numpy as np
 
 from jdiff.samplers.grids import Grid
 
-__all__ = ["Rule", "Step", "solve"]
+__all__ = ["Rule", "Step", "Plan", "solve", "PLAN_REQUEST", "masked_rule", "sample_is_state", "sample_is_first"]
 
 
 class Step(NamedTuple):
@@ -77,6 +77,9 @@ class Rule(NamedTuple):
     needs_key: ``grid -> bool``: whether :func:`solve` must be given a key.
     calls: ``steps -> steps``: rewrites the per-step inputs into per-call inputs (Heun revisits
       each level once more: 2 n - 1 model calls).
+    with_sample: ``(state, x) -> state`` with the current sample replaced by ``x`` (the history
+      kept), or None where a step is not a single move between levels (Heun); used by
+      :func:`masked_rule`.
   """
   init: Callable[[jax.Array, Grid], Any]
   step: Callable[..., Any]
@@ -84,6 +87,70 @@ class Rule(NamedTuple):
   plan: Callable[[Grid], Any] = _no_plan
   needs_key: Callable[[Grid], bool] = _no_key
   calls: Callable[[Step], Step] = _same
+  with_sample: Callable[[Any, jax.Array], Any] | None = None
+
+
+def sample_is_state(state: Any, x: jax.Array) -> jax.Array:
+  """``Rule.with_sample`` of a rule whose state is the sample itself."""
+  del state
+  return x
+
+
+def sample_is_first(state: tuple, x: jax.Array) -> tuple:
+  """``Rule.with_sample`` of a rule whose state is a tuple led by the sample."""
+  return (x,) + tuple(state[1:])
+
+
+def masked_rule(rule: Rule, known: jax.Array, noise: jax.Array, mask: jax.Array) -> Rule:
+  """``rule`` with the sample outside ``mask`` pinned to known data after every step.
+
+  Where ``mask`` is 0 the sample is replaced by ``alpha' known + sigma' noise`` at the level the
+  step lands on (the known data itself after the grid's last step); where it is 1 the rule's
+  sample is kept. This is inpainting with an ordinary (non-inpainting) denoiser, as diffusers'
+  inpainting pipeline does for 4-channel UNets. The rule's history is left as the rule made it.
+
+  Args:
+    rule: a rule with ``with_sample``.
+    known: the data to keep [B, ...] (e.g. image latents).
+    noise: the noise that data is noised with [B, ...].
+    mask: 1 where the rule generates, 0 where ``known`` is kept; broadcastable to ``known``.
+  """
+  if rule.with_sample is None:
+    raise ValueError("this step rule cannot keep known data between steps (its steps are not single moves "
+                     "between levels, e.g. Heun); choose another sampler")
+
+  def step(model_fn, state, st: Step):
+    new = rule.step(model_fn, state, st)
+    x = rule.sample(new)
+    pinned = jnp.where(st.last, known, st.alpha_to * known + st.sigma_to * noise)
+    return rule.with_sample(new, (mask * x + (1.0 - mask) * pinned).astype(x.dtype))
+
+  return rule._replace(step=step)
+
+
+class Plan(NamedTuple):
+  """The grid and step rule a sampler facade runs (:func:`jdiff.samplers.plan`).
+
+  The rule takes the sample at the grid's first level, x = alpha x_0 + sigma eps, so
+  ``solve(model_fn, cut(p.grid, k), alpha_k x_0 + sigma_k eps, p.rule)`` starts at step k
+  (image-to-image, inpainting, a refiner handoff) with any sampler. ``noise_scale`` is what the
+  facade multiplies unit-variance noise by to make the sample at level 0 (1, or diffusers'
+  ``init_noise_sigma`` times alpha_0 for the Euler family).
+  """
+  grid: Grid
+  rule: Rule
+  noise_scale: Any = 1.0
+
+
+class _PlanRequest:
+  """The model function :func:`jdiff.samplers.plan` hands a facade: :func:`solve` then returns the
+  facade's :class:`Plan` instead of running it."""
+
+  def __call__(self, x, t):
+    raise TypeError("PLAN_REQUEST is not a model function")
+
+
+PLAN_REQUEST = _PlanRequest()
 
 
 def steps_of(g: Grid, plan, keys) -> Step:
@@ -112,6 +179,8 @@ def solve(model_fn: Callable[[jax.Array, jax.Array], jax.Array], g: Grid, x_T: j
   Example:
     >>> x0 = solve(model_fn, grid(sched, 10), x_T, dpm_solver_rule(order=2))
   """
+  if model_fn is PLAN_REQUEST:
+    return Plan(g, rule)
   x = jnp.asarray(x_T)
   if x.ndim < 2:
     raise ValueError(f"x_T must have a batch axis and at least one data axis, got shape {x.shape}")

@@ -23,7 +23,7 @@ import numpy as np
 from jdiff import diffusion
 from jdiff.samplers import base, levels
 from jdiff.samplers.grids import Grid, grid
-from jdiff.samplers.driver import Rule, Step, solve
+from jdiff.samplers.driver import PLAN_REQUEST, Plan, Rule, Step, solve
 from jdiff.schedules import Schedule
 
 __all__ = ["euler", "euler_ancestral", "heun", "euler_rule", "euler_ancestral_rule", "heun_rule"]
@@ -42,6 +42,10 @@ def _ve_init(x: jax.Array, g: Grid):
 
 def _ve_sample(state) -> jax.Array:
   return state[0] * state[-1]
+
+
+def _ve_with_sample(state, x: jax.Array):
+  return (x / state[-1],) + tuple(state[1:])
 
 
 def euler_rule(*, prediction: str = "epsilon", s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
@@ -78,7 +82,8 @@ def euler_rule(*, prediction: str = "epsilon", s_churn: float = 0.0, s_tmin: flo
     x0 = _ve_to_x0(out, y, s_hat if prediction == "epsilon" else s, prediction)
     return y + (y - x0) / s_hat * (s_next - s_hat), st.alpha_to
 
-  return Rule(init=_ve_init, step=step, sample=_ve_sample, plan=plan, needs_key=lambda g: stochastic)
+  return Rule(init=_ve_init, step=step, sample=_ve_sample, plan=plan, needs_key=lambda g: stochastic,
+              with_sample=_ve_with_sample)
 
 
 def euler_ancestral_rule(*, prediction: str = "epsilon") -> Rule:
@@ -99,7 +104,7 @@ def euler_ancestral_rule(*, prediction: str = "epsilon") -> Rule:
     s_down = jnp.sqrt(s_next * s_next - s_up * s_up)
     return y + (y - x0) / s * (s_down - s) + base.step_noise(st.key, y.shape) * s_up, st.alpha_to
 
-  return Rule(init=_ve_init, step=step, sample=_ve_sample, needs_key=lambda g: True)
+  return Rule(init=_ve_init, step=step, sample=_ve_sample, needs_key=lambda g: True, with_sample=_ve_with_sample)
 
 
 def _heun_calls(steps: Step) -> Step:
@@ -200,6 +205,8 @@ def euler(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: 
   g = _euler_grid(schedule, num_steps, timestep_spacing, steps_offset, sigma_schedule, final_sigmas_type,
                   sigma_min, sigma_max)
   rule = euler_rule(prediction=prediction, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+  if model_fn is PLAN_REQUEST:  # samplers.plan: the rule without the facade's x_T scaling
+    return Plan(g, rule, _init_scale(g.ve_sigma, timestep_spacing) * g.alpha[0])
   return solve(model_fn, g, x_T, _facade(rule, g, timestep_spacing), key=key, return_trajectory=return_trajectory)
 
 
@@ -234,8 +241,10 @@ def euler_ancestral(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: 
   """
   sigma_schedule = levels.pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
   g = _euler_grid(schedule, num_steps, timestep_spacing, steps_offset, sigma_schedule)
-  rule = _facade(euler_ancestral_rule(prediction=prediction), g, timestep_spacing)
-  return solve(model_fn, g, x_T, rule, key=key, return_trajectory=return_trajectory)
+  rule = euler_ancestral_rule(prediction=prediction)
+  if model_fn is PLAN_REQUEST:
+    return Plan(g, rule, _init_scale(g.ve_sigma, timestep_spacing) * g.alpha[0])
+  return solve(model_fn, g, x_T, _facade(rule, g, timestep_spacing), key=key, return_trajectory=return_trajectory)
 
 
 @base.register("heun")
@@ -269,5 +278,7 @@ def heun(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: j
   sigma_schedule = levels.pick_sigma_schedule(sigma_schedule, use_karras_sigmas, use_exponential_sigmas)
   g = _euler_grid(schedule, num_steps, timestep_spacing, steps_offset, sigma_schedule)
   post = functools.partial(base.process_x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range)
-  rule = _facade(heun_rule(prediction=prediction, postprocess=post), g, timestep_spacing)
-  return solve(model_fn, g, x_T, rule, return_trajectory=return_trajectory)
+  rule = heun_rule(prediction=prediction, postprocess=post)
+  if model_fn is PLAN_REQUEST:
+    return Plan(g, rule, _init_scale(g.ve_sigma, timestep_spacing) * g.alpha[0])
+  return solve(model_fn, g, x_T, _facade(rule, g, timestep_spacing), return_trajectory=return_trajectory)

@@ -26,7 +26,7 @@ import numpy as np
 
 from jdiff import flow
 from jdiff.samplers import base, levels
-from jdiff.samplers.driver import Rule, Step, solve
+from jdiff.samplers.driver import Rule, Step, sample_is_state, solve
 from jdiff.samplers.euler import _heun_calls
 from jdiff.samplers.grids import Grid
 
@@ -225,7 +225,8 @@ def flow_euler_rule(*, prediction: str = "flow", stochastic: bool = False) -> Ru
       return st.alpha_to * x0 + st.sigma_to * base.step_noise(st.key, x.shape)
     return x + (st.sigma_to - st.sigma) * base.to_flow(out, x, st.alpha, st.sigma, prediction)
 
-  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, needs_key=lambda g: stochastic)
+  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, needs_key=lambda g: stochastic,
+              with_sample=sample_is_state)
 
 
 def flow_heun_rule(*, prediction: str = "flow") -> Rule:

@@ -22,7 +22,7 @@ import numpy as np
 from jdiff import consistency, diffusion
 from jdiff.samplers import base
 from jdiff.samplers.grids import grid
-from jdiff.samplers.driver import Rule, solve
+from jdiff.samplers.driver import Rule, sample_is_state, solve
 from jdiff.schedules import Schedule
 
 __all__ = ["lcm", "lcm_rule", "lcm_timesteps", "boundary_scalings"]
@@ -66,15 +66,15 @@ def lcm_rule(*, prediction: str = "epsilon", timestep_scaling: float = 10.0, pos
     renoised = jnp.sqrt(ap) * denoised + jnp.sqrt(1.0 - ap) * base.step_noise(s.key, x.shape)
     return jnp.where(s.last, denoised, renoised)
 
-  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, needs_key=lambda g: g.total > 1)
+  return Rule(init=lambda x, g: x, step=step, sample=lambda x: x, needs_key=lambda g: g.total > 1,
+              with_sample=sample_is_state)
 
 
 @base.register("lcm")
 def lcm(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: jax.Array | None = None,
         prediction: str = "epsilon", original_inference_steps: int = 50, timestep_scaling: float = 10.0,
-        set_alpha_to_one: bool = True, timestep_spacing: str = "leading", steps_offset: int = 0,
-        clip_sample: bool = False, clip_sample_range: float = 1.0, thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+        set_alpha_to_one: bool = True, clip_sample: bool = False, clip_sample_range: float = 1.0,
+        thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
         return_trajectory: bool = False):
   """Samples with LCM multistep consistency sampling.
 
@@ -88,8 +88,8 @@ def lcm(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: ja
     prediction: "epsilon", "v" or "sample".
     original_inference_steps, timestep_scaling, set_alpha_to_one, clip_sample, clip_sample_range,
     thresholding, dynamic_thresholding_ratio, sample_max_value: as in diffusers' LCMScheduler.
-    timestep_spacing, steps_offset: accepted for a uniform signature; LCMScheduler's timesteps
-      come from ``original_inference_steps`` and ignore them, so only the defaults are allowed.
+    LCMScheduler's ``timestep_spacing`` / ``steps_offset`` are not options: its timesteps come from
+    ``original_inference_steps`` alone.
     return_trajectory: also return the state after every step.
 
   Returns:
@@ -98,9 +98,6 @@ def lcm(model_fn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: ja
   Example:
     >>> x0 = samplers.lcm(model_fn, sched, z, num_steps=4, key=jax.random.key(0))
   """
-  if timestep_spacing != "leading" or steps_offset != 0:
-    raise ValueError("lcm's timesteps come from original_inference_steps: timestep_spacing and steps_offset "
-                     f"cannot be changed (got {timestep_spacing!r}, {steps_offset})")
   ts = lcm_timesteps(schedule.num_timesteps, num_steps, original_inference_steps)
   g = grid(schedule, timesteps=ts, convention="discrete", final="zero" if set_alpha_to_one else "sigma_min")
   post = functools.partial(base.process_x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,

@@ -23,7 +23,7 @@ from jdiff.samplers.flow import solver_flow_grid
 from jdiff.samplers.multistep import extrapolated_last_step, finite_target, history_init, history_push
 from jdiff.samplers.grids import grid
 from jdiff.samplers.orders import step_orders, unipc_orders
-from jdiff.samplers.driver import Rule, Step, solve
+from jdiff.samplers.driver import Rule, Step, sample_is_first, solve
 from jdiff.schedules import Schedule
 
 __all__ = ["unipc", "unipc_rule", "SOLVER_TYPES", "unipc_orders"]
@@ -159,7 +159,7 @@ def unipc_rule(order: int = 2, *, solver_type: str = "bh2", predict_x0: bool = T
       x_next = jnp.where(final, extrapolated_last_step(final, x_eval, x_prev_eval, hist, predict_x0), x_next)
     return x_next, x, hist, x_eval
 
-  return Rule(init=init, step=step, sample=lambda state: state[0], plan=plan)
+  return Rule(init=init, step=step, sample=lambda state: state[0], plan=plan, with_sample=sample_is_first)
 
 
 @base.register("unipc")

@@ -101,11 +101,13 @@ def pipes(saved):
   return one, two
 
 
-def _reference(saved, nets, latents, **kwargs) -> np.ndarray:
+def _reference(saved, nets, latents, scheduler=None, **kwargs) -> np.ndarray:
   sd, folders = saved
   cn = [diffusers.ControlNetModel.from_pretrained(folders[i]).eval() for i in nets]
   pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
       sd, controlnet=cn[0] if len(cn) == 1 else cn, safety_checker=None, requires_safety_checker=False)
+  if scheduler is not None:
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
   pipe.set_progress_bar_config(disable=True)
   with torch.no_grad():
     return pipe(latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), height=SIZE, width=SIZE,
@@ -134,16 +136,18 @@ def test_pipeline_single_controlnet_matches_diffusers(saved, pipes):
   assert float(np.max(np.abs(np.asarray(other) - want))) > 1e-2
 
 
-def test_pipeline_two_controlnets_guess_mode_and_schedule_match_diffusers(saved, pipes):
+@pytest.mark.parametrize("scheduler,sampler", [(None, "ddim"), ("DPMSolverMultistepScheduler", "dpm_solver")])
+def test_pipeline_two_controlnets_guess_mode_and_schedule_match_diffusers(saved, pipes, scheduler, sampler):
+  """Start/end windows on DDIM's grid and on DPM-Solver++ 2M's (any sampler's grid)."""
   _, two = pipes
   latents = _latents(len(PROMPTS))
   images = [_pil(2, (32, 32)), np.asarray(_pil(3, (32, 32)), np.float32)[None] / 255.0]
   kw = dict(controlnet_conditioning_scale=[0.6, 1.2], guess_mode=True, control_guidance_start=[0.0, 0.25],
             control_guidance_end=[0.75, 1.0])
-  want = _reference(saved, [0, 1], latents, prompt=PROMPTS, image=[images[0], images[1]], num_inference_steps=4,
-                    guidance_scale=5.0, **kw)
+  want = _reference(saved, [0, 1], latents, scheduler, prompt=PROMPTS, image=[images[0], images[1]],
+                    num_inference_steps=4, guidance_scale=5.0, **kw)
   got = two.generate(PROMPTS, key=jax.random.key(0), num_steps=4, guidance_scale=5.0, latents=jnp.asarray(latents),
-                     control_images=images, **kw)
+                     control_images=images, sampler=sampler, **kw)
   assert float(np.max(np.abs(np.asarray(got) - want))) <= 1e-3
 
 
@@ -156,8 +160,8 @@ def test_pipeline_errors(saved, pipes):
   with pytest.raises(ValueError, match="controlnet_conditioning_scale has 3 entries"):
     two.generate("x", key=jax.random.key(0), num_steps=2, control_images=[_pil(0), _pil(1)],
                  controlnet_conditioning_scale=[1.0, 1.0, 1.0])
-  with pytest.raises(ValueError, match="does not expose its timestep grid"):
-    one.generate("x", key=jax.random.key(0), num_steps=2, control_images=_pil(0), sampler="euler",
+  with pytest.raises(ValueError, match="0 <= start < end <= 1"):
+    one.generate("x", key=jax.random.key(0), num_steps=2, control_images=_pil(0), control_guidance_start=0.6,
                  control_guidance_end=0.5)
   with pytest.raises(ValueError, match="3 control images for 2 prompts"):
     one.generate(["a", "b"], key=jax.random.key(0), num_steps=2, control_images=[_pil(0)] * 3)

@@ -61,7 +61,7 @@ def test_peft_lora_saved_by_diffusers_loads_in_jdiff(setup):
 
 def test_jdiff_lora_loads_in_diffusers(setup, tmp_path):
   _, module, params, _, folder = setup
-  ad = lora.init(jax.random.key(0), params, rank=3, alpha=6.0)
+  ad = lora.init(params, key=jax.random.key(0), rank=3, alpha=6.0)
   ad = lora.LoRA(factors={p: {"down": f["down"], "up": 0.3 * jax.random.normal(jax.random.key(i), f["up"].shape)}
                           for i, (p, f) in enumerate(sorted(ad.factors.items()))}, scales=ad.scales)
   lora.save_diffusers(tmp_path / "jdiff_lora.safetensors", {"unet": ad})

@@ -85,7 +85,7 @@ def test_vae_forward_with_mode_matches_diffusers(reference):
   assert rel_err(recon, want) <= RTOL
   # a sampled reconstruction is the decode of mean + std * noise for the key's noise
   key = jax.random.key(3)
-  z = post.sample(key)
+  z = post.sample(key=key)
   noise = jax.random.normal(key, post.mean.shape)
   np.testing.assert_allclose(z, post.mean + np.exp(0.5 * np.asarray(post.logvar)) * noise,
                              rtol=1e-5, atol=1e-6)
