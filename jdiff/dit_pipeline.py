@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,69 +34,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import diffusion, guidance, samplers
+from jdiff import diffusion, guidance, pipelines, samplers
 from jdiff.convert import _io
 from jdiff.models.dit import DiT
 from jdiff.models.vae import AutoencoderKL
-from jdiff.pipelines import sampler_options_from_config, schedule_from_config
+from jdiff.pipelines import accepted_options, schedule_from_config, static_key
 from jdiff.schedules import Schedule
 
-__all__ = ["DiTPipeline", "SCHEDULER_SAMPLERS", "sampler_from_scheduler_config"]
-
-# diffusers scheduler class -> (jdiff sampler, options the class implies)
-SCHEDULER_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "DDIMScheduler": ("ddim", {}),
-    "DDPMScheduler": ("ddpm", {}),
-    "DPMSolverMultistepScheduler": ("dpm_solver", {}),
-    "DPMSolverSinglestepScheduler": ("dpm_solver", {"singlestep": True}),
-    "EulerDiscreteScheduler": ("euler", {}),
-    "EulerAncestralDiscreteScheduler": ("euler_ancestral", {}),
-    "HeunDiscreteScheduler": ("heun", {}),
-    "UniPCMultistepScheduler": ("unipc", {}),
-    "LCMScheduler": ("lcm", {}),
-}
-
-
-def _accepted_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
-  """The entries of ``options`` that sampler ``method`` takes as keywords."""
-  params = inspect.signature(samplers.get(method)).parameters
-  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-    return dict(options)
-  return {k: v for k, v in options.items() if k in params}
-
+__all__ = ["DiTPipeline", "sampler_from_scheduler_config"]
 
 def sampler_from_scheduler_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-  """The jdiff sampler and its options for a diffusers ``scheduler_config.json`` dict.
-
-  The class (``_class_name``) picks the sampler (:data:`SCHEDULER_SAMPLERS`); its options keep
-  diffusers' names (:func:`jdiff.pipelines.sampler_options_from_config`), restricted to those the
-  sampler takes.
+  """The jdiff sampler and its options for a DiT pipeline's ``scheduler_config.json`` dict
+  (:func:`jdiff.pipelines.sampler_from_scheduler_config`).
 
   Raises:
     ValueError: an unknown scheduler class, or a DDPM scheduler with a learned variance (DiT pipelines
       hand the scheduler the epsilon channels only).
-
-  Example:
-    >>> sampler_from_scheduler_config({"_class_name": "DDIMScheduler", "clip_sample": False})
-    ('ddim', {'clip_sample': False})
   """
-  name = config.get("_class_name")
-  if name not in SCHEDULER_SAMPLERS:
-    raise ValueError(f"scheduler {name!r} has no jdiff sampler (supported: {', '.join(SCHEDULER_SAMPLERS)})")
-  method, implied = SCHEDULER_SAMPLERS[name]
-  if method == "ddpm" and str(config.get("variance_type", "fixed_small")).startswith("learned"):
+  if config.get("_class_name") == "DDPMScheduler" and str(config.get("variance_type", "fixed_small")).startswith(
+      "learned"):
     raise ValueError(f"DDPMScheduler variance_type={config['variance_type']!r} needs the model's variance "
                      "channels, which a DiT pipeline does not pass to the scheduler; use a fixed variance type")
-  options = _accepted_options(method, sampler_options_from_config(config))
-  return method, {**options, **implied}
-
-
-def _hashable(value: Any) -> Any:
-  if isinstance(value, (list, tuple)):
-    return tuple(_hashable(v) for v in value)
-  if isinstance(value, Mapping):
-    return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-  return value
+  return pipelines.sampler_from_scheduler_config(config)
 
 
 @dataclasses.dataclass(eq=False)
@@ -250,7 +208,7 @@ class DiTPipeline:
 
   def _defaults(self, sampler: str) -> dict[str, Any]:
     samplers.get(sampler)  # a clear error for an unknown name
-    return _accepted_options(sampler, self.sampler_options) if sampler == self.sampler else {}
+    return accepted_options(sampler, self.sampler_options) if sampler == self.sampler else {}
 
   # ---- generation ----
 
@@ -301,7 +259,7 @@ class DiTPipeline:
                    jnp.float32(guidance_scale), sample_key)
 
   def _program(self, method: str, num_steps: int, guided: bool, options: dict[str, Any]) -> Callable[..., jax.Array]:
-    cache_key = (method, num_steps, guided, _hashable(options))
+    cache_key = (method, num_steps, guided, static_key(options))
     if cache_key not in self._programs:
       def run(transformer_params, vae_params, schedule, labels, latents, scale, key):
         fn = self.model_fn(transformer_params, labels, guidance_scale=scale if guided else None)

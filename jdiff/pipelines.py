@@ -44,7 +44,8 @@ from jdiff.models.controlnet import combine_residuals, guidance_active
 from jdiff.schedules import Schedule
 from jdiff.tokenizers import ByteTokenizer, CLIPTokenizer
 
-__all__ = ["StableDiffusion", "Control", "schedule_from_config", "sampler_options_from_config", "SCHEDULER_SAMPLERS"]
+__all__ = ["StableDiffusion", "Control", "schedule_from_config", "sampler_options_from_config", "SCHEDULER_SAMPLERS",
+           "sampler_from_scheduler_config", "accepted_options", "static_key"]
 
 # scheduler_config.json keys that define the training schedule rather than a sampler option
 _SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -66,6 +67,26 @@ SCHEDULER_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "FlowMatchEulerDiscreteScheduler": ("flow_euler", {}),
     "FlowMatchHeunDiscreteScheduler": ("flow_heun", {}),
 }
+
+
+def sampler_from_scheduler_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+  """The jdiff sampler and its options for a diffusers ``scheduler_config.json`` dict.
+
+  The class (``_class_name``) picks the sampler (:data:`SCHEDULER_SAMPLERS`); its options keep
+  diffusers' names (:func:`sampler_options_from_config`), restricted to those the sampler takes.
+
+  Raises:
+    ValueError: a scheduler class without a jdiff sampler.
+
+  Example:
+    >>> sampler_from_scheduler_config({"_class_name": "DDIMScheduler", "clip_sample": False})
+    ('ddim', {'clip_sample': False})
+  """
+  name = config.get("_class_name")
+  if name not in SCHEDULER_SAMPLERS:
+    raise ValueError(f"scheduler {name!r} has no jdiff sampler (supported: {', '.join(SCHEDULER_SAMPLERS)})")
+  method, implied = SCHEDULER_SAMPLERS[name]
+  return method, {**accepted_options(method, sampler_options_from_config(config)), **implied}
 
 
 def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
@@ -90,7 +111,7 @@ def sampler_options_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
   return {_OPTION_ALIASES.get(k, k): v for k, v in config.items() if k not in _SCHEDULE_KEYS}
 
 
-def _accepted(method: str | Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
+def accepted_options(method: str | Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
   """The subset of ``options`` that sampler ``method`` (a registered name or a function) takes as keywords."""
   params = inspect.signature(method if callable(method) else samplers.get(method)).parameters
   if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -98,11 +119,12 @@ def _accepted(method: str | Callable[..., Any], options: Mapping[str, Any]) -> d
   return {k: v for k, v in options.items() if k in params}
 
 
-def _hashable(value: Any) -> Any:
+def static_key(value: Any) -> Any:
+  """``value`` (options: dicts, lists, scalars) as a hashable key of a compiled-program cache."""
   if isinstance(value, (list, tuple)):
-    return tuple(_hashable(v) for v in value)
+    return tuple(static_key(v) for v in value)
   if isinstance(value, dict):
-    return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return tuple(sorted((k, static_key(v)) for k, v in value.items()))
   return value
 
 
@@ -498,12 +520,15 @@ class StableDiffusion:
     ctx = jnp.zeros((1, length, self.unet.config.per_block("cross_attention_dim")[0]), jnp.float32)
     return self.unet.init(key, jnp.zeros((1, h, w, c), jnp.float32), jnp.zeros((1,), jnp.int32), ctx)["params"]
 
-  def model_fn(self, unet_params: Any, context: jax.Array, *, null_context: jax.Array | None = None,
+  def model_fn(self, unet_params: Any, context: Any, *, null_context: Any = None,
                guidance_scale: float | jax.Array | None = None, guidance_rescale: float = 0.0,
                timestep_cond: jax.Array | None = None, controls: Sequence[Control] = (),
                concat: jax.Array | None = None, lora: _lora.LoRA | None = None, lora_scale: float = 1.0,
                lora_dropout: float = 0.0, key: jax.Array | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The denoiser as ``model_fn(x_t [B, h, w, C], t [B]) -> output`` for text ``context [B, L, D]``.
+
+    ``context`` may also be a dict ``{"text": [B, L, D], **more}`` whose other entries are further UNet
+    inputs (SDXL's pooled ``text_embeds`` and ``time_ids``); ``null_context`` then has the same keys.
 
     Each option is a transformation of the plain UNet call: ``lora`` merges an adapter into
     ``unet_params`` (:func:`jdiff.lora.merge`, with rank dropout ``lora_dropout`` keyed by ``key``);
@@ -541,11 +566,20 @@ class StableDiffusion:
           weights.append((w * c["on"]).reshape((-1, 1, 1, 1)))  # [N, 1, 1, 1]
         kwargs["down_residuals"], kwargs["mid_residual"] = combine_residuals(outputs, weights)
       x_in = x if concat is None else jnp.concatenate([x, c["concat"].astype(x.dtype)], axis=-1)
-      return self.unet.apply({"params": unet_params}, x_in, t, c["text"], **kwargs)
+      return self.unet.apply({"params": unet_params}, x_in, t, c["text"], **kwargs, **c["added"])
 
+    def split(ctx):
+      if ctx is None or not isinstance(ctx, Mapping):
+        return ctx, {}
+      return ctx["text"], {k: v for k, v in ctx.items() if k != "text"}
+
+    context, added = split(context)
+    null_context, null_added = split(null_context)
+    if null_context is not None and set(null_added) != set(added):
+      raise ValueError(f"null_context has UNet inputs {sorted(null_added)}, context {sorted(added)}")
     b = context.shape[0]
-    cond = {"text": context}
-    uncond = None if null_context is None else {"text": null_context}
+    cond = {"text": context, "added": added}
+    uncond = None if null_context is None else {"text": null_context, "added": null_added}
     if concat is not None:
       if concat.ndim != 4 or concat.shape[0] != b:
         raise ValueError(f"concat must be [B={b}, h, w, C'], got shape {concat.shape}")
@@ -612,7 +646,7 @@ class StableDiffusion:
       guide["guidance_rescale"] = guidance_rescale
     fn = self.model_fn(unet_params, context, controls=controls, **guide)
     z0 = samplers.sample(sampler, fn, self.schedule, noise, num_steps=num_steps, key=key, prediction=self.prediction,
-                         **{**_accepted(sampler, self.sampler_options), **options})
+                         **{**accepted_options(sampler, self.sampler_options), **options})
     return self.decode(vae_params, z0)
 
   def _model_fn(self, params, ids, neg_ids, scale, guided: bool, *, rescale=0.0, control=None,
@@ -646,7 +680,7 @@ class StableDiffusion:
   def _program(self, kind: str, method: str, num_steps: int, guided: bool, options: dict[str, Any],
                extra: tuple = ()) -> Callable[..., jax.Array]:
     """The jitted program for one static configuration (jax.jit adds one compilation per shape)."""
-    cache_key = (kind, method, num_steps, guided, _hashable(options), extra)
+    cache_key = (kind, method, num_steps, guided, static_key(options), extra)
     if cache_key in self._programs:
       return self._programs[cache_key]
 
@@ -713,7 +747,7 @@ class StableDiffusion:
 
   def _options(self, sampler: str, user: Mapping[str, Any]) -> dict[str, Any]:
     samplers.get(sampler)  # a clear error for an unknown sampler name
-    return {**_accepted(sampler, self.sampler_options), **dict(user)}
+    return {**accepted_options(sampler, self.sampler_options), **dict(user)}
 
   def _prompt_ids(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None):
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -1097,9 +1131,9 @@ class StableDiffusion:
     images, ids, neg_ids = self._image_inputs(images, prompts, negative_prompts)
     if sample_posterior and key is None:
       raise ValueError("sample_posterior=True needs a key")
-    options = {**_accepted(samplers.ddim_inversion, self.sampler_options), **inversion_options}
+    options = {**accepted_options(samplers.ddim_inversion, self.sampler_options), **inversion_options}
     guided = self._guided(guidance_scale)
-    cache_key = ("invert", int(num_steps), guided, bool(sample_posterior), _hashable(options))
+    cache_key = ("invert", int(num_steps), guided, bool(sample_posterior), static_key(options))
     if cache_key not in self._programs:
       def run(params, schedule, ids, neg_ids, images, scale, key):
         z = self.encode_images(params[1], images * 2.0 - 1.0, key=key, sample=sample_posterior)

@@ -316,8 +316,6 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     return jnp.mean(err), {"err_max": jnp.max(err)}
 
   init = lambda k: {"w": 0.3 * jax.random.normal(k, (16, 8)), "v": jnp.ones((8, 1)) * 0.1}  # noqa: E731
-  tx = training.make_optimizer(learning_rate=1e-2, clip_norm=None)
-  mesh = parallel.make_mesh()
   batch = {"image": jnp.asarray(np.random.default_rng(0).normal(size=(16, 4, 4, 1)), jnp.float32)}
   params = init(jax.random.key(1))
 

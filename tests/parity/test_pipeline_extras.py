@@ -16,7 +16,6 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from jdiff import lora  # noqa: E402
 from jdiff.pipelines import StableDiffusion  # noqa: E402
 from tests.parity.test_pipeline import PROMPTS, SIZE, _latents, _reference, build_tiny_sd_pipeline  # noqa: E402
 

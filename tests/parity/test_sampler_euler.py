@@ -6,7 +6,6 @@ data against the exact law of the sampler and the data distribution."""
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import jax
 import jax.numpy as jnp

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file  # noqa: E402
 from jdiff.pipelines import StableDiffusion  # noqa: E402
 from jdiff.textual_inversion import add_tokens, load_textual_inversion, read_embeddings  # noqa: E402
 from jdiff.tokenizers import CLIPTokenizer  # noqa: E402
-from tests.parity.test_pipeline import SIZE, _latents, _reference, build_tiny_sd_pipeline  # noqa: E402
+from tests.parity.test_pipeline import _latents, _reference, build_tiny_sd_pipeline  # noqa: E402
 
 WIDTH = 32  # the tiny text encoder's hidden size
 PROMPTS = ["a photo of <cat-toy> in wavy-style", "wavy-style<cat-toy>, wavy-style!", "a plain prompt"]
