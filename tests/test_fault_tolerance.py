@@ -306,7 +306,6 @@ def test_sigint_in_process_saves_at_next_step_boundary(reference, tmp_path):
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   """4 micro-batches of 4 == one batch of 16 (deterministic loss: the noise key is not used)."""
-  from jdiff import parallel, training
 
   def loss_fn(params, batch, key, frozen):
     del key, frozen
