@@ -36,11 +36,11 @@ GRID_ROWS = ("control", "conflicting/without", "conflicting/with", "empty/withou
 
 
 def workdir_kind(workdir: str) -> str:
-  """"ldm", "lora", "lcm" or "controlnet": which training CLI wrote ``workdir`` (from its config.json)."""
+  """"ldm", "lora", "lcm", "ct" or "controlnet": which training CLI wrote ``workdir`` (from its config.json)."""
   from jdiff.ldm import read_config
 
   config = read_config(workdir)
-  for kind in ("lcm", "controlnet", "lora"):
+  for kind in ("ct", "lcm", "controlnet", "lora"):
     if kind in config:
       return kind
   return "ldm"
@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     kind = workdir_kind(args.workdir)
     if kind != "controlnet" and args.grid:
       raise ValueError("--grid is only for train.controlnet workdirs")
-    if kind in ("lcm", "controlnet") and args.sampler:
+    if kind in ("lcm", "ct", "controlnet") and args.sampler:
       raise ValueError(f"--sampler is fixed for a train.{kind} workdir")
     if kind == "controlnet":
       result = evaluate_controlnet(args.workdir, per_digit=args.per_digit, guidance_scale=args.guidance_scale,
                                    num_steps=args.num_steps, seed=args.seed, grid=args.grid)
     else:
-      steps = (args.num_steps or 4) if kind == "lcm" else args.num_steps
+      steps = (args.num_steps or 4) if kind in ("lcm", "ct") else args.num_steps
       result = evaluate(args.workdir, per_digit=args.per_digit, guidance_scale=args.guidance_scale,
                         num_steps=steps, sampler=args.sampler, seed=args.seed)
   except (FileNotFoundError, ValueError, KeyError) as e:
