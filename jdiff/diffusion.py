@@ -44,15 +44,24 @@ __all__ = [
 ]
 
 PREDICTIONS = ("epsilon", "sample", "v")
-_ALIASES = {"v_prediction": "v", "x0": "sample", "eps": "epsilon"}
+FLOW = "flow"  # a rectified-flow velocity (jdiff.flow); bundles carry it, the functions below refuse it
+_ALIASES = {"v_prediction": "v", "x0": "sample", "eps": "epsilon", "flow_prediction": FLOW}
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def check_prediction(prediction: str) -> str:
-  """Returns the canonical name of a prediction type (diffusers' ``v_prediction`` is accepted)."""
+def check_prediction(prediction: str, *, flow: bool = True) -> str:
+  """Returns the canonical name of a prediction type (diffusers' ``v_prediction`` is accepted).
+
+  With ``flow`` (the default) the rectified-flow velocity ``"flow"`` (diffusers' ``flow_prediction``,
+  :mod:`jdiff.flow`) is a known name too; the variance-preserving conversions and losses of this module
+  check with ``flow=False``.
+  """
   prediction = _ALIASES.get(prediction, prediction)
-  if prediction not in PREDICTIONS:
-    raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")
+  if prediction == FLOW and not flow:
+    raise ValueError("prediction 'flow' is a rectified-flow velocity: train it with jdiff.flow.loss and sample "
+                     "it with the flow samplers (flow_euler, flow_heun)")
+  if prediction not in PREDICTIONS and prediction != FLOW:
+    raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS + (FLOW,)}")
   return prediction
 
 
@@ -123,7 +132,7 @@ def q_posterior(schedule: Schedule, x0: jax.Array, x_t: jax.Array,
 def to_x0(output: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array,
           prediction: str) -> jax.Array:
   """The x0 implied by a network ``output`` of the given prediction type at x_t = alpha x0 + sigma eps."""
-  prediction = check_prediction(prediction)
+  prediction = check_prediction(prediction, flow=False)
   if prediction == "epsilon":
     return (x_t - sigma * output) / alpha
   if prediction == "sample":
@@ -134,7 +143,7 @@ def to_x0(output: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array,
 def to_epsilon(output: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array,
                prediction: str) -> jax.Array:
   """The noise implied by a network ``output`` of the given prediction type."""
-  prediction = check_prediction(prediction)
+  prediction = check_prediction(prediction, flow=False)
   if prediction == "epsilon":
     return output
   if prediction == "sample":
@@ -145,7 +154,7 @@ def to_epsilon(output: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.A
 def to_v(output: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array,
          prediction: str) -> jax.Array:
   """The velocity v = alpha eps - sigma x0 implied by a network ``output``."""
-  prediction = check_prediction(prediction)
+  prediction = check_prediction(prediction, flow=False)
   if prediction == "v":
     return output
   eps = to_epsilon(output, x_t, alpha, sigma, prediction)
@@ -156,7 +165,7 @@ def to_v(output: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array,
 def convert(output: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array, *,
             source: str, dest: str) -> jax.Array:
   """Converts a prediction from type ``source`` to type ``dest``."""
-  dest = check_prediction(dest)
+  dest = check_prediction(dest, flow=False)
   fn = {"epsilon": to_epsilon, "sample": to_x0, "v": to_v}[dest]
   return fn(output, x_t, alpha, sigma, source)
 
@@ -164,7 +173,7 @@ def convert(output: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Arra
 def target(x0: jax.Array, noise: jax.Array, alpha: jax.Array, sigma: jax.Array,
            prediction: str) -> jax.Array:
   """The regression target of a network with the given prediction type."""
-  prediction = check_prediction(prediction)
+  prediction = check_prediction(prediction, flow=False)
   if prediction == "epsilon":
     return noise
   if prediction == "sample":
@@ -184,7 +193,7 @@ def loss_weight(schedule: Schedule, t: jax.Array, *, prediction: str, weighting:
   min(SNR, gamma); expressed on the network's own target this is min(SNR, gamma)/SNR for epsilon,
   min(SNR, gamma)/(SNR + 1) for v, and min(SNR, gamma) for x0.
   """
-  prediction = check_prediction(prediction)
+  prediction = check_prediction(prediction, flow=False)
   if weighting is None:
     return jnp.ones(t.shape, jnp.float32)
   if weighting != "min_snr":

@@ -7,7 +7,8 @@ The bundle itself is :class:`jdiff.pipelines.StableDiffusion`; :func:`load` (its
 
 * ``train.ldm``: the trained VAE (``vae/vae.json`` + checkpoint, or ``vae.pretrained``), the byte
   tokenizer and CLIP text encoder of the config (trained parameters when ``text.trainable``), and
-  the UNet, a :class:`TextUNet` when the config feeds the pooled text to the class embedding;
+  the denoiser, a :class:`TextUNet` (or, with ``denoiser="mmdit"``, a text-conditioned MMDiT,
+  :class:`jdiff.models.text_dit.TextDiT`);
 * ``train.lora``: the base with the EMA LoRA factors merged into its UNet;
 * ``train.lcm``: the teacher with the student UNet (a guidance-scale embedding, or LoRA factors
   merged, sampled without classifier-free guidance) and the LCM sampler as default;
@@ -40,7 +41,8 @@ from jdiff.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from jdiff.models.text import CLIPTextConfig, CLIPTextModel
 from jdiff.tokenizers import ByteTokenizer
 
-__all__ = ["POOLED_EMBED_TYPES", "TextUNet", "pooled_text", "class_kwargs", "unet_config", "text_config",
+__all__ = ["POOLED_EMBED_TYPES", "DENOISERS", "TextUNet", "denoiser_for", "pooled_text", "class_kwargs",
+           "unet_config", "text_config",
            "from_config", "trained_params", "read_config", "load_vae", "restore_ema", "restore_checked_ema",
            "is_diffusers_folder", "load_path", "load", "factors_to_tree", "tree_to_lora", "lora_targets",
            "hint_channels", "controlnet_for", "lcm_student", "with_guidance_embedding", "COND_PROJ",
@@ -121,6 +123,32 @@ def unet_config(section: Mapping[str, Any], latent_channels: int, text_dim: int)
     raise ValueError(f"unet config: {e}") from None
 
 
+DENOISERS = ("unet", "mmdit")
+
+
+def denoiser_for(config: Mapping[str, Any], latent_channels: int, latent_size: int, text_dim: int):
+  """The denoiser module of a ``train.ldm`` config: ``denoiser="unet"`` (default) a :class:`TextUNet` of
+  the ``unet`` section, ``"mmdit"`` a :class:`jdiff.models.text_dit.TextDiT` of the ``dit`` section; both
+  are called as ``(x, t, context)``.
+
+  Raises:
+    ValueError: an unknown denoiser, or widths that do not match the text encoder's.
+  """
+  kind = str(config.get("denoiser", "unet") or "unet")
+  if kind not in DENOISERS:
+    raise ValueError(f"unknown denoiser {kind!r}; expected one of {DENOISERS}")
+  if kind == "mmdit":
+    from jdiff.models.text_dit import TextDiT, text_dit_config
+
+    return TextDiT(text_dit_config(config["dit"], latent_channels=latent_channels, latent_size=latent_size,
+                                   text_dim=text_dim))
+  unet = TextUNet(unet_config(config["unet"], latent_channels, text_dim))
+  if set(unet.config.per_block("cross_attention_dim")) != {text_dim}:
+    raise ValueError(f"unet.cross_attention_dim={unet.config.cross_attention_dim} must equal "
+                     f"text.hidden_size={text_dim}")
+  return unet
+
+
 def text_config(section: Mapping[str, Any], tokenizer: Any = None) -> CLIPTextConfig:
   """The CLIPTextConfig of a ``text`` config section, over the byte tokenizer's vocabulary (or that of
   ``tokenizer``, a :class:`~jdiff.tokenizers.CLIPTokenizer`)."""
@@ -151,7 +179,8 @@ def bpe_tokenizer(section: Mapping[str, Any]):
 def from_config(config: Mapping[str, Any], vae: AutoencoderKL, vae_params: Any, unet_params: Any = None,
                 tokenizer: Any = None):
   """The bundle of a ``train.ldm`` config around a VAE: text encoder at its seeded initialisation,
-  byte tokenizer, schedule and prediction of ``config.diffusion``, UNet module (``unet_params`` as given).
+  byte tokenizer, schedule and prediction of ``config.diffusion``, denoiser module (:func:`denoiser_for`;
+  ``unet_params`` as given).
 
   Raises:
     ValueError: an image size the VAE does not divide, or text / UNet widths that do not match.
@@ -172,16 +201,15 @@ def from_config(config: Mapping[str, Any], vae: AutoencoderKL, vae_params: Any, 
   elif tokenizer is None:
     tokenizer = bpe_tokenizer(text_section)
   hidden = int(text_section["hidden_size"])
-  unet = TextUNet(unet_config(config["unet"], vae.config.latent_channels, hidden))
-  dims = set(unet.config.per_block("cross_attention_dim"))
-  if dims != {hidden}:
-    raise ValueError(f"unet.cross_attention_dim={unet.config.cross_attention_dim} must equal "
-                     f"text.hidden_size={hidden}")
+  unet = denoiser_for(config, vae.config.latent_channels, size // f, hidden)
   text = CLIPTextModel(text_config(text_section, None if kind == "bytes" else tokenizer))
   text_params = jax.jit(lambda k: text.init(k, jnp.zeros((1, max_length), jnp.int32))["params"])(
       jax.random.key(text_section["seed"]))
   d = config["diffusion"]
-  sched = schedules.make(d["schedule"], d["num_timesteps"], beta_start=d["beta_start"], beta_end=d["beta_end"])
+  if d["prediction"] in ("flow", "flow_prediction"):  # the flow path uses only the schedule's length T
+    sched = schedules.make("linear", d["num_timesteps"])
+  else:
+    sched = schedules.make(d["schedule"], d["num_timesteps"], beta_start=d["beta_start"], beta_end=d["beta_end"])
   s = config.get("sample", None) or {}
   defaults = {k: s[k] for k in ("sampler", "num_steps", "guidance_scale") if k in s}
   return StableDiffusion(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text,
@@ -194,8 +222,12 @@ def from_config(config: Mapping[str, Any], vae: AutoencoderKL, vae_params: Any, 
 def scheduler_config(diffusion_section: Mapping[str, Any]) -> dict[str, Any]:
   """The diffusers ``scheduler_config.json`` (a DDIMScheduler) of a ``train.ldm`` run's diffusion section:
   its beta schedule and prediction type, with the sampler settings jdiff's samplers default to (so a
-  pipeline loaded from the export samples as the run's own bundle does)."""
+  pipeline loaded from the export samples as the run's own bundle does); a FlowMatchEulerDiscreteScheduler
+  for ``prediction="flow"``."""
   d = diffusion_section
+  if d["prediction"] in ("flow", "flow_prediction"):
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": int(d["num_timesteps"]),
+            "shift": float(d.get("shift", 1.0))}
   names = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
   beta_schedule = {"cosine": "squaredcos_cap_v2"}.get(d["schedule"], d["schedule"])
   return {"_class_name": "DDIMScheduler", "num_train_timesteps": int(d["num_timesteps"]),
@@ -468,7 +500,7 @@ def load(workdir: str):
     return _load_controlnet(workdir, config)
   if "lora" in config:
     return _load_lora(workdir, config)
-  if "vae" in config and "unet" in config:
+  if "vae" in config and ("unet" in config or "dit" in config):
     return _load_ldm(workdir, config)
   raise FileNotFoundError(f"{workdir!r} is not a train.ldm, train.lora, train.lcm, train.ct or train.controlnet "
                           "workdir (its config has none of their sections)")

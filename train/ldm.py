@@ -18,6 +18,7 @@ EMA weights; a finished run loads with ``StableDiffusion.from_workdir(WORKDIR)``
 Example:
   $ python -m train.ldm                                   # the whole default, ~15 min on 2 CPU cores
   $ python -m train.ldm --config configs/ldm_digits.py --config.train.steps=500 --workdir /tmp/ldm
+  $ python -m train.ldm --config configs/flow_dit_digits.py --workdir /tmp/flow_dit   # rectified-flow MMDiT
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdiff import data, diffusion, ldm, parallel
+from jdiff import data, diffusion, flow, ldm, parallel
 from jdiff.evaluation import digit_prompts
 from jdiff.models import AutoencoderKL
 from jdiff.pipelines import StableDiffusion
@@ -84,14 +85,28 @@ def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
 
   One step: encode ``batch["image"]`` with the frozen VAE (a posterior sample, shifted and scaled), drop
   each caption to the empty prompt with probability ``diffusion.cond_drop``, encode the token ids with
-  the text encoder (trained or frozen), and regress the UNet on its prediction type's target
+  the text encoder (trained or frozen), and regress the denoiser on its prediction type's target
   (:func:`jdiff.diffusion.loss`: min-SNR weighting, offset noise and input perturbation from
-  ``config.diffusion``). The key is split as ``(posterior, dropout, loss) = split(key, 3)``.
+  ``config.diffusion``; with ``prediction="flow"`` the rectified-flow velocity of :func:`jdiff.flow.loss`,
+  timestep density, shift and weighting from ``config.diffusion``). The key is split as
+  ``(posterior, dropout, loss) = split(key, 3)``.
   """
   d = config.diffusion
   weighting = d.weighting or None
-  options = dict(min_snr_gamma=d.min_snr_gamma, noise_offset=float(d.get("noise_offset", 0.0)),
-                 input_perturbation=float(d.get("input_perturbation", 0.0)))
+  if bundle.prediction == "flow":  # rectified flow (jdiff.flow.loss): the bundle's denoiser predicts eps - x0
+    options = dict(density=str(d.get("density", "uniform")), logit_mean=float(d.get("logit_mean", 0.0)),
+                   logit_std=float(d.get("logit_std", 1.0)), shift=float(d.get("shift", 1.0)))
+
+    def objective(fn, z, key):
+      return flow.loss(fn, z, key=key, weighting=weighting, num_train_timesteps=bundle.schedule.num_timesteps,
+                       **options)
+  else:
+    options = dict(min_snr_gamma=d.min_snr_gamma, noise_offset=float(d.get("noise_offset", 0.0)),
+                   input_perturbation=float(d.get("input_perturbation", 0.0)))
+
+    def objective(fn, z, key):
+      return diffusion.loss(fn, bundle.schedule, z, key=key, prediction=bundle.prediction, weighting=weighting,
+                            **options)
 
   def loss_fn(params, batch, key, frozen):
     k_z, k_drop, k_loss = jax.random.split(key, 3)
@@ -104,8 +119,7 @@ def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
       # Dropping the caption (not its embedding) trains the null embedding of a trainable encoder too.
       tokens = diffusion.drop_condition(batch["tokens"], frozen["null_tokens"], d.cond_drop, key=k_drop)  # [B, L]
       ctx = bundle.encode_text(text_params, tokens)  # [B, L, D]
-    loss = diffusion.loss(bundle.model_fn(unet_params, ctx), bundle.schedule, z, key=k_loss,
-                          prediction=bundle.prediction, weighting=weighting, **options)
+    loss = objective(bundle.model_fn(unet_params, ctx), z, k_loss)
     return loss, {}
 
   return loss_fn
