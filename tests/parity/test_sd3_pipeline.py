@@ -1,7 +1,9 @@
 """The SD3 text-to-image pipeline against diffusers' ``StableDiffusion3Pipeline`` without T5: a tiny random
 pipeline (SD3 transformer, two CLIP text encoders with projection and their tokenizers, a 16-channel VAE
 with a shift factor, ``FlowMatchEulerDiscreteScheduler(shift=3.0)``, ``text_encoder_3=None``) saved with
-``save_pretrained`` and loaded by :meth:`jdiff.sd3_pipeline.SD3Pipeline.from_diffusers`.
+``save_pretrained`` and loaded by :meth:`jdiff.sd3_pipeline.SD3Pipeline.from_diffusers`: the text
+conditioning against ``encode_prompt``, and the images of 4 steps guided (the folder's static shift) and
+unguided (the dynamic shift, mu from the latent sequence length); a folder listing a T5 encoder is refused.
 
 Both sides start from the same latents and are deterministic. Tolerances: the text conditioning is the
 CLIP encoders' output (``1e-4`` relative, as ``test_sdxl_models.py``) with exact zeros elsewhere. The
@@ -116,8 +118,9 @@ def test_text_conditioning_matches_encode_prompt(saved, ours):
   pipe = saved[1]
   with torch.no_grad():
     want = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True, negative_prompt=["", "blurry"])
-  embeds, pooled = ours.encode(ours.text_params, ours.tokenize(PROMPTS))
-  null_embeds, null_pooled = ours.encode(ours.text_params, ours.tokenize(["", "blurry"]))
+  encode = jax.jit(ours.encode)
+  embeds, pooled = encode(ours.text_params, ours.tokenize(PROMPTS))
+  null_embeds, null_pooled = encode(ours.text_params, ours.tokenize(["", "blurry"]))
   for got, ref in zip((embeds, null_embeds, pooled, null_pooled), want):
     ref = ref.numpy()
     assert got.shape == ref.shape
@@ -126,14 +129,25 @@ def test_text_conditioning_matches_encode_prompt(saved, ours):
   assert not np.any(np.asarray(embeds)[:, :, WIDTH_1 + WIDTH_2:]) and not np.any(np.asarray(embeds)[:, MAX_LEN:])
 
 
-@pytest.mark.parametrize("guidance_scale", [1.0, 7.0])
-def test_images_match_diffusers(saved, ours, guidance_scale):
-  latents = _latents(len(PROMPTS))
-  with torch.no_grad():
-    want = saved[1](prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=guidance_scale, height=SIZE,
-                    width=SIZE, latents=_nchw(latents), output_type="np").images
+# (guidance_scale, jdiff sampler options): guided with the folder's scheduler (static shift 3), and unguided
+# with the dynamic shift (mu from the latent sequence length, set on diffusers' scheduler as well)
+CASES = {"guided_shift3": (7.0, {}), "unguided_dynamic_shift": (1.0, {"use_dynamic_shifting": True})}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_images_match_diffusers(saved, ours, case):
+  guidance_scale, options = CASES[case]
+  pipe, latents = saved[1], _latents(len(PROMPTS))
+  scheduler = pipe.scheduler
+  pipe.scheduler = type(scheduler).from_config(scheduler.config, **options)
+  try:
+    with torch.no_grad():
+      want = pipe(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=guidance_scale, height=SIZE, width=SIZE,
+                  latents=_nchw(latents), output_type="np").images
+  finally:
+    pipe.scheduler = scheduler
   got = np.asarray(ours.generate(PROMPTS, key=jax.random.key(0), num_steps=STEPS, guidance_scale=guidance_scale,
-                                 latents=latents))
+                                 latents=latents, **options))
   assert got.shape == want.shape == (len(PROMPTS), SIZE, SIZE, 3)
   assert float(np.max(np.abs(got - want))) <= TOL
   assert float(np.std(want)) > 1e-3
