@@ -27,7 +27,8 @@ def build_parser() -> _cli.ArgumentParser:
   parser = _cli.ArgumentParser(prog="txt2img", description="Generate images from a text prompt.")
   source = parser.add_mutually_exclusive_group(required=True)
   for kind in sorted(_cli.SOURCES):
-    source.add_argument(f"--{kind}", metavar="PATH", help=f"load the model from a {kind} folder")
+    source.add_argument(f"--{kind}", metavar="PATH",
+                        help=f"load the model from a {kind} {'file' if kind == 'single_file' else 'folder'}")
   _cli.add_model_options(parser)
   parser.add_argument("--prompt", required=True, help="the text prompt")
   parser.add_argument("--negative-prompt", default=None, help="unconditional prompt (default: empty)")

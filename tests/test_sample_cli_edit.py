@@ -132,6 +132,19 @@ def test_inpaint_bad_input_is_one_line(shared, folder, files, tmp_path, capsys, 
   assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--roundtrip", "2"], "--roundtrip needs a training workdir"),
+    (["--roundtrip", "2", "--prompt", "x"], "--roundtrip takes its images and captions from the run's data"),
+    (["--image", "{files}/image.png", "--prompt", "x"], "--out is required"),
+    (["--image", "{files}/image.png", "--prompt", "x", "--out", "z.png"], "--out must name a .npy file"),
+    (["--image", "{files}/broken.png", "--prompt", "x", "--out", "z.npy"], "is not a readable image"),
+])
+def test_invert_bad_input_is_one_line(shared, folder, files, capsys, argv, message):
+  code = _cli.run(invert.main, ["--diffusers", str(folder), *[a.format(files=files) for a in argv]], prog="invert")
+  assert code == 2
+  assert message in _one_error_line(capsys, "invert")
+
+
 def test_single_file_and_textual_inversion_flags(pipe, folder, files, tmp_path, capsys):
   """``--single_file`` with ``--config`` loads the file's weights; ``--textual_inversion`` adds the token;
   a pickled ``.ckpt`` and missing single-file options are one-line errors."""
@@ -186,7 +199,6 @@ def test_without_sampler_flag_the_model_default_is_used(tmp_path, monkeypatch, c
   assert "lcm steps" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # ~20 s on 2 cores: saves an LCM pipeline and compiles its sampler
 def test_lcm_folder_samples_with_its_default_sampler(folder, tmp_path, capsys):
   """A folder saved with LCMScheduler and a w-embedding UNet: txt2img without --sampler runs "lcm"
   guided through the embedding, as the library's generate does."""
