@@ -616,10 +616,16 @@ def load(file: str | os.PathLike, params_by_component: Mapping[str, Params]) -> 
   Args:
     file: a ``.safetensors`` LoRA file.
     params_by_component: the base parameter trees by component: ``"unet"``, ``"text_encoder"`` and, for
-      SDXL, ``"text_encoder_2"``. Components the file does not adapt are left out of the result.
+      SDXL, ``"text_encoder_2"``. Components the file does not adapt are left out of the result; a file
+      that adapts ``text_encoder_2`` (an SDXL LoRA) is refused without that component.
 
   Returns:
     ``{component: LoRA}`` for each component the file adapts.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: one line: an unreadable or pickled file, or a LoRA that does not fit the parameters (naming
+      the model families when they can be told: "a LoRA for SD1.x/2.x applied to SDXL: ...").
 
   Example:
     >>> adapters = lora.load("sdxl_lora.safetensors", {"unet": unet_params, "text_encoder": te1_params,

@@ -41,7 +41,8 @@ UNET_MODULES = {
     "input_blocks_2_0_op": "down_blocks.0.downsamplers.0.conv",
     "input_blocks_3_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
     "input_blocks_3_1_proj_in": "down_blocks.1.attentions.0.proj_in",
-    "input_blocks_3_1_transformer_blocks_0_attn1_to_out_0": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+    "input_blocks_3_1_transformer_blocks_0_attn1_to_out_0":
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
     "input_blocks_3_1_transformer_blocks_1_attn2_to_k": "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
     "middle_block_0_out_layers_3": "mid_block.resnets.0.conv2",
     "middle_block_1_transformer_blocks_1_ff_net_0_proj": "mid_block.attentions.0.transformer_blocks.1.ff.net.0.proj",
@@ -70,8 +71,10 @@ def tiny(tmp_path_factory):
   return folder, load_sdxl_parts(folder)
 
 
-def _weights(folder) -> dict[str, dict[str, np.ndarray]]:
+@pytest.fixture(scope="module")
+def weights(tiny) -> dict[str, dict[str, np.ndarray]]:
   """The torch weights of each component, by module name."""
+  folder, _ = tiny
   pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
   return {comp: {n[: -len(".weight")]: p.detach().numpy() for n, p in getattr(pipe, comp).named_parameters()
                  if n.endswith(".weight")} for comp in ("unet", "text_encoder", "text_encoder_2")}
@@ -122,21 +125,31 @@ def _diffusers_file(path, weights) -> None:
   return None
 
 
-def _text_outputs(module, params, ids):
-  out = module.apply({"params": params}, ids, output_hidden_states=True)
-  return [out.last_hidden_state] + ([out.text_embeds] if getattr(out, "text_embeds", None) is not None else [])
+@pytest.fixture(scope="module")
+def applies(tiny):
+  """Jitted applies of the UNet and each text encoder (last hidden state, and text_embeds when projected),
+  compiled once for the module."""
+  _, parts = tiny
+
+  def text(module):
+    def run(params, ids):
+      out = module.apply({"params": params}, ids)
+      return [out.last_hidden_state] + ([out.text_embeds] if getattr(out, "text_embeds", None) is not None else [])
+    return jax.jit(run)
+
+  return {"unet": jax.jit(parts.unet.apply), "text_encoder": text(parts.text_encoder),
+          "text_encoder_2": text(parts.text_encoder_2)}
 
 
 def _torch_text_outputs(model, ids):
   with torch.no_grad():
-    out = model(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
+    out = model(torch.from_numpy(ids.astype(np.int64)))
   return [out.last_hidden_state.numpy()] + ([out.text_embeds.numpy()] if hasattr(out, "text_embeds") else [])
 
 
 @pytest.mark.parametrize("layout", ["kohya_sgm", "diffusers"])
-def test_sdxl_lora_matches_diffusers_load_lora_weights(tiny, tmp_path, layout):
+def test_sdxl_lora_matches_diffusers_load_lora_weights(tiny, weights, applies, tmp_path, layout):
   folder, parts = tiny
-  weights = _weights(folder)
   file = tmp_path / f"{layout}.safetensors"
   scales = (_kohya_file if layout == "kohya_sgm" else _diffusers_file)(file, weights)
 
@@ -161,7 +174,7 @@ def test_sdxl_lora_matches_diffusers_load_lora_weights(tiny, tmp_path, layout):
 
   x, t, ctx, pooled = unet_inputs(seed=3)
   want = torch_unet(pipe.unet, x, t, ctx, pooled, TIME_IDS)
-  unet_apply = jax.jit(parts.unet.apply)
+  unet_apply = applies["unet"]
   got = unet_apply({"params": lora.merge(parts.unet_params, adapters["unet"])}, x, t, ctx, text_embeds=pooled,
                    time_ids=TIME_IDS)
   assert rel_err(got, want) <= RTOL
@@ -171,10 +184,10 @@ def test_sdxl_lora_matches_diffusers_load_lora_weights(tiny, tmp_path, layout):
   for comp, tokenizer, prompts in [("text_encoder", parts.tokenizer, PROMPTS),
                                    ("text_encoder_2", parts.tokenizer_2, PROMPTS_2)]:
     ids = tokenizer(prompts)
-    module, params = getattr(parts, comp), getattr(parts, comp + "_params")
+    params = getattr(parts, comp + "_params")
     wants = _torch_text_outputs(getattr(pipe, comp), ids)
-    gots = _text_outputs(module, lora.merge(params, adapters[comp]), ids)
-    bases = _text_outputs(module, params, ids)
+    gots = applies[comp](lora.merge(params, adapters[comp]), ids)
+    bases = applies[comp](params, ids)
     assert len(gots) == len(wants) == (2 if comp == "text_encoder_2" else 1)
     for got, base, want in zip(gots, bases, wants):
       assert rel_err(got, want) <= RTOL, comp
@@ -182,8 +195,9 @@ def test_sdxl_lora_matches_diffusers_load_lora_weights(tiny, tmp_path, layout):
 
 
 def test_sgm_names_of_the_sdxl_base_unet():
-  """SGM names of the full-size SDXL base UNet (abstract shapes, nothing allocated) at the level ends."""
-  shapes = unet_param_shapes(UNetConfig.sdxl_base())
+  """SGM names of the SDXL base UNet's layout (abstract shapes, nothing allocated; 3 transformer layers in the
+  deepest level instead of 10, to trace faster) at the level ends."""
+  shapes = unet_param_shapes(UNetConfig.sdxl_base(transformer_layers_per_block=(1, 2, 3)))
   params = {}
   for path, shape in shapes.items():
     node = params
@@ -192,8 +206,8 @@ def test_sgm_names_of_the_sdxl_base_unet():
     node[path[-1]] = jax.ShapeDtypeStruct(shape, np.float32)
   names = lora.sgm_names(params)
   assert names["down_blocks.0.downsamplers.0.conv"] == "input_blocks.3.0.op"
-  assert names["down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"] == \
-      "input_blocks.8.1.transformer_blocks.9.attn2.to_k"
+  assert names["down_blocks.2.attentions.1.transformer_blocks.2.attn2.to_k"] == \
+      "input_blocks.8.1.transformer_blocks.2.attn2.to_k"
   assert names["mid_block.resnets.1.conv1"] == "middle_block.2.in_layers.2"
   assert names["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.2.conv"
   assert names["up_blocks.1.resnets.2.conv_shortcut"] == "output_blocks.5.0.skip_connection"
@@ -218,8 +232,8 @@ def _one_line_error(match, file, params_by_component):
   assert "\n" not in str(err.value)
 
 
-def test_sd15_and_sdxl_lora_mismatches_are_one_line(tiny, tmp_path):
-  folder, parts = tiny
+def test_sd15_and_sdxl_lora_mismatches_are_one_line(tiny, weights, tmp_path):
+  _, parts = tiny
   sd15 = _sd15_params()
   ad = lora.init(sd15, key=jax.random.key(0), rank=2)
   lora.save_diffusers(tmp_path / "sd15.safetensors", {"unet": ad})
@@ -236,7 +250,7 @@ def test_sd15_and_sdxl_lora_mismatches_are_one_line(tiny, tmp_path):
   _one_line_error(r"a LoRA for SD1\.x applied to SDXL: the unet LoRA for .*attn2/to_k/kernel implies kernel shape "
                   r"\(768, 64\), the model has \(80, 64\)", tmp_path / "sd15_wide.safetensors", sdxl)
   # an SDXL file (second text encoder) on SD1.5 parameters
-  _kohya_file(tmp_path / "sdxl.safetensors", _weights(folder))
+  _kohya_file(tmp_path / "sdxl.safetensors", weights)
   _one_line_error(r"a LoRA for SDXL applied to SD1\.x/2\.x: it adapts text_encoder_2, and no second text encoder",
                   tmp_path / "sdxl.safetensors", {"unet": sd15, "text_encoder": parts.text_encoder_params})
 
