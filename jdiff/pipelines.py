@@ -248,7 +248,8 @@ class StableDiffusion:
   def from_diffusers(cls, path: str | os.PathLike, *, dtype: str | None = None, clip_skip: int = 0,
                      controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> StableDiffusion:
     """Loads a diffusers Stable Diffusion folder (``model_index.json`` with ``unet/``, ``vae/``,
-    ``text_encoder/``, ``tokenizer/``, ``scheduler/``); safetensors only, no torch.
+    ``text_encoder/``, ``tokenizer/``, ``scheduler/``); safetensors only, no torch. A folder whose
+    ``model_index.json`` names an SDXL pipeline loads as :class:`jdiff.sdxl.StableDiffusionXL`.
 
     Args:
       path: the pipeline folder.
@@ -272,6 +273,11 @@ class StableDiffusion:
     if not root.is_dir():
       raise FileNotFoundError(f"diffusers pipeline folder {str(root)!r} does not exist")
     index = _io.read_config(root, name="model_index.json")
+    if str(index.get("_class_name", "")).startswith("StableDiffusionXL"):  # two text encoders: the subclass
+      from jdiff.sdxl import StableDiffusionXL
+      if controlnet is not None:
+        raise ValueError(f"{str(root)!r} is an SDXL pipeline; StableDiffusionXL takes no ControlNet yet")
+      return StableDiffusionXL.from_diffusers(root, dtype=dtype, clip_skip=clip_skip)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
       if part not in index:
         raise ValueError(f"{str(root / 'model_index.json')!r} lists no {part!r}; is this a Stable Diffusion "

@@ -1,26 +1,37 @@
-"""Stable Diffusion XL's conditioning as pure functions: the text conditioning of both encoders and the
-micro-conditioning time ids that the "text_time" UNet embeds.
+"""Stable Diffusion XL: its conditioning as pure functions (the text conditioning of both encoders, the
+micro-conditioning time ids that the "text_time" UNet embeds) and the :class:`StableDiffusionXL` pipeline.
 
 The UNet (``UNetConfig.sdxl_base()`` / ``sdxl_refiner()``) is called as
 ``unet.apply(params, x, t, prompt_embeds, text_embeds=pooled, time_ids=ids)``; the parts of a diffusers
-folder load with :func:`jdiff.convert.sdxl.load_sdxl_parts`.
+folder load with :func:`jdiff.convert.sdxl.load_sdxl_parts`. :class:`StableDiffusionXL` is the
+:class:`~jdiff.pipelines.StableDiffusion` bundle with SDXL's text conditioning: text-to-image,
+image-to-image and the base-to-refiner handoff with every registered sampler.
 
 Example:
   >>> embeds, pooled = sdxl_text_conditioning(parts.encoders, [tok(prompts) for tok in parts.tokenizers])
   ... # doctest: +SKIP
   >>> ids = time_ids((1024, 1024), (0, 0), (1024, 1024), batch_size=len(prompts))  # doctest: +SKIP
+  >>> images = StableDiffusionXL.from_diffusers("sdxl-base").generate("a fox", key=jax.random.key(0))
+  ... # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jdiff import samplers
 from jdiff.models.text import sdxl_text_conditioning
+from jdiff.pipelines import (SCHEDULER_SAMPLERS, StableDiffusion, _start_step, sampler_options_from_config,
+                             schedule_from_config, static_key)
+from jdiff.tokenizers import CLIPTokenizer
 
-__all__ = ["sdxl_text_conditioning", "time_ids"]
+__all__ = ["StableDiffusionXL", "sdxl_text_conditioning", "time_ids"]
 
 
 def time_ids(original_size: Sequence[float], crops_coords_top_left: Sequence[float] = (0, 0),
@@ -62,3 +73,432 @@ def time_ids(original_size: Sequence[float], crops_coords_top_left: Sequence[flo
   tail = (aesthetic_score,) if aesthetic_score is not None else tuple(target)
   row = jnp.asarray(tuple(original_size) + tuple(crops_coords_top_left) + tail, jnp.float32)  # [N]
   return jnp.broadcast_to(row.reshape(1, -1), (batch_size, row.shape[0]))
+
+
+def _pair(value: Sequence[float] | None, default: tuple[int, int]) -> tuple:
+  return tuple(default) if value is None else tuple(value)
+
+
+def _cut_index(timesteps: np.ndarray, fraction: float, num_train_timesteps: int, name: str) -> int:
+  """How many of ``timesteps`` lie at or above diffusers' cutoff ``round(T - fraction T)``."""
+  if not 0.0 < float(fraction) < 1.0:
+    raise ValueError(f"{name} must be in (0, 1), got {fraction}")
+  cutoff = int(round(num_train_timesteps - float(fraction) * num_train_timesteps))
+  return int(np.sum(np.asarray(timesteps) >= cutoff))
+
+
+@dataclasses.dataclass(eq=False)
+class StableDiffusionXL(StableDiffusion):
+  """Stable Diffusion XL (base or refiner) as a :class:`~jdiff.pipelines.StableDiffusion` whose text
+  conditioning is SDXL's: two text encoders (the refiner: only the second), their penultimate hidden
+  states concatenated (:func:`sdxl_text_conditioning`), the second encoder's projected pooled output as
+  the UNet's ``text_embeds`` and the micro-conditioning :func:`time_ids` as its ``time_ids``. The UNet
+  receives them through :meth:`~jdiff.pipelines.StableDiffusion.model_fn`'s dict context.
+
+  Numerics follow diffusers' ``StableDiffusionXLPipeline`` and ``StableDiffusionXLImg2ImgPipeline``:
+  without ``negative_prompts`` the unconditional embeddings are zeros when
+  ``force_zeros_for_empty_prompt`` (else the encoded empty prompt; negative embeddings always take the
+  penultimate hidden states, whatever ``clip_skip``); a refiner (``requires_aesthetics_score``) ends its
+  time ids with an aesthetic score. ``generate(..., denoising_end=f, output="latents")`` stops the
+  sampler's grid at the first step whose timestep is below ``round(T (1 - f))`` and returns the latents
+  there; ``img2img(latents, ..., denoising_start=f)`` runs the rest of the same grid (the
+  base-to-refiner handoff: :func:`jdiff.samplers.cut`).
+
+  Attributes (beyond :class:`~jdiff.pipelines.StableDiffusion`'s; ``text_encoder``, ``text_params`` and
+  ``tokenizer`` are the first encoder's, None for a refiner):
+    text_encoder_2, text_params_2, tokenizer_2: the second encoder (with ``text_projection``), its
+      parameters and tokenizer.
+    force_zeros_for_empty_prompt: zeros as the negative conditioning when no negative prompt is given.
+    requires_aesthetics_score: the time ids are ``original_size + crops + (aesthetic_score,)``.
+
+  Example:
+    >>> base = StableDiffusionXL.from_diffusers("sdxl-base")  # doctest: +SKIP
+    >>> refiner = StableDiffusionXL.from_diffusers("sdxl-refiner")  # doctest: +SKIP
+    >>> z = base.generate("a lion", key=key, num_steps=40, denoising_end=0.8, output="latents")  # doctest: +SKIP
+    >>> images = refiner.img2img(z, "a lion", key=key, num_steps=40, denoising_start=0.8)  # doctest: +SKIP
+  """
+  text_encoder_2: Any = None
+  text_params_2: Any = None
+  tokenizer_2: CLIPTokenizer | None = None
+  force_zeros_for_empty_prompt: bool = True
+  requires_aesthetics_score: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.text_encoder_2 is None or self.tokenizer_2 is None:
+      raise ValueError("StableDiffusionXL needs text_encoder_2 and tokenizer_2")
+    if (self.text_encoder is None) != (self.tokenizer is None):
+      raise ValueError("text_encoder and tokenizer come together (both None for a refiner)")
+    self.text_params_2 = jax.tree.map(jnp.asarray, self.text_params_2)
+    if self.controlnets:
+      raise ValueError("StableDiffusionXL does not take ControlNets yet")
+
+  @classmethod
+  def from_diffusers(cls, path: str | os.PathLike, *, dtype: str | None = None,
+                     clip_skip: int = 0) -> StableDiffusionXL:
+    """Loads a diffusers SDXL folder (``StableDiffusionXLPipeline``, or a refiner's
+    ``StableDiffusionXLImg2ImgPipeline``) with :func:`jdiff.convert.sdxl.load_sdxl_parts`.
+
+    Args:
+      path: the pipeline folder.
+      dtype: compute dtype of the networks ("bfloat16"); parameters stay float32, and under "float16" a
+        VAE with ``force_upcast`` computes in float32.
+      clip_skip: diffusers' ``clip_skip`` for the prompt embeddings.
+
+    Raises:
+      FileNotFoundError: the folder or a part (``text_encoder_2``, ``scheduler``, ...) is missing.
+      ValueError: an unsupported config or a missing / mis-shaped tensor (named).
+
+    Example:
+      >>> pipe = StableDiffusionXL.from_diffusers("checkpoints/sdxl-base", dtype="bfloat16")  # doctest: +SKIP
+    """
+    from jdiff.convert.sdxl import load_sdxl_parts
+
+    parts = load_sdxl_parts(path, dtype=dtype)
+    if parts.scheduler_config is None:
+      raise FileNotFoundError(f"SDXL pipeline folder {os.fspath(path)!r} has no scheduler/scheduler_config.json")
+    sched = parts.scheduler_config
+    method, implied = SCHEDULER_SAMPLERS.get(sched.get("_class_name"), ("ddim", {}))
+    return cls(unet=parts.unet, unet_params=parts.unet_params, vae=parts.vae, vae_params=parts.vae_params,
+               text_encoder=parts.text_encoder, text_params=parts.text_encoder_params, tokenizer=parts.tokenizer,
+               schedule=schedule_from_config(sched), prediction=sched.get("prediction_type", "epsilon"),
+               scaling_factor=float(parts.vae.config.scaling_factor),
+               shift_factor=float(parts.vae.config.shift_factor or 0.0),
+               sampler_options={**sampler_options_from_config(sched), **implied}, clip_skip=clip_skip,
+               scheduler_config=sched, defaults={"sampler": method, "guidance_scale": 5.0},
+               source=os.fspath(path), text_encoder_2=parts.text_encoder_2,
+               text_params_2=parts.text_encoder_2_params, tokenizer_2=parts.tokenizer_2,
+               force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+               requires_aesthetics_score=parts.requires_aesthetics_score)
+
+  # ---- text ----
+
+  @property
+  def tokenizers(self) -> list[CLIPTokenizer]:
+    """The tokenizers in pipeline order (the refiner's: only ``tokenizer_2``)."""
+    return ([self.tokenizer] if self.tokenizer is not None else []) + [self.tokenizer_2]
+
+  @property
+  def encoders(self) -> list[Any]:
+    """The text encoder modules in pipeline order."""
+    return ([self.text_encoder] if self.text_encoder is not None else []) + [self.text_encoder_2]
+
+  def all_text_params(self, text_params: Any = None) -> tuple:
+    """The encoders' parameter trees in pipeline order (``text_params`` replaces the first encoder's)."""
+    first = self.text_params if text_params is None else text_params
+    return ((first,) if self.text_encoder is not None else ()) + (self.text_params_2,)
+
+  def tokenize(self, text: str | Sequence[str]) -> tuple[np.ndarray, ...]:
+    """Token ids per tokenizer (pipeline order): ``[L]`` each for one string, ``[B, L]`` for a list."""
+    if isinstance(text, str):
+      return tuple(np.asarray(tok([text]))[0] for tok in self.tokenizers)
+    return tuple(np.asarray(tok(list(text))) for tok in self.tokenizers)
+
+  def encode_text(self, text_params: Any, ids: Sequence[jax.Array], *,
+                  clip_skip: int | None = None) -> dict[str, jax.Array]:
+    """Token ids per encoder (``[B, L]`` each) -> ``{"text": [B, L, D], "text_embeds": [B, P]}``.
+
+    Args:
+      text_params: the encoders' parameters in pipeline order (:meth:`all_text_params`).
+      ids: token ids from each encoder's tokenizer.
+      clip_skip: default the bundle's ``clip_skip``.
+    """
+    encoders = list(zip(self.encoders, text_params))
+    embeds, pooled = sdxl_text_conditioning(encoders, list(ids),
+                                            clip_skip=self.clip_skip if clip_skip is None else clip_skip)
+    return {"text": embeds, "text_embeds": pooled}
+
+  def encode_prompts(self, prompts: Sequence[str]) -> dict[str, jax.Array]:
+    """``{"text": [B, L, D], "text_embeds": [B, P]}`` of prompts."""
+    return self.encode_text(self.all_text_params(), [jnp.asarray(i) for i in self.tokenize(list(prompts))])
+
+  def _prompt_ids(self, prompts, negative_prompts):
+    """Token ids per tokenizer of the prompts and of the negative prompts (None: zeros, when no negative
+    prompt is given and ``force_zeros_for_empty_prompt``)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+      raise ValueError("prompts is empty")
+    ids = tuple(jnp.asarray(i) for i in self.tokenize(prompts))
+    if negative_prompts is None:
+      if self.force_zeros_for_empty_prompt:
+        return ids, None
+      negative = [""] * len(prompts)
+    elif isinstance(negative_prompts, str):
+      negative = [negative_prompts] * len(prompts)
+    else:
+      negative = list(negative_prompts)
+      if len(negative) != len(prompts):
+        raise ValueError(f"{len(negative)} negative_prompts for {len(prompts)} prompts")
+    return ids, tuple(jnp.asarray(i) for i in self.tokenize(negative))
+
+  def _params(self, lora: Any, lora_scale: float) -> tuple:
+    unet, vae, text, controlnets = super()._params(lora, lora_scale)
+    return unet, vae, self.all_text_params(text), controlnets
+
+  def _model_fn(self, params, ids, neg_ids, scale, guided: bool, *, rescale=0.0, control=None,
+                guess_mode: bool = False, timesteps=None, concat=None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``ids`` / ``neg_ids``: ``{"ids": token ids per encoder (None for zeros), "time_ids": [B, N]}``."""
+    del guess_mode, timesteps
+    if control is not None:
+      raise ValueError("StableDiffusionXL does not take ControlNets yet")
+    unet_params, _, text_params, _ = params
+    cond = {**self.encode_text(text_params, ids["ids"]), "time_ids": ids["time_ids"]}
+    kwargs: dict[str, Any] = {"concat": concat}
+    if guided:
+      if neg_ids["ids"] is None:
+        null = {"text": jnp.zeros_like(cond["text"]), "text_embeds": jnp.zeros_like(cond["text_embeds"])}
+      else:  # diffusers encodes negative prompts at the penultimate layer whatever clip_skip
+        null = self.encode_text(text_params, neg_ids["ids"], clip_skip=0)
+      kwargs.update(null_context={**null, "time_ids": neg_ids["time_ids"]}, guidance_scale=scale,
+                    guidance_rescale=rescale)
+    return self.model_fn(unet_params, cond, **kwargs)
+
+  # ---- micro-conditioning ----
+
+  def micro_conditioning(self, batch: int, height: int, width: int, *, img2img: bool = False,
+                         original_size: Sequence[int] | None = None,
+                         crops_coords_top_left: Sequence[int] = (0, 0), target_size: Sequence[int] | None = None,
+                         negative_original_size: Sequence[int] | None = None,
+                         negative_crops_coords_top_left: Sequence[int] = (0, 0),
+                         negative_target_size: Sequence[int] | None = None, aesthetic_score: float = 6.0,
+                         negative_aesthetic_score: float = 2.5) -> tuple[jax.Array, jax.Array]:
+    """The time ids ``[B, N]`` of the prompts and of the negative prompts, as diffusers' pipelines build
+    them for an image of ``height`` x ``width`` pixels.
+
+    Sizes default to (height, width). Text-to-image (base model): the negative ids are the prompts'
+    unless both ``negative_original_size`` and ``negative_target_size`` are given. Image-to-image and
+    any refiner (``requires_aesthetics_score``): the negative sizes default to the positive ones; a
+    refiner's ids end with ``aesthetic_score`` / ``negative_aesthetic_score``; a base model's negative
+    ids take the positive crop corner (as diffusers' img2img pipeline does).
+    """
+    original = _pair(original_size, (height, width))
+    target = _pair(target_size, (height, width))
+    crops, neg_crops = tuple(crops_coords_top_left), tuple(negative_crops_coords_top_left)
+    if not img2img and not self.requires_aesthetics_score:
+      pos = time_ids(original, crops, target, batch_size=batch)
+      if negative_original_size is None or negative_target_size is None:
+        return pos, pos
+      return pos, time_ids(negative_original_size, neg_crops, negative_target_size, batch_size=batch)
+    neg_original = _pair(negative_original_size, original)
+    neg_target = _pair(negative_target_size, target)
+    if self.requires_aesthetics_score:
+      return (time_ids(original, crops, aesthetic_score=float(aesthetic_score), batch_size=batch),
+              time_ids(neg_original, neg_crops, aesthetic_score=float(negative_aesthetic_score), batch_size=batch))
+    return (time_ids(original, crops, target, batch_size=batch),
+            time_ids(neg_original, crops, neg_target, batch_size=batch))
+
+  # ---- generation ----
+
+  def _grid_cuts(self, method: str, num_steps: int, options: dict[str, Any], denoising_start: float | None,
+                 denoising_end: float | None) -> tuple[int, int]:
+    """(first step, end step) of the sampler's ``num_steps`` grid that ``denoising_start`` /
+    ``denoising_end`` keep, as diffusers' SDXL pipelines cut their timesteps (whole steps)."""
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+      raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+    ts = samplers.plan(method, self.schedule, num_steps, prediction=self.prediction, **options).grid.timesteps
+    ts, total, n = np.asarray(ts), self.schedule.num_timesteps, int(num_steps)
+    start = 0 if denoising_start is None else _cut_index(ts, denoising_start, total, "denoising_start")
+    stop = n if denoising_end is None else _cut_index(ts, denoising_end, total, "denoising_end")
+    if not 0 <= start < stop:
+      raise ValueError(f"denoising_start={denoising_start} / denoising_end={denoising_end} with num_steps={n} "
+                       "leave no step; raise num_steps or widen the range")
+    return start, stop
+
+  def _sdxl_program(self, kind: str, method: str, num_steps: int, guided: bool, options: dict[str, Any],
+                    start: int, stop: int, output: str) -> Callable[..., jax.Array]:
+    """The jitted SDXL program: "txt2img" from noise, "img2img" from images (encoded, noised unless
+    ``denoising_start``) or from latents, over steps ``start..stop-1`` of the sampler's grid."""
+    cache_key = ("sdxl", kind, method, num_steps, guided, static_key(options), start, stop, output)
+    if cache_key in self._programs:
+      return self._programs[cache_key]
+    full = start == 0 and stop == num_steps
+
+    def finish(params, z):
+      return z if output == "latents" else self.decode(params[1], z) * 0.5 + 0.5  # [B, H, W, 3] in [0, 1]
+
+    if kind == "txt2img":
+      def run(params, schedule, ids, neg_ids, latents, scale, rescale, key):
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale)
+        if full:  # the facade, as StableDiffusion.generate runs it
+          z = samplers.sample(method, model_fn, schedule, latents, num_steps=num_steps, key=key,
+                              prediction=self.prediction, **options)
+        else:
+          plan = samplers.plan(method, schedule, num_steps, prediction=self.prediction, **options)
+          z = samplers.solve(model_fn, samplers.cut(plan.grid, 0, stop), latents * plan.noise_scale, plan.rule,
+                             key=key)
+        return finish(params, z)
+    else:
+      def run(params, schedule, ids, neg_ids, inputs, noise, scale, rescale, key, sample_posterior, add_noise):
+        encode_key, sample_key = jax.random.split(key)
+        if inputs.shape[-1] == self.latent_channels:  # latents (a base model's handoff)
+          z = inputs
+        else:
+          z = self.encode_images(params[1], inputs * 2.0 - 1.0, key=encode_key, sample=sample_posterior)
+        plan = samplers.plan(method, schedule, num_steps, prediction=self.prediction, **options)
+        g = samplers.cut(plan.grid, start, stop)
+        x = jnp.where(add_noise, g.alpha[0] * z + g.sigma[0] * noise, z)
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale)
+        return finish(params, samplers.solve(model_fn, g, x, plan.rule, key=sample_key))
+    program = jax.jit(run)
+    self._programs[cache_key] = program
+    return program
+
+  def generate(self, prompts: str | Sequence[str], *, key: jax.Array, num_steps: int | None = None,
+               guidance_scale: float | None = None, guidance_rescale: float = 0.0, sampler: str | None = None,
+               negative_prompts: str | Sequence[str] | None = None, height: int | None = None,
+               width: int | None = None, latents: jax.Array | None = None,
+               original_size: Sequence[int] | None = None, crops_coords_top_left: Sequence[int] = (0, 0),
+               target_size: Sequence[int] | None = None, negative_original_size: Sequence[int] | None = None,
+               negative_crops_coords_top_left: Sequence[int] = (0, 0),
+               negative_target_size: Sequence[int] | None = None, denoising_end: float | None = None,
+               output: str = "images", lora: Any = None, lora_scale: float = 1.0, **sampler_options: Any) -> jax.Array:
+    """Text-to-image generation (diffusers' ``StableDiffusionXLPipeline``), any registered sampler.
+
+    Args:
+      prompts, key, num_steps, guidance_rescale, sampler, height, width, latents, lora, lora_scale,
+      **sampler_options: as in :meth:`jdiff.pipelines.StableDiffusion.generate` (the defaults: the
+        folder's scheduler, 50 steps).
+      guidance_scale: classifier-free guidance weight (> 1 guides); default 5.0 as diffusers' SDXL.
+      negative_prompts: the unconditional prompts (default: zeros when ``force_zeros_for_empty_prompt``,
+        else the empty prompt).
+      original_size, crops_coords_top_left, target_size, negative_original_size,
+      negative_crops_coords_top_left, negative_target_size: SDXL's micro-conditioning in pixels, see
+        :meth:`micro_conditioning`.
+      denoising_end: in (0, 1): stop where the grid's timesteps fall below ``round(T (1 - denoising_end))``
+        (the base half of a base-to-refiner handoff).
+      output: "images" (float32 ``[B, H, W, 3]`` in [0, 1]) or "latents" (``[B, h, w, C]`` at the level
+        where sampling stopped, x = alpha z_0 + sigma eps in the UNet's latent scale).
+
+    Raises:
+      ValueError: a bad size, output, denoising_end, or a sampler name that is not registered.
+
+    Example:
+      >>> imgs = pipe.generate("a cabin in the woods", key=jax.random.key(0), num_steps=30,
+      ...                      original_size=(2048, 2048))  # doctest: +SKIP
+    """
+    if output not in ("images", "latents"):
+      raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
+    num_steps, guidance_scale, sampler = self._defaults(num_steps, guidance_scale, sampler)
+    ids, neg_ids = self._prompt_ids(prompts, negative_prompts)
+    batch = ids[0].shape[0]
+    noise_key, sample_key = jax.random.split(key)
+    if latents is not None:
+      latents = jnp.asarray(latents, jnp.float32)
+      if latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_channels:
+        raise ValueError(f"latents must be [B={batch}, h, w, {self.latent_channels}], got {latents.shape}")
+      height, width = latents.shape[1] * self.vae_factor, latents.shape[2] * self.vae_factor
+    shape = self._latent_shape(batch, height, width)
+    if latents is None:
+      latents = jax.random.normal(noise_key, shape, jnp.float32)
+    height, width = shape[1] * self.vae_factor, shape[2] * self.vae_factor
+    options = self._options(sampler, sampler_options)
+    start, stop = self._grid_cuts(sampler, num_steps, options, None, denoising_end)
+    pos, neg = self.micro_conditioning(
+        batch, height, width, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+        target_size=target_size, negative_original_size=negative_original_size,
+        negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
+    program = self._sdxl_program("txt2img", sampler, num_steps, self._guided(guidance_scale), options, start, stop,
+                                 output)
+    return program(self._params(lora, lora_scale), self.schedule, {"ids": ids, "time_ids": pos},
+                   {"ids": neg_ids, "time_ids": neg}, latents, jnp.float32(guidance_scale),
+                   jnp.float32(guidance_rescale), sample_key)
+
+  def img2img(self, images: Any, prompts: str | Sequence[str], *, key: jax.Array, strength: float = 0.3,
+              num_steps: int = 50, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
+              sampler: str | None = None, negative_prompts: str | Sequence[str] | None = None,
+              noise: jax.Array | None = None, sample_posterior: bool = True, denoising_start: float | None = None,
+              denoising_end: float | None = None, original_size: Sequence[int] | None = None,
+              crops_coords_top_left: Sequence[int] = (0, 0), target_size: Sequence[int] | None = None,
+              negative_original_size: Sequence[int] | None = None,
+              negative_crops_coords_top_left: Sequence[int] = (0, 0),
+              negative_target_size: Sequence[int] | None = None, aesthetic_score: float = 6.0,
+              negative_aesthetic_score: float = 2.5, output: str = "images", lora: Any = None,
+              lora_scale: float = 1.0, **sampler_options: Any) -> jax.Array:
+    """Image-to-image generation and the refiner half of a handoff (diffusers'
+    ``StableDiffusionXLImg2ImgPipeline``), any registered sampler.
+
+    ``images`` are pictures (encoded with the VAE) or latents with the VAE's channel count (used as
+    they are). Without ``denoising_start`` the last ``min(int(num_steps * strength), num_steps)`` steps
+    of the sampler's grid run from the latents noised to their first level; with it, the steps whose
+    timesteps lie below ``round(T (1 - denoising_start))`` run from the latents as given (no noise is
+    added: a base model's ``generate(..., denoising_end=f, output="latents")`` stopped there).
+
+    Args:
+      images: ``[B, H, W, 3]`` (or ``[H, W, 3]``) in [0, 1], or latents ``[B, h, w, C]``; one is repeated
+        for every prompt.
+      prompts, key, num_steps, guidance_rescale, negative_prompts, noise, sample_posterior, lora,
+      lora_scale, **sampler_options: as in :meth:`jdiff.pipelines.StableDiffusion.img2img`.
+      strength: in (0, 1]; ignored with ``denoising_start``.
+      guidance_scale, sampler: default 5.0 and the folder's scheduler.
+      denoising_start, denoising_end: in (0, 1), see above and :meth:`generate`.
+      original_size, ..., negative_target_size, aesthetic_score, negative_aesthetic_score: the
+        micro-conditioning (:meth:`micro_conditioning`, ``img2img=True``; sizes default to the image's).
+      output: "images" or "latents", as in :meth:`generate`.
+
+    Example:
+      >>> z = base.generate(prompt, key=key, num_steps=40, denoising_end=0.8, output="latents")  # doctest: +SKIP
+      >>> images = refiner.img2img(z, prompt, key=key, num_steps=40, denoising_start=0.8)  # doctest: +SKIP
+    """
+    if output not in ("images", "latents"):
+      raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
+    num_steps, guidance_scale, sampler = self._defaults(num_steps, guidance_scale, sampler)
+    options = self._options(sampler, sampler_options)
+    if denoising_start is None:
+      n, first = _start_step(num_steps, strength)
+      _, stop = self._grid_cuts(sampler, n, options, None, denoising_end)
+      if first >= stop:
+        raise ValueError(f"strength={strength} and denoising_end={denoising_end} leave no step")
+    else:
+      n = int(num_steps)
+      first, stop = self._grid_cuts(sampler, n, options, denoising_start, denoising_end)
+    inputs = jnp.asarray(images, jnp.float32)
+    inputs = inputs[None] if inputs.ndim == 3 else inputs
+    c, f = self.latent_channels, self.vae_factor
+    if inputs.ndim != 4 or inputs.shape[-1] not in (3, c):
+      raise ValueError(f"images must be [B, H, W, 3] in [0, 1] or latents [B, h, w, {c}], got {inputs.shape}")
+    ids, neg_ids = self._prompt_ids([prompts] * inputs.shape[0] if isinstance(prompts, str) else prompts,
+                                    negative_prompts)
+    batch = ids[0].shape[0]
+    if inputs.shape[0] == 1 and batch > 1:
+      inputs = jnp.broadcast_to(inputs, (batch,) + inputs.shape[1:])
+    if inputs.shape[0] != batch:
+      raise ValueError(f"{inputs.shape[0]} images for {batch} prompts")
+    is_latent = inputs.shape[-1] == c and c != 3
+    height, width = (inputs.shape[1] * f, inputs.shape[2] * f) if is_latent else inputs.shape[1:3]
+    self._check_size(height, width)
+    shape = (batch, height // f, width // f, c)
+    noise_key, run_key = jax.random.split(key)
+    if noise is None:
+      noise = jax.random.normal(noise_key, shape, jnp.float32)
+    noise = jnp.asarray(noise, jnp.float32)
+    if noise.shape != shape:
+      raise ValueError(f"noise must have shape {shape}, got {noise.shape}")
+    pos, neg = self.micro_conditioning(
+        batch, height, width, img2img=True, original_size=original_size,
+        crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+        negative_original_size=negative_original_size,
+        negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
+        aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+    program = self._sdxl_program("img2img", sampler, n, self._guided(guidance_scale), options, first, stop, output)
+    return program(self._params(lora, lora_scale), self.schedule, {"ids": ids, "time_ids": pos},
+                   {"ids": neg_ids, "time_ids": neg}, inputs, noise, jnp.float32(guidance_scale),
+                   jnp.float32(guidance_rescale), run_key, jnp.asarray(bool(sample_posterior)),
+                   jnp.asarray(denoising_start is None))
+
+  def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+    """Not available: write SDXL folders with :func:`jdiff.convert.sdxl.save_sdxl_parts`."""
+    raise NotImplementedError("StableDiffusionXL.save_pretrained is not implemented; use "
+                              "jdiff.convert.sdxl.save_sdxl_parts")
+
+  def inpaint(self, *args: Any, **kwargs: Any) -> jax.Array:
+    """Not available for SDXL yet (diffusers' ``StableDiffusionXLInpaintPipeline``)."""
+    raise NotImplementedError("StableDiffusionXL.inpaint is not implemented yet; use img2img")
+
+  def invert(self, *args: Any, **kwargs: Any) -> jax.Array:
+    """Not available for SDXL yet."""
+    raise NotImplementedError("StableDiffusionXL.invert is not implemented yet")
+
+  def sample(self, *args: Any, **kwargs: Any) -> jax.Array:
+    """Not available for SDXL yet: build contexts with :meth:`encode_text` and :func:`time_ids` and call
+    :meth:`model_fn` with :func:`jdiff.samplers.sample`."""
+    raise NotImplementedError("StableDiffusionXL.sample is not implemented yet; use generate or model_fn")
