@@ -86,14 +86,24 @@ def check_remat(remat: Any) -> None:
   raise ValueError(f"remat={remat!r} is not supported (use False, True or one of {REMAT_POLICIES})")
 
 
-def _resolve_dtype(dtype: Any) -> Any:
+def resolve_dtype(dtype: Any) -> Any:
+  """``jnp.dtype(dtype)``, or a one-line ValueError naming a value that is not a dtype."""
   try:
     return jnp.dtype(dtype)
   except TypeError:
     raise ValueError(f"dtype {dtype!r} is not a dtype (use e.g. 'float32' or 'bfloat16')") from None
 
 
-def _from_dict(cls, config: Mapping[str, Any], fixed: Mapping[str, Any], kind: str, overrides):
+def config_from_dict(cls: type, config: Mapping[str, Any], fixed: Mapping[str, Any], kind: str,
+                     overrides: Mapping[str, Any]) -> Any:
+  """A frozen config dataclass from a diffusers ``config.json`` dict.
+
+  Keys starting with ``_`` are ignored; keys in ``fixed`` (options jdiff does not implement) are
+  accepted only at the values listed there (None: any value); any other unknown key raises.
+
+  Raises:
+    ValueError: one line naming the first unknown or unsupported key.
+  """
   fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "remat"}
   kwargs: dict[str, Any] = {}
   for key, value in config.items():
@@ -242,7 +252,7 @@ class UNetConfig:
     for c, heads in zip(self.block_out_channels, self.heads_per_block()):
       if c % heads:
         raise ValueError(f"{c} channels cannot be split into {heads} attention heads")
-    _resolve_dtype(self.dtype)
+    resolve_dtype(self.dtype)
 
   # Per-level views -------------------------------------------------------------------------------
   @property
@@ -251,7 +261,7 @@ class UNetConfig:
 
   @property
   def compute_dtype(self) -> Any:
-    return _resolve_dtype(self.dtype)
+    return resolve_dtype(self.dtype)
 
   @property
   def time_embed_dim(self) -> int:
@@ -354,7 +364,7 @@ class UNetConfig:
     if config.get("num_attention_heads") is not None:
       raise ValueError("UNet config: num_attention_heads must be null in a diffusers "
                        "UNet2DConditionModel config (diffusers uses attention_head_dim as the head count)")
-    return _from_dict(cls, config, _UNET_FIXED, "UNet", overrides)
+    return config_from_dict(cls, config, _UNET_FIXED, "UNet", overrides)
 
   def to_diffusers_config(self) -> dict[str, Any]:
     """The diffusers ``UNet2DConditionModel`` config dict (heads written as ``attention_head_dim``).
@@ -433,12 +443,12 @@ class VAEConfig:
       if c % self.norm_num_groups:
         raise ValueError(f"block_out_channels {self.block_out_channels} must be divisible by "
                          f"norm_num_groups={self.norm_num_groups}")
-    _resolve_dtype(self.dtype)
+    resolve_dtype(self.dtype)
 
   @property
   def compute_dtype(self) -> Any:
     """The dtype the autoencoder computes in: ``dtype``, or float32 for float16 with ``force_upcast``."""
-    dtype = _resolve_dtype(self.dtype)
+    dtype = resolve_dtype(self.dtype)
     if self.force_upcast and dtype == jnp.float16:
       return jnp.dtype(jnp.float32)
     return dtype
@@ -499,7 +509,7 @@ class VAEConfig:
     Example:
       >>> cfg = VAEConfig.from_diffusers_config(read_config("sd15/vae"))  # doctest: +SKIP
     """
-    return _from_dict(cls, dict(config), _VAE_FIXED, "VAE", overrides)
+    return config_from_dict(cls, dict(config), _VAE_FIXED, "VAE", overrides)
 
   def to_diffusers_config(self) -> dict[str, Any]:
     """The diffusers ``AutoencoderKL`` config dict for this config.

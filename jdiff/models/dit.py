@@ -37,52 +37,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff.models import layers
-from jdiff.models.configs import check_remat
+from jdiff.models.configs import check_remat, config_from_dict, resolve_dtype
 
 __all__ = ["DiT", "DiTConfig", "DiTBlock", "PatchEmbed", "FeedForward", "AdaLayerNormZero", "sincos_pos_embed",
-           "patchify", "unpatchify", "modulate", "layer_norm", "config_from_dict", "config_to_dict", "resolve_dtype"]
+           "patchify", "unpatchify", "modulate", "layer_norm", "config_to_dict", "patch_inputs"]
 
 Dtype = Any
 
 
-def resolve_dtype(dtype: Any) -> Any:
-  """``jnp.dtype(dtype)``, or a one-line ValueError naming the bad value."""
-  try:
-    return jnp.dtype(dtype)
-  except TypeError:
-    raise ValueError(f"dtype {dtype!r} is not a dtype (use e.g. 'float32' or 'bfloat16')") from None
-
-
-def _tuple(value: Any) -> Any:
-  return tuple(_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def config_from_dict(cls: type, config: Mapping[str, Any], fixed: Mapping[str, Any], kind: str,
-                     overrides: Mapping[str, Any]) -> Any:
-  """A frozen config dataclass from a diffusers ``config.json`` dict.
-
-  Keys starting with ``_`` are ignored; keys in ``fixed`` (options jdiff does not implement) are
-  accepted only at the values listed there (None: any value); any other unknown key raises.
-
-  Raises:
-    ValueError: one line naming the first unknown or unsupported key.
-  """
-  fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "remat"}
-  kwargs: dict[str, Any] = {}
-  for key, value in config.items():
-    if key.startswith("_"):
-      continue
-    if key in fields:
-      kwargs[key] = _tuple(value)
-    elif key in fixed:
-      allowed = fixed[key]
-      if allowed is not None and _tuple(value) not in allowed:
-        raise ValueError(f"{kind} config: {key}={value!r} is not supported by jdiff "
-                         f"(supported: {' or '.join(repr(a) for a in allowed)})")
-    else:
-      raise ValueError(f"{kind} config: unknown key {key!r}")
-  kwargs.update(overrides)
-  return cls(**kwargs)
+def patch_inputs(x: jax.Array, t: jax.Array, in_channels: int, patch_size: int, what: str) -> jax.Array:
+  """Checks a patched transformer's input ``x`` [B, H, W, in_channels] (H, W divisible by the patch
+  size) and returns the timesteps ``t`` as [B] (a scalar is broadcast); one-line ValueErrors otherwise."""
+  if x.ndim != 4 or x.shape[-1] != in_channels:
+    raise ValueError(f"{what} expects x of shape [B, H, W, {in_channels}], got {x.shape}")
+  b, hgt, wid, _ = x.shape
+  if hgt % patch_size or wid % patch_size:
+    raise ValueError(f"{what} input height and width must be divisible by patch_size={patch_size}, got {x.shape}")
+  t = jnp.asarray(t)
+  if t.ndim == 0:
+    t = jnp.broadcast_to(t, (b,))
+  if t.shape != (b,):
+    raise ValueError(f"timesteps must have shape [{b}] or be a scalar, got {t.shape}")
+  return t
 
 
 def config_to_dict(config: Any, class_name: str) -> dict[str, Any]:
@@ -484,16 +460,8 @@ class DiT(nn.Module):
     cfg = self.config
     dtype = cfg.compute_dtype
     p = cfg.patch_size
-    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-      raise ValueError(f"DiT expects x of shape [B, H, W, {cfg.in_channels}], got {x.shape}")
+    t = patch_inputs(x, t, cfg.in_channels, p, "DiT")
     b, hgt, wid, _ = x.shape
-    if hgt % p or wid % p:
-      raise ValueError(f"DiT input height and width must be divisible by patch_size={p}, got {x.shape}")
-    t = jnp.asarray(t)
-    if t.ndim == 0:
-      t = jnp.broadcast_to(t, (b,))
-    if t.shape != (b,):
-      raise ValueError(f"timesteps must have shape [{b}] or be a scalar, got {t.shape}")
     class_labels = jnp.asarray(class_labels)
     if class_labels.shape != (b,) or not jnp.issubdtype(class_labels.dtype, jnp.integer):
       raise ValueError(f"class_labels must be integer labels of shape [{b}], got {class_labels.dtype} "

@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from jdiff.models import layers
-from jdiff.models.configs import check_remat
-from jdiff.models.dit import (AdaLayerNormZero, FeedForward, PatchEmbed, config_from_dict, config_to_dict,
-                              layer_norm, modulate, resolve_dtype, sincos_pos_embed, unpatchify)
+from jdiff.models.configs import check_remat, config_from_dict, resolve_dtype
+from jdiff.models.dit import (AdaLayerNormZero, FeedForward, PatchEmbed, config_to_dict, layer_norm, modulate,
+                              patch_inputs, sincos_pos_embed, unpatchify)
 
 __all__ = ["MMDiT", "SD3Config", "JointTransformerBlock", "JointAttention", "sd3_pos_embed"]
 
@@ -297,22 +297,14 @@ class MMDiT(nn.Module):
     cfg = self.config
     dtype = cfg.compute_dtype
     p = cfg.patch_size
-    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-      raise ValueError(f"SD3 transformer expects x of shape [B, H, W, {cfg.in_channels}], got {x.shape}")
+    t = patch_inputs(x, t, cfg.in_channels, p, "SD3 transformer")
     b, hgt, wid, _ = x.shape
-    if hgt % p or wid % p:
-      raise ValueError(f"SD3 transformer input height and width must be divisible by patch_size={p}, got {x.shape}")
     if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b \
         or encoder_hidden_states.shape[-1] != cfg.joint_attention_dim:
       raise ValueError(f"encoder_hidden_states must be [B={b}, L, {cfg.joint_attention_dim}], got "
                        f"{encoder_hidden_states.shape}")
     if pooled_projections.shape != (b, cfg.pooled_projection_dim):
       raise ValueError(f"pooled_projections must be [{b}, {cfg.pooled_projection_dim}], got {pooled_projections.shape}")
-    t = jnp.asarray(t)
-    if t.ndim == 0:
-      t = jnp.broadcast_to(t, (b,))
-    if t.shape != (b,):
-      raise ValueError(f"timesteps must have shape [{b}] or be a scalar, got {t.shape}")
     h, w = hgt // p, wid // p
     d = cfg.inner_dim
     skip = set(int(i) for i in skip_layers)

@@ -179,7 +179,7 @@ def test_pieces_match_diffusers_modules(saved, ours):
   with torch.no_grad():
     post = pipe.vae.encode(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).latent_dist
     want_z = post.mode().numpy().transpose(0, 2, 3, 1) * pipe.vae.config.scaling_factor
-  got_z = ours.encode_images(ours.vae_params, jnp.asarray(images), None, sample=False)
+  got_z = ours.encode_images(ours.vae_params, jnp.asarray(images), sample=False)
   np.testing.assert_allclose(np.asarray(got_z), want_z, rtol=1e-4, atol=1e-4 * float(np.abs(want_z).max()))
 
   ids = ours.tokenize(PROMPTS)
