@@ -45,7 +45,7 @@ from jdiff.schedules import Schedule
 from jdiff.tokenizers import ByteTokenizer, CLIPTokenizer
 
 __all__ = ["StableDiffusion", "Control", "schedule_from_config", "sampler_options_from_config", "SCHEDULER_SAMPLERS",
-           "sampler_from_scheduler_config", "accepted_options", "static_key"]
+           "sampler_from_scheduler_config", "accepted_options", "static_key", "prompt_lists", "strength_start"]
 
 # scheduler_config.json keys that define the training schedule rather than a sampler option
 _SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -128,7 +128,23 @@ def static_key(value: Any) -> Any:
   return value
 
 
-def _start_step(num_steps: int, strength: float) -> tuple[int, int]:
+def prompt_lists(prompts: str | Sequence[str],
+                 negative_prompts: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
+  """Prompts and their negatives as two lists of equal length (the empty prompt, or one string, repeated)."""
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  if not prompts:
+    raise ValueError("prompts is empty")
+  if negative_prompts is None:
+    return prompts, [""] * len(prompts)
+  if isinstance(negative_prompts, str):
+    return prompts, [negative_prompts] * len(prompts)
+  negative = list(negative_prompts)
+  if len(negative) != len(prompts):
+    raise ValueError(f"{len(negative)} negative_prompts for {len(prompts)} prompts")
+  return prompts, negative
+
+
+def strength_start(num_steps: int, strength: float) -> tuple[int, int]:
   """(n, the first step kept) of an n-step grid at img2img ``strength``: the last
   ``min(int(n * strength), n)`` steps run, as diffusers' pipelines cut their timesteps."""
   if not 0.0 < float(strength) <= 1.0:
@@ -756,17 +772,7 @@ class StableDiffusion:
     return {**accepted_options(sampler, self.sampler_options), **dict(user)}
 
   def _prompt_ids(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None):
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-      raise ValueError("prompts is empty")
-    if negative_prompts is None:
-      negative = [""] * len(prompts)
-    elif isinstance(negative_prompts, str):
-      negative = [negative_prompts] * len(prompts)
-    else:
-      negative = list(negative_prompts)
-      if len(negative) != len(prompts):
-        raise ValueError(f"{len(negative)} negative_prompts for {len(prompts)} prompts")
+    prompts, negative = prompt_lists(prompts, negative_prompts)
     return jnp.asarray(self.tokenizer(prompts)), jnp.asarray(self.tokenizer(negative))
 
   def _check_size(self, height: int, width: int) -> None:
@@ -1008,7 +1014,7 @@ class StableDiffusion:
       >>> out = pipe.img2img(photo[None], "an oil painting", key=jax.random.key(0), strength=0.6,
       ...                    num_steps=30)  # doctest: +SKIP
     """
-    n, start_step = _start_step(num_steps, strength)
+    n, start_step = strength_start(num_steps, strength)
     options = self._options(sampler, sampler_options)
     images, ids, neg_ids = self._image_inputs(images, prompts, negative_prompts)
     noise, run_key = self._noise(key, images, noise)
@@ -1081,7 +1087,7 @@ class StableDiffusion:
     Example:
       >>> out = pipe.inpaint(photo, mask, "a red door", key=jax.random.key(0), num_steps=30)  # doctest: +SKIP
     """
-    n, start_step = _start_step(num_steps, strength)
+    n, start_step = strength_start(num_steps, strength)
     options = self._options(sampler, sampler_options)
     images, ids, neg_ids = self._image_inputs(images, prompts, negative_prompts)
     masks = jnp.asarray(masks, jnp.float32)

@@ -52,7 +52,7 @@ from jdiff.convert import _io
 from jdiff.models.mmdit import MMDiT
 from jdiff.models.text import CLIPTextModel
 from jdiff.models.vae import AutoencoderKL
-from jdiff.pipelines import accepted_options, sampler_from_scheduler_config, static_key
+from jdiff.pipelines import accepted_options, prompt_lists, sampler_from_scheduler_config, static_key
 from jdiff.tokenizers import CLIPTokenizer
 
 __all__ = ["SD3Pipeline", "FLOW_SCHEDULERS"]
@@ -308,17 +308,7 @@ class SD3Pipeline:
       >>> imgs = pipe.generate(["a red fox"], key=jax.random.key(0), num_steps=28, guidance_scale=7.0)
       ... # doctest: +SKIP
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-      raise ValueError("prompts is empty")
-    if negative_prompts is None:
-      negative = [""] * len(prompts)
-    elif isinstance(negative_prompts, str):
-      negative = [negative_prompts] * len(prompts)
-    else:
-      negative = list(negative_prompts)
-    if len(negative) != len(prompts):
-      raise ValueError(f"{len(negative)} negative_prompts for {len(prompts)} prompts")
+    prompts, negative = prompt_lists(prompts, negative_prompts)
     cfg = self.transformer.config
     b, c, f = len(prompts), cfg.in_channels, self.vae_scale_factor
     if latents is not None:

@@ -27,8 +27,8 @@ import numpy as np
 
 from jdiff import samplers
 from jdiff.models.text import sdxl_text_conditioning
-from jdiff.pipelines import (SCHEDULER_SAMPLERS, StableDiffusion, _start_step, sampler_options_from_config,
-                             schedule_from_config, static_key)
+from jdiff.pipelines import (SCHEDULER_SAMPLERS, StableDiffusion, prompt_lists, sampler_options_from_config,
+                             schedule_from_config, static_key, strength_start)
 from jdiff.tokenizers import CLIPTokenizer
 
 __all__ = ["StableDiffusionXL", "sdxl_text_conditioning", "time_ids"]
@@ -215,20 +215,10 @@ class StableDiffusionXL(StableDiffusion):
   def _prompt_ids(self, prompts, negative_prompts):
     """Token ids per tokenizer of the prompts and of the negative prompts (None: zeros, when no negative
     prompt is given and ``force_zeros_for_empty_prompt``)."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-      raise ValueError("prompts is empty")
+    prompts, negative = prompt_lists(prompts, negative_prompts)
     ids = tuple(jnp.asarray(i) for i in self.tokenize(prompts))
-    if negative_prompts is None:
-      if self.force_zeros_for_empty_prompt:
-        return ids, None
-      negative = [""] * len(prompts)
-    elif isinstance(negative_prompts, str):
-      negative = [negative_prompts] * len(prompts)
-    else:
-      negative = list(negative_prompts)
-      if len(negative) != len(prompts):
-        raise ValueError(f"{len(negative)} negative_prompts for {len(prompts)} prompts")
+    if negative_prompts is None and self.force_zeros_for_empty_prompt:
+      return ids, None
     return ids, tuple(jnp.asarray(i) for i in self.tokenize(negative))
 
   def _params(self, lora: Any, lora_scale: float) -> tuple:
@@ -444,7 +434,7 @@ class StableDiffusionXL(StableDiffusion):
     num_steps, guidance_scale, sampler = self._defaults(num_steps, guidance_scale, sampler)
     options = self._options(sampler, sampler_options)
     if denoising_start is None:
-      n, first = _start_step(num_steps, strength)
+      n, first = strength_start(num_steps, strength)
       _, stop = self._grid_cuts(sampler, n, options, None, denoising_end)
       if first >= stop:
         raise ValueError(f"strength={strength} and denoising_end={denoising_end} leave no step")
