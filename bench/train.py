@@ -99,8 +99,8 @@ class JdiffTrainer:
     ctx = jnp.zeros((1, case.context_len, d), jnp.float32)
     unet = self.unet
     self.state = training.create_train_state(
-        lambda k: unet.init(k, x, jnp.zeros((1,), jnp.int32), ctx)["params"], self.tx, jax.random.key(seed),
-        mesh=mesh)
+        lambda k: unet.init(k, x, jnp.zeros((1,), jnp.int32), ctx)["params"], self.tx,
+        key=jax.random.key(seed), mesh=mesh)
 
     def loss_fn(params, batch, key, frozen):
       del frozen
