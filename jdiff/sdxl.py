@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -475,10 +476,44 @@ class StableDiffusionXL(StableDiffusion):
                    jnp.float32(guidance_rescale), run_key, jnp.asarray(bool(sample_posterior)),
                    jnp.asarray(denoising_start is None))
 
-  def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
-    """Not available: write SDXL folders with :func:`jdiff.convert.sdxl.save_sdxl_parts`."""
-    raise NotImplementedError("StableDiffusionXL.save_pretrained is not implemented; use "
-                              "jdiff.convert.sdxl.save_sdxl_parts")
+  def save_pretrained(self, folder: str | os.PathLike, *, max_shard_size: int | str | None = None) -> Path:
+    """Writes a diffusers SDXL folder that ``StableDiffusionXLPipeline.from_pretrained`` (a refiner:
+    ``StableDiffusionXLImg2ImgPipeline``) and :meth:`from_diffusers` load: ``unet/``, ``vae/``, the text
+    encoders and tokenizers, ``scheduler/`` (:attr:`scheduler_config`) and ``model_index.json`` with
+    ``force_zeros_for_empty_prompt`` (and a refiner's ``requires_aesthetics_score``), through
+    :func:`jdiff.convert.sdxl.save_sdxl_parts`.
+
+    Args:
+      folder: the output folder (created; parts already there are replaced).
+      max_shard_size: shard each network's weights above this size (``"5GB"``).
+
+    Raises:
+      ValueError: ControlNets in the bundle (save them with
+        :func:`jdiff.convert.controlnet.save_controlnet`), or no scheduler config.
+
+    Example:
+      >>> pipe.save_pretrained("out/sdxl-finetuned", max_shard_size="5GB")  # doctest: +SKIP
+    """
+    from jdiff.convert.sdxl import SDXLParts, save_sdxl_parts
+
+    if self.controlnets:
+      raise ValueError("save the ControlNets on their own (jdiff.convert.controlnet.save_controlnet)")
+    if not self.scheduler_config:
+      raise ValueError("the bundle has no scheduler_config to write")
+    unet = self.unet
+    if self.image_size:  # diffusers' default resolution is the UNet's sample_size times the VAE factor
+      unet = unet.clone(config=dataclasses.replace(unet.config, sample_size=int(self.image_size) // self.vae_factor))
+    refiner = self.text_encoder is None
+    index = {"_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+             "force_zeros_for_empty_prompt": bool(self.force_zeros_for_empty_prompt)}
+    if refiner or self.requires_aesthetics_score:
+      index["requires_aesthetics_score"] = bool(self.requires_aesthetics_score)
+    parts = SDXLParts(unet=unet, unet_params=self.unet_params, vae=self.vae, vae_params=self.vae_params,
+                      text_encoder_2=self.text_encoder_2, text_encoder_2_params=self.text_params_2,
+                      tokenizer_2=self.tokenizer_2, text_encoder=self.text_encoder,
+                      text_encoder_params=self.text_params, tokenizer=self.tokenizer,
+                      scheduler_config=dict(self.scheduler_config), model_index=index)
+    return save_sdxl_parts(parts, folder, max_shard_size=max_shard_size)
 
   def inpaint(self, *args: Any, **kwargs: Any) -> jax.Array:
     """Not available for SDXL yet (diffusers' ``StableDiffusionXLInpaintPipeline``)."""
