@@ -8,8 +8,12 @@ the UNet are those of ``configs/ldm_digits.py``, trained from scratch together. 
 target network's EMA decay mu(k) following the discretisation curriculum of Song et al. (2023)
 (``ct.curriculum="ct"``; s0 = 2, s1 = 200, mu0 = 0.95 are their ImageNet-64 settings, and 200 divides
 the 1000 training timesteps, so the final grid ends at t = 999, where one-step sampling starts). The
-network predicts the clean latent (``diffusion.prediction="sample"``, as Song et al.'s F_theta),
-wrapped in the boundary-condition scalings. Samples use the LCM sampler, unguided.
+network predicts v (``diffusion.prediction="v"``), wrapped in the boundary-condition scalings: its
+x0 = alpha_t x_t - sigma_t v is Song et al.'s skip parameterisation with sigma_data = 1 (the latents
+have unit variance), so f(x_t, t) -> x_t as t -> 0 whatever the UNet outputs, which is how the data
+reach the loss without a teacher (with "sample" and LCM's c_skip, which vanishes from t = 1 on, only
+the pairs ending exactly at t = 0 see the data; :func:`train.ct.check_anchored`). Samples use the
+LCM sampler, unguided.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.unet = base.unet
   config.diffusion = ml_collections.ConfigDict(dict(
       schedule="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-      prediction="sample",          # what the UNet outputs before the boundary scalings: "sample", "epsilon" or "v"
+      prediction="v",               # what the UNet outputs before the boundary scalings: "v" or "epsilon" (train.ct
+                                    # refuses "sample" with timestep scaling 10: f(x_t, t) not tied to x_t near t = 0)
   ))
 
   config.ct = ml_collections.ConfigDict(dict(

@@ -7,7 +7,9 @@ origin x_0 (Song et al., 2023, "Consistency Models"). Latent consistency models 
 
 * :func:`boundary_scalings` / :func:`consistency_output`: ``f(x_t, t) = c_skip(t) x_t +
   c_out(t) x0_hat(output)`` with LCM's discrete-time scalings (sigma_data = 0.5, timestep scaled
-  by ``timestep_scaling``), so c_skip(0) = 1 and c_out(0) = 0: f(x, 0) = x exactly.
+  by ``timestep_scaling``), so c_skip(0) = 1 and c_out(0) = 0: f(x, 0) = x exactly;
+  :func:`affine_coefficients` gives f as ``a_x x_t + a_out output`` (whether the boundary
+  condition also holds near t = 0, which consistency training without a teacher relies on).
 * :func:`guidance_scale_embedding`: the sinusoidal features of the guidance scale w that an LCM
   UNet (``time_cond_proj_dim``) adds to its timestep features.
 * :func:`skipping_timesteps` and :func:`teacher_step`: the skipping-step grid t_n = (n + 1) k - 1
@@ -49,6 +51,7 @@ __all__ = [
     "DISTANCES",
     "boundary_scalings",
     "consistency_output",
+    "affine_coefficients",
     "guidance_scale_embedding",
     "guided_teacher",
     "skipping_timesteps",
@@ -132,6 +135,32 @@ def consistency_output(schedule: Schedule, output: jax.Array, x_t: jax.Array, t:
   x0 = diffusion.to_x0(output.astype(jnp.float32), x_t, alpha, sigma, prediction)
   c_skip, c_out = boundary_scalings(t, timestep_scaling=timestep_scaling, sigma_data=sigma_data)
   return diffusion.broadcast_to(c_skip, x_t) * x_t + diffusion.broadcast_to(c_out, x_t) * x0
+
+
+def affine_coefficients(schedule: Schedule, t: jax.Array, *, prediction: str = "epsilon",
+                        timestep_scaling: float = 10.0, sigma_data: float = SIGMA_DATA) -> tuple[jax.Array, jax.Array]:
+  """(a_x, a_out) [t.shape] with ``consistency_output(...) = a_x x_t + a_out output`` elementwise.
+
+  :func:`consistency_output` is affine in the noisy input and in the network output: with x0_hat =
+  b_x x_t + b_out output (b = (1/alpha_t, -sigma_t/alpha_t) for "epsilon", (0, 1) for "sample",
+  (alpha_t, -sigma_t) for "v"), a_x = c_skip + c_out b_x and a_out = c_out b_out. The boundary
+  condition f(x, 0) = x holds at t = 0 for every prediction type (c_out(0) = 0); it holds *near*
+  t = 0, whatever the network outputs, only when a_x -> 1 and a_out -> 0 as t -> 0. That is what
+  ties a consistency-trained model (no teacher) to the data: "epsilon" and "v" have |a_out| ~ sigma_t,
+  "sample" with LCM's timestep scaling 10 has a_out(1) = c_out(1) ~ 1, so only the pairs that end
+  exactly at t = 0 see the data.
+
+  Example:
+    >>> a_x, a_out = consistency.affine_coefficients(sched, jnp.array([1]), prediction="v")
+  """
+  prediction = diffusion.check_prediction(prediction, flow=False)
+  t = jnp.asarray(t)
+  alpha = schedule.sqrt_alphas_cumprod[t].astype(jnp.float32)
+  sigma = schedule.sqrt_one_minus_alphas_cumprod[t].astype(jnp.float32)
+  b_x, b_out = {"epsilon": (1.0 / alpha, -sigma / alpha), "sample": (jnp.zeros_like(alpha), jnp.ones_like(alpha)),
+                "v": (alpha, -sigma)}[prediction]
+  c_skip, c_out = boundary_scalings(t, timestep_scaling=timestep_scaling, sigma_data=sigma_data)
+  return c_skip + c_out * b_x, c_out * b_out
 
 
 def guidance_scale_embedding(w: jax.Array, dim: int, *, dtype=jnp.float32) -> jax.Array:

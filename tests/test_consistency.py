@@ -151,6 +151,29 @@ def test_boundary_condition_f_at_t0_is_identity(sched, key, prediction):
   np.testing.assert_allclose(f, ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
+def test_affine_coefficients_match_consistency_output_and_float64(sched, key, prediction):
+  """f(x_t, t) = a_x x_t + a_out output, with (a_x, a_out) from a float64 recomputation of the schedule."""
+  t = jnp.array([0, 1, 4, 50, 999])
+  x = jax.random.normal(key, (5, 3, 3, 2))
+  out = 2.0 * jax.random.normal(jax.random.fold_in(key, 1), x.shape)
+  a_x, a_out = consistency.affine_coefficients(sched, t, prediction=prediction)
+  f = consistency.consistency_output(sched, out, x, t, prediction=prediction)
+  np.testing.assert_allclose(f, diffusion.broadcast_to(a_x, x) * x + diffusion.broadcast_to(a_out, x) * out,
+                             rtol=1e-5, atol=1e-5)
+  abar = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))[np.asarray(t)]
+  a, sg = np.sqrt(abar), np.sqrt(1.0 - abar)
+  sc = np.asarray(t, np.float64) * 10.0
+  c_skip, c_out = 0.25 / (sc ** 2 + 0.25), sc / np.sqrt(sc ** 2 + 0.25)
+  b_x, b_out = {"epsilon": (1.0 / a, -sg / a), "sample": (0.0 * a, 1.0 + 0.0 * a), "v": (a, -sg)}[prediction]
+  np.testing.assert_allclose(a_x, c_skip + c_out * b_x, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a_out, c_out * b_out, rtol=1e-5, atol=1e-6)
+  # The boundary condition at t = 0 for every type; near t = 0 only where the output is scaled by sigma.
+  assert float(a_x[0]) == 1.0 and float(a_out[0]) == 0.0
+  near = abs(float(a_out[1])) <= 2.0 * sg[1] / a[1] and abs(float(a_x[1]) - 1.0) <= 2.0 * sg[1] / a[1]
+  assert near == (prediction != "sample")
+
+
 def test_guidance_scale_embedding_matches_diffusers():
   import torch
   from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import \

@@ -109,7 +109,8 @@ def test_loss_follows_the_curriculum_and_the_target():
     z = bundle.encode_images(bundle.vae_params, batch["image"], key=k_z)
     fn = lambda q: bundle.model_fn(q["unet"], bundle.encode_text(q["text"], batch["tokens"]))  # noqa: E731
     return consistency.training_loss(fn(p), bundle.schedule, z, key=k_loss, target_fn=fn(tg), num_ddim_timesteps=n,
-                                     loss_type="l2", prediction="sample", timestep_scaling=10.0)[0]
+                                     loss_type="l2", prediction=config.diffusion.prediction,
+                                     timestep_scaling=10.0)[0]
 
   seen = set()
   for k in (0, 3, 11, 19, 25):
@@ -126,6 +127,33 @@ def test_loss_follows_the_curriculum_and_the_target():
   for k in (0, 11, 19):
     n = song_n(k, 20, 2, 10)
     np.testing.assert_allclose(float(decay(jnp.int32(k))), math.exp(2 * math.log(0.95) / n), rtol=1e-6)
+
+
+def test_digits_config_ties_f_to_its_input_near_t0():
+  """The shipped config's consistency function is pinned to x_t near t = 0 whatever the UNet outputs
+  (float64 closed form of f(x_t, t) - x_t over the first grid interval), so the data reach every
+  pair through the boundary; "sample" with LCM's scaling 10 is not (f(x_1, 1) ~ the output) and is refused."""
+  from configs import ct_digits
+  from jdiff import schedules
+
+  config = ct_digits.get_config()
+  d, c = config.diffusion, config.ct
+  sched = schedules.make(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+  abar = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))
+  k = d.num_timesteps // c.s1  # the first interval of the final grid: pairs (k - 1, 0)
+  t = np.arange(1, k)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(len(t), 64))
+  out = rng.choice([-1.0, 1.0], size=x.shape)  # any network output of unit size
+  f = consistency.consistency_output(sched, jnp.asarray(out, jnp.float32), jnp.asarray(x, jnp.float32),
+                                     jnp.asarray(t), prediction=d.prediction, timestep_scaling=c.timestep_scaling)
+  ratio = np.sqrt((1.0 - abar[t]) / abar[t])[:, None]  # noise-to-signal ratio at t
+  dev = np.abs(np.asarray(f, np.float64) - x)
+  assert np.all(dev <= 2.0 * ratio * (np.abs(x) + 1.0)), (dev.max(axis=1), ratio.ravel())
+  ct.check_anchored(sched, d.prediction, c.timestep_scaling)
+  with pytest.raises(ValueError, match="prediction='sample' with ct.timestep_scaling=10 .* not tied to x_t"):
+    ct.check_anchored(sched, "sample", 10.0)
+  ct.check_anchored(sched, "epsilon", 10.0)
 
 
 def test_bad_settings_are_named(tmp_path):
@@ -165,7 +193,7 @@ def test_end_to_end_trains_loads_and_evaluates(vae_workdir, tmp_path, capsys):
   # the written config points at the resolved VAE, so the run loads from any cwd
   assert json.load(open(os.path.join(workdir, "config.json")))["vae"]["pretrained"] == os.path.abspath(vae_workdir)
   pipe = StableDiffusion.from_workdir(workdir)
-  assert pipe.defaults["sampler"] == "lcm" and not pipe.cfg and pipe.prediction == "sample"
+  assert pipe.defaults["sampler"] == "lcm" and not pipe.cfg and pipe.prediction == "v"
   assert pipe.sampler_options["original_inference_steps"] == 10
   from sample import evaluate as ev
   capsys.readouterr()

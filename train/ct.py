@@ -36,7 +36,7 @@ from jdiff.evaluation import digit_prompts
 from jdiff.pipelines import StableDiffusion
 from train import loop
 
-__all__ = ["build", "curriculum", "make_task", "train_ct", "main"]
+__all__ = ["build", "check_anchored", "curriculum", "make_task", "train_ct", "main"]
 
 
 def build(config: ml_collections.ConfigDict) -> StableDiffusion:
@@ -55,7 +55,30 @@ def build(config: ml_collections.ConfigDict) -> StableDiffusion:
   if not 1 <= int(c.s1) <= big_t:
     raise ValueError(f"ct.s1={c.s1}: the final grid needs 1 <= s1 <= diffusion.num_timesteps={big_t}")
   curriculum(config)  # validates the curriculum settings
+  check_anchored(bundle.schedule, bundle.prediction, float(c.timestep_scaling))
   return bundle
+
+
+def check_anchored(schedule, prediction: str, timestep_scaling: float) -> None:
+  """Refuses a parameterisation whose consistency function is not tied to its input near t = 0.
+
+  Without a teacher the data enter the loss only through the boundary condition. Written as
+  f(x_t, t) = a_x x_t + a_out output (:func:`jdiff.consistency.affine_coefficients`), the first noisy
+  timestep t = 1 must have |a_x - 1| and |a_out| within twice its noise-to-signal ratio sigma_1 /
+  alpha_1 (as "epsilon" and "v" have); otherwise ("sample" with timestep scaling 10: a_out(1) ~ 1)
+  only the pairs ending exactly at t = 0 see the data and the model learns a self-consistent map
+  unrelated to them.
+
+  Raises:
+    ValueError: the parameterisation, named, with the values at t = 1.
+  """
+  a_x, a_out = (float(v[0]) for v in consistency.affine_coefficients(
+      schedule, jnp.array([1]), prediction=prediction, timestep_scaling=timestep_scaling))
+  ratio = float(schedule.sqrt_one_minus_alphas_cumprod[1] / schedule.sqrt_alphas_cumprod[1])
+  if abs(a_x - 1.0) > 2.0 * ratio or abs(a_out) > 2.0 * ratio:
+    raise ValueError(f"ct: diffusion.prediction={prediction!r} with ct.timestep_scaling={timestep_scaling:g} gives "
+                     f"f(x_t, 1) = {a_x:.3g} x_t + {a_out:.3g} output (noise-to-signal ratio {ratio:.3g}): the "
+                     "consistency function is not tied to x_t near t = 0; use prediction 'v' or 'epsilon'")
 
 
 def curriculum(config: ml_collections.ConfigDict):
