@@ -45,7 +45,8 @@ from jdiff.schedules import Schedule
 from jdiff.tokenizers import ByteTokenizer, CLIPTokenizer
 
 __all__ = ["StableDiffusion", "Control", "schedule_from_config", "sampler_options_from_config", "SCHEDULER_SAMPLERS",
-           "sampler_from_scheduler_config", "accepted_options", "static_key", "prompt_lists", "strength_start"]
+           "sampler_from_scheduler_config", "accepted_options", "static_key", "prompt_lists", "strength_start",
+           "image_batch", "latent_multiple"]
 
 # scheduler_config.json keys that define the training schedule rather than a sampler option
 _SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -154,6 +155,54 @@ def strength_start(num_steps: int, strength: float) -> tuple[int, int]:
   if init_steps < 1:
     raise ValueError(f"strength={strength} with num_steps={n} leaves no denoising step; raise either")
   return n, n - init_steps
+
+
+def latent_multiple(config: Any) -> int:
+  """What the denoiser with ``config`` needs latent heights and widths to be multiples of: a transformer's
+  ``patch_size`` (DiT, MMDiT), a UNet's ``2 ** (levels - 1)`` (one halving per down block after the first)."""
+  patch = getattr(config, "patch_size", None)
+  if patch:
+    return int(patch)
+  return 2 ** (len(config.block_out_channels) - 1)
+
+
+def image_batch(images: Any, channels: int = 3) -> jax.Array:
+  """Images as float32 ``[B, H, W, channels]`` in [0, 1].
+
+  Accepts ``[H, W]``, ``[H, W, C]`` or ``[B, H, W, C]`` arrays (or PIL images) with C = 1 (gray:
+  replicated to RGB), 3 (RGB) or 4 (RGBA: the alpha channel is not used), uint8 (0-255) or float
+  (already in [0, 1]). For a one-channel model (``channels=1``) RGB becomes luma, as PIL's "L" mode
+  (0.299 R + 0.587 G + 0.114 B).
+
+  Raises:
+    ValueError: another dtype or shape (one line).
+
+  Example:
+    >>> image_batch(np.zeros((8, 8), np.uint8)).shape
+    (1, 8, 8, 3)
+  """
+  arr = np.asarray(images)  # host arrays: IEEE division, the same values whatever the input's device
+  if arr.dtype == np.uint8:
+    arr = arr.astype(np.float32) / np.float32(255.0)
+  elif np.issubdtype(arr.dtype, np.floating):
+    arr = arr.astype(np.float32)
+  else:
+    raise ValueError(f"images must be uint8 (0-255) or float ([0, 1]), got dtype {arr.dtype}")
+  if arr.ndim == 2:
+    arr = arr[None, :, :, None]
+  elif arr.ndim == 3:
+    arr = arr[None]
+  if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"images must be [H, W], [H, W, C] or [B, H, W, C] with C = 1 (gray), 3 (RGB) or 4 (RGBA), "
+                     f"got shape {tuple(arr.shape)}")
+  arr = arr[..., :3]  # RGBA: alpha is not used
+  if arr.shape[-1] == channels:
+    return jnp.asarray(arr)
+  if channels == 3:  # gray
+    return jnp.asarray(np.repeat(arr, 3, axis=-1))
+  if channels == 1:  # RGB -> luma
+    return jnp.asarray(arr @ np.asarray([0.299, 0.587, 0.114], np.float32))[..., None]
+  raise ValueError(f"images have {arr.shape[-1]} channel(s); the model takes {channels}")
 
 
 def _per_net(value: Any, n: int, name: str) -> list[Any]:
@@ -719,21 +768,22 @@ class StableDiffusion:
                              prediction=self.prediction, **options)
         return self.decode(params[1], z0) * 0.5 + 0.5  # [B, H, W, 3] in [0, 1]
     elif kind == "img2img":
-      start_step, = extra
+      start_step, guess_mode = extra
 
-      def run(params, schedule, ids, neg_ids, images, noise, scale, rescale, key, sample_posterior):
+      def run(params, schedule, ids, neg_ids, images, noise, scale, rescale, key, sample_posterior, control):
         encode_key, sample_key = jax.random.split(key)
         z = self.encode_images(params[1], images * 2.0 - 1.0, key=encode_key, sample=sample_posterior)
         plan, g = self._start(schedule, method, num_steps, start_step, options)
-        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale)
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale, control=control,
+                                  guess_mode=guess_mode, timesteps=g.timesteps)
         z0 = samplers.solve(model_fn, g, g.alpha[0] * z + g.sigma[0] * noise, plan.rule, key=sample_key)
         return self.decode(params[1], z0) * 0.5 + 0.5  # [B, H, W, 3] in [0, 1]
     elif kind == "inpaint":
-      start_step, = extra
+      start_step, guess_mode = extra
       inpainting_unet = self.unet.config.in_channels != self.latent_channels
       f = self.vae_factor
 
-      def run(params, schedule, ids, neg_ids, images, masks, noise, scale, rescale, key, sample_posterior):
+      def run(params, schedule, ids, neg_ids, images, masks, noise, scale, rescale, key, sample_posterior, control):
         encode_key, masked_key, sample_key = jax.random.split(key, 3)
         plan, g = self._start(schedule, method, num_steps, start_step, options)
         mask_latents = masks[:, ::f, ::f, :]  # [B, h, w, 1]: nearest resize, as torch's interpolate
@@ -747,7 +797,8 @@ class StableDiffusion:
           concat = jnp.concatenate([mask_latents, masked], axis=-1)
         else:  # the known region is pinned to the image latents after every step
           rule = samplers.masked_rule(rule, z, noise, mask_latents)
-        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale, concat=concat)
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale, concat=concat,
+                                  control=control, guess_mode=guess_mode, timesteps=g.timesteps)
         z0 = samplers.solve(model_fn, g, x, rule, key=sample_key)
         return self.decode(params[1], z0) * 0.5 + 0.5
     else:
@@ -775,10 +826,18 @@ class StableDiffusion:
     prompts, negative = prompt_lists(prompts, negative_prompts)
     return jnp.asarray(self.tokenizer(prompts)), jnp.asarray(self.tokenizer(negative))
 
+  @property
+  def size_multiple(self) -> int:
+    """What image heights and widths must be multiples of: the VAE factor times the denoiser's latent
+    multiple (:func:`latent_multiple`)."""
+    return self.vae_factor * latent_multiple(self.unet.config)
+
   def _check_size(self, height: int, width: int) -> None:
-    f = self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+    f = self.size_multiple
     if height % f or width % f or height <= 0 or width <= 0:
-      raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+      what = "patch size" if getattr(self.unet.config, "patch_size", None) else "downsampling"
+      raise ValueError(f"height and width must be positive multiples of {f} (the VAE factor {self.vae_factor} "
+                       f"times the denoiser's {what} {f // self.vae_factor}), got {height}x{width}")
 
   def _latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
     height = self.default_size if height is None else int(height)
@@ -882,6 +941,18 @@ class StableDiffusion:
       active[k] = np.asarray(guidance_active(np.arange(num_steps), num_steps, s, e)) > 0
     return {"images": tuple(images), "scales": jnp.asarray(scales, jnp.float32), "active": jnp.asarray(active)}
 
+  def _control_setup(self, control_images: Any, batch: int, height: int, width: int, conditioning_scale: Any,
+                     start: Any, end: Any, num_steps: int, guess_mode: bool) -> tuple[dict[str, Any] | None, bool]:
+    """The ControlNet inputs of one call (:meth:`_control_inputs` over the ``num_steps`` steps that run;
+    None without ControlNets) and its guess mode (also on for nets with ``global_pool_conditions``)."""
+    if not self.controlnets:
+      if control_images is not None:
+        raise ValueError("control_images given but the pipeline has no ControlNet "
+                         "(from_diffusers(..., controlnet=...) or with_controlnets)")
+      return None, False
+    control = self._control_inputs(control_images, batch, height, width, conditioning_scale, start, end, num_steps)
+    return control, bool(guess_mode or self.controlnets[0].config.global_pool_conditions)
+
   # ---- generation ----
 
   def generate(self, prompts: str | Sequence[str], *, key: jax.Array, num_steps: int | None = None,
@@ -949,15 +1020,9 @@ class StableDiffusion:
     height, width = shape[1] * self.vae_factor, shape[2] * self.vae_factor
     options = self._options(sampler, sampler_options)
     guided = self._guided(guidance_scale)
-    control = None
-    if self.controlnets:
-      control = self._control_inputs(control_images, batch, height, width, controlnet_conditioning_scale,
-                                     control_guidance_start, control_guidance_end, int(num_steps))
-      guess_mode = bool(guess_mode or self.controlnets[0].config.global_pool_conditions)
-    elif control_images is not None:
-      raise ValueError("control_images given but the pipeline has no ControlNet (from_diffusers(..., controlnet=...))")
-    else:
-      guess_mode = False
+    control, guess_mode = self._control_setup(control_images, batch, height, width, controlnet_conditioning_scale,
+                                              control_guidance_start, control_guidance_end, int(num_steps),
+                                              guess_mode)
     program = self._program("txt2img", sampler, int(num_steps), guided, options, (guess_mode,))
     return program(self._params(lora, lora_scale), self.schedule, ids, neg_ids, latents,
                    jnp.float32(guidance_scale), jnp.float32(guidance_rescale), sample_key, control)
@@ -982,8 +1047,12 @@ class StableDiffusion:
               num_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
               sampler: str = "ddim", negative_prompts: str | Sequence[str] | None = None,
               noise: jax.Array | None = None, sample_posterior: bool = True, lora: Any = None,
-              lora_scale: float = 1.0, **sampler_options: Any) -> jax.Array:
-    """Image-to-image generation (diffusers' ``StableDiffusionImg2ImgPipeline``), any sampler.
+              lora_scale: float = 1.0, control_images: Any = None,
+              controlnet_conditioning_scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
+              control_guidance_start: float | Sequence[float] = 0.0,
+              control_guidance_end: float | Sequence[float] = 1.0, **sampler_options: Any) -> jax.Array:
+    """Image-to-image generation (diffusers' ``StableDiffusionImg2ImgPipeline``; with ControlNets its
+    ``StableDiffusionControlNetImg2ImgPipeline``), any sampler.
 
     The images are encoded with the VAE (a posterior sample, or its mean when ``sample_posterior``
     is False) and scaled by ``scaling_factor``; of the sampler's ``num_steps`` grid
@@ -992,8 +1061,10 @@ class StableDiffusion:
     ``alpha z + sigma noise`` (diffusers' ``add_noise``).
 
     Args:
-      images: ``[B, H, W, 3]`` (or ``[H, W, 3]``) in [0, 1]; H and W multiples of the UNet's factor.
-        One image is repeated for every prompt; one prompt (a string) for every image.
+      images: ``[B, H, W, C]``, ``[H, W, C]`` or ``[H, W]``: C = 3 (RGB), 1 (gray, replicated) or 4
+        (RGBA: the alpha channel is not used), float in [0, 1] or uint8 (PIL images too); H and W
+        multiples of :attr:`size_multiple`. One image is repeated for every prompt; one prompt (a
+        string) for every image.
       prompts: as in :meth:`generate`.
       key: PRNG key for the posterior sample, the noise (when ``noise`` is None) and the sampler.
       strength: in (0, 1]: how much of the noise schedule to traverse (1 ignores the image).
@@ -1002,6 +1073,9 @@ class StableDiffusion:
         :meth:`generate`.
       noise: ``[B, h, w, C]`` standard-normal noise added to the image latents, instead of drawing it.
       sample_posterior: sample the VAE posterior (diffusers' default) rather than take its mean.
+      control_images, controlnet_conditioning_scale, guess_mode, control_guidance_start,
+      control_guidance_end: with ControlNets, as in :meth:`generate`; control images are resized to
+        the images' size, and the start/end fractions apply to the steps that run (after ``strength``).
       **sampler_options: as in :meth:`generate`.
 
     Returns:
@@ -1017,21 +1091,20 @@ class StableDiffusion:
     n, start_step = strength_start(num_steps, strength)
     options = self._options(sampler, sampler_options)
     images, ids, neg_ids = self._image_inputs(images, prompts, negative_prompts)
+    control, guess_mode = self._control_setup(control_images, *images.shape[:3], controlnet_conditioning_scale,
+                                              control_guidance_start, control_guidance_end, n - start_step,
+                                              guess_mode)
     noise, run_key = self._noise(key, images, noise)
-    program = self._program("img2img", sampler, n, self._guided(guidance_scale), options, (start_step,))
+    program = self._program("img2img", sampler, n, self._guided(guidance_scale), options, (start_step, guess_mode))
     return program(self._params(lora, lora_scale), self.schedule, ids, neg_ids, images, noise,
                    jnp.float32(guidance_scale), jnp.float32(guidance_rescale), run_key,
-                   jnp.asarray(bool(sample_posterior)))
+                   jnp.asarray(bool(sample_posterior)), control)
 
   def _image_inputs(self, images: Any, prompts: str | Sequence[str],
                     negative_prompts: str | Sequence[str] | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Images ``[B, H, W, 3]`` in [0, 1] (one image repeated for every prompt, one prompt for every
-    image) and the prompts' token ids."""
-    images = jnp.asarray(images, jnp.float32)
-    if images.ndim == 3:
-      images = images[None]
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be [B, H, W, 3] in [0, 1], got shape {images.shape}")
+    """Images ``[B, H, W, C]`` in [0, 1] with the VAE's channels (:func:`image_batch`; one image repeated
+    for every prompt, one prompt for every image) and the prompts' token ids."""
+    images = image_batch(images, int(getattr(self.vae.config, "in_channels", 3)))
     if isinstance(prompts, str):
       prompts = [prompts] * images.shape[0]
     ids, neg_ids = self._prompt_ids(prompts, negative_prompts)
@@ -1059,23 +1132,30 @@ class StableDiffusion:
               num_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
               sampler: str = "ddim", negative_prompts: str | Sequence[str] | None = None,
               noise: jax.Array | None = None, sample_posterior: bool = True, lora: Any = None,
-              lora_scale: float = 1.0, **sampler_options: Any) -> jax.Array:
-    """Inpainting (diffusers' ``StableDiffusionInpaintPipeline``): regenerates where ``masks`` is white.
+              lora_scale: float = 1.0, control_images: Any = None,
+              controlnet_conditioning_scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
+              control_guidance_start: float | Sequence[float] = 0.0,
+              control_guidance_end: float | Sequence[float] = 1.0, **sampler_options: Any) -> jax.Array:
+    """Inpainting (diffusers' ``StableDiffusionInpaintPipeline``; with ControlNets its
+    ``StableDiffusionControlNetInpaintPipeline``): regenerates where ``masks`` is white.
 
     Masks are binarised at 0.5 and resized to the latents by nearest neighbour. An inpainting UNet
     (more input channels than the latents: 9 for SD) gets the latent mask and the latents of the
     image with the masked region blanked as extra input channels. An ordinary UNet keeps the
     unmasked region pinned to the image latents noised to each step's level
     (:func:`jdiff.samplers.masked_rule`; not Heun). At ``strength`` 1 sampling starts from noise;
-    below 1 from the image latents noised to the first step kept, as in :meth:`img2img`.
+    below 1 from the image latents noised to the first step kept, as in :meth:`img2img`. ControlNets
+    see the latents without the inpainting UNet's extra channels, as diffusers' ControlNet
+    inpainting pipeline does.
 
     Args:
-      images: ``[B, H, W, 3]`` (or ``[H, W, 3]``) in [0, 1].
-      masks: ``[B, H, W]``, ``[B, H, W, 1]`` (or one ``[H, W]``) in [0, 1], the size of ``images``;
-        1 (white) is regenerated, 0 kept.
+      images: as in :meth:`img2img` (RGB, gray or RGBA; float in [0, 1] or uint8).
+      masks: ``[B, H, W]``, ``[B, H, W, 1]`` (or one ``[H, W]`` / ``[H, W, 1]``), float in [0, 1] or
+        uint8, the size of ``images``; 1 (white) is regenerated, 0 kept.
       prompts, key, strength, num_steps, guidance_scale, guidance_rescale, sampler,
-      negative_prompts, noise, sample_posterior, lora, lora_scale, **sampler_options: as in
-      :meth:`img2img` (``noise`` is also the starting latents at strength 1).
+      negative_prompts, noise, sample_posterior, lora, lora_scale, control_images,
+      controlnet_conditioning_scale, guess_mode, control_guidance_start, control_guidance_end,
+      **sampler_options: as in :meth:`img2img` (``noise`` is also the starting latents at strength 1).
 
     Returns:
       float32 images ``[B, H, W, 3]`` in [0, 1].
@@ -1090,8 +1170,13 @@ class StableDiffusion:
     n, start_step = strength_start(num_steps, strength)
     options = self._options(sampler, sampler_options)
     images, ids, neg_ids = self._image_inputs(images, prompts, negative_prompts)
+    masks = np.asarray(masks)
+    if masks.dtype == np.uint8:
+      masks = masks.astype(np.float32) / np.float32(255.0)
+    elif not np.issubdtype(masks.dtype, np.floating) and masks.dtype != bool:
+      raise ValueError(f"masks must be uint8 (0-255), bool or float ([0, 1]), got dtype {masks.dtype}")
     masks = jnp.asarray(masks, jnp.float32)
-    if masks.ndim == images.ndim and masks.shape[-1] == 1:
+    if masks.ndim in (3, 4) and masks.shape[-1] == 1:
       masks = masks[..., 0]
     if masks.ndim == 2:
       masks = masks[None]
@@ -1110,15 +1195,18 @@ class StableDiffusion:
     if not extra and samplers.plan(sampler, self.schedule, n, **options).rule.with_sample is None:
       raise ValueError(f"sampler {sampler!r} cannot keep the unmasked region between its steps; "
                        "use another sampler or an inpainting UNet")
+    control, guess_mode = self._control_setup(control_images, *images.shape[:3], controlnet_conditioning_scale,
+                                              control_guidance_start, control_guidance_end, n - start_step,
+                                              guess_mode)
     noise, run_key = self._noise(key, images, noise)
-    program = self._program("inpaint", sampler, n, self._guided(guidance_scale), options, (start_step,))
+    program = self._program("inpaint", sampler, n, self._guided(guidance_scale), options, (start_step, guess_mode))
     return program(self._params(lora, lora_scale), self.schedule, ids, neg_ids, images, masks, noise,
                    jnp.float32(guidance_scale), jnp.float32(guidance_rescale), run_key,
-                   jnp.asarray(bool(sample_posterior)))
+                   jnp.asarray(bool(sample_posterior)), control)
 
   def invert(self, images: Any, prompts: str | Sequence[str], *, num_steps: int = 50, guidance_scale: float = 1.0,
-             negative_prompts: str | Sequence[str] | None = None, sample_posterior: bool = False,
-             key: jax.Array | None = None, **inversion_options: Any) -> jax.Array:
+             guidance_rescale: float = 0.0, negative_prompts: str | Sequence[str] | None = None,
+             sample_posterior: bool = False, key: jax.Array | None = None, **inversion_options: Any) -> jax.Array:
     """DDIM inversion of images under prompts: the latent noise that DDIM sampling maps back to them.
 
     The images are encoded (the posterior mean unless ``sample_posterior``), then
@@ -1129,6 +1217,7 @@ class StableDiffusion:
       images, prompts, negative_prompts: as in :meth:`img2img`.
       num_steps: inversion steps.
       guidance_scale: classifier-free guidance during inversion (1: the conditional model).
+      guidance_rescale: guidance rescale weight under guidance (as in :meth:`generate`).
       sample_posterior: encode with a posterior sample (drawn with ``key``) instead of the mean.
       **inversion_options: ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``, ... of
         :func:`jdiff.samplers.ddim_inversion` (default: the bundle's scheduler config).
@@ -1147,12 +1236,12 @@ class StableDiffusion:
     guided = self._guided(guidance_scale)
     cache_key = ("invert", int(num_steps), guided, bool(sample_posterior), static_key(options))
     if cache_key not in self._programs:
-      def run(params, schedule, ids, neg_ids, images, scale, key):
+      def run(params, schedule, ids, neg_ids, images, scale, rescale, key):
         z = self.encode_images(params[1], images * 2.0 - 1.0, key=key, sample=sample_posterior)
-        model_fn = self._model_fn(params, ids, neg_ids, scale, guided)
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale)
         return samplers.ddim_inversion(model_fn, schedule, z, num_steps=int(num_steps), prediction=self.prediction,
                                        **options)
       self._programs[cache_key] = jax.jit(run)
     key = jax.random.key(0) if key is None else key
     return self._programs[cache_key](self._params(None, 1.0), self.schedule, ids, neg_ids, images,
-                                     jnp.float32(guidance_scale), key)
+                                     jnp.float32(guidance_scale), jnp.float32(guidance_rescale), key)
