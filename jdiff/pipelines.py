@@ -9,7 +9,8 @@ run any sampler from there (its plan cut at that step: :func:`jdiff.samplers.pla
 ``invert`` maps images to the noise DDIM brings back to them. LoRA adapters
 (``lora=``) are merged into the parameter trees, which are program arguments, so switching adapters
 or scales never recompiles. ControlNets (``controlnets``, ``from_diffusers(..., controlnet=...)``)
-add their residuals to the UNet's inside the same program (``generate(..., control_images=...)``).
+add their residuals to the UNet's inside the same program (``control_images=`` of ``generate``, ``img2img``
+and ``inpaint``; :meth:`StableDiffusion.with_controlnets` attaches nets to any bundle).
 
 Numerics follow diffusers' ``StableDiffusionPipeline``: unconditional embeddings from the empty prompt
 (or the negative prompt), guidance only when ``guidance_scale > 1``, latents divided by the VAE's
@@ -415,6 +416,34 @@ class StableDiffusion:
     from jdiff.convert.single_file import save_single_file_bundle
 
     return save_single_file_bundle(self, path, family=family, dtype=dtype)
+
+  def with_controlnets(self, controlnet: str | os.PathLike | Sequence[str | os.PathLike], *,
+                       dtype: str | None = None) -> StableDiffusion:
+    """A copy of this bundle whose ControlNets are the diffusers ``ControlNetModel`` folder(s)
+    ``controlnet`` (replacing any it holds), computing in ``dtype`` (default: the UNet's), whatever the
+    bundle was loaded from (a single file, a training workdir).
+
+    Raises:
+      FileNotFoundError: a missing folder; ValueError: a net whose widths differ from the UNet's.
+
+    Example:
+      >>> pipe = StableDiffusion.from_single_file("v1-5.safetensors", config="sd15")  # doctest: +SKIP
+      >>> canny_pipe = pipe.with_controlnets("sd-controlnet-canny")  # doctest: +SKIP
+    """
+    from jdiff.convert.controlnet import load_controlnet
+
+    dtype = getattr(self.unet.config, "dtype", None) if dtype is None else dtype
+    nets, params = [], []
+    for folder in [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet):
+      if not Path(folder).is_dir():
+        raise FileNotFoundError(f"ControlNet folder {str(folder)!r} does not exist")
+      net, p = load_controlnet(folder, dtype=dtype)
+      if net.config.unet.block_out_channels != self.unet.config.block_out_channels:
+        raise ValueError(f"ControlNet {str(folder)!r} has block_out_channels {net.config.unet.block_out_channels}, "
+                         f"the UNet {self.unet.config.block_out_channels}")
+      nets.append(net)
+      params.append(p)
+    return dataclasses.replace(self, controlnets=tuple(nets), controlnet_params=tuple(params))
 
   def load_textual_inversion(self, path: str | os.PathLike, *, token: str | None = None) -> StableDiffusion:
     """A copy of this bundle with a textual-inversion embedding (safetensors) added to its tokenizer
