@@ -6,6 +6,9 @@ Usage:
       [--num_steps 50] [--guidance_scale 7.5] [--guidance_rescale 0.0] [--sampler ddim] [--seed 0] \
       [--lora style.safetensors --lora-scale 0.8] [--textual_inversion emb.safetensors [--token T]]
   python -m sample.inpaint --single_file v1-5.safetensors --config checkpoints/sd15 --image ... --mask ...
+  python -m sample.inpaint --diffusers checkpoints/sd15 --controlnet checkpoints/sd-controlnet-canny \
+      --control_image edges.png [--canny] [--control_scale 1.0] [--control_start 0] [--control_end 1] \
+      [--guess_mode] --image room.png --mask mask.png --prompt "a red armchair"
 
 The model comes from one source flag (:func:`sample._cli.add_model_flags`). An inpainting UNet (9 input
 channels) gets the mask and masked image as inputs; an ordinary UNet keeps the unmasked region pinned
@@ -13,7 +16,10 @@ to the image (:meth:`jdiff.pipelines.StableDiffusion.inpaint`). The mask is read
 regenerate) and must have the image's size; the image's sides must be multiples of the UNet's factor
 (8 x 2^(levels - 1) pixels for SD). ``--num_steps`` / ``--guidance_scale`` / ``--negative_prompt`` are also
 spelled ``--steps`` / ``--guidance`` / ``--negative-prompt`` as in ``sample.txt2img``. Without
-``--sampler`` the model's default sampler is used. User mistakes print one line and exit with 2.
+``--sampler`` the model's default sampler is used. ControlNets (``--controlnet`` folders with one
+``--control_image`` each, or a ``train.controlnet`` workdir's own net) steer the inpainting as in
+``sample.controlnet`` (:func:`sample.controlnet.add_control_flags`); control images are resized to the
+image's size. User mistakes print one line and exit with 2.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import sys
 import time
 
 from sample import _cli
+from sample.controlnet import PREFIXED, add_control_flags, attach_controlnets, check_control_flags, control_kwargs
 from sample.txt2img import add_lora_flags, lora_entries
 
 
@@ -47,6 +54,7 @@ def build_parser() -> _cli.ArgumentParser:
                       help="sampler name (jdiff.samplers.available(); default: the model's, else ddim)")
   parser.add_argument("--seed", type=int, default=0, help="random seed")
   add_lora_flags(parser)
+  add_control_flags(parser, PREFIXED, required=False)
   return parser
 
 
@@ -77,22 +85,25 @@ def main(argv: list[str] | None = None) -> int:
   loras = lora_entries(args)
   _cli.read_image(args.image, flag="--image")  # fail before the (slow) model load
   _cli.read_image(args.mask, flag="--mask", mode="L")
+  check_control_flags(args, PREFIXED)
 
   import jax
   import numpy as np
 
   start = time.perf_counter()
   pipe = _cli.load_model(args)
+  pipe = attach_controlnets(pipe, args, PREFIXED)  # a workdir's own net needs its --control_image too
   kind = _cli.source_kind(args)
   print(f"loaded {kind} model from {getattr(args, kind)} in {time.perf_counter() - start:.1f}s", flush=True)
   image = _cli.read_image(args.image, flag="--image", mode=image_mode(pipe))  # [H, W, C] in [0, 1]
   mask = _cli.read_image(args.mask, flag="--mask", mode="L")[..., 0]  # [H, W] in [0, 1]
+  control = control_kwargs(args, image.shape[0], image.shape[1])[1] if args.control_image else {}
   sampler = args.sampler or pipe.defaults.get("sampler", "ddim")
   t0 = time.perf_counter()
   out = pipe.inpaint(image, mask, args.prompt, key=jax.random.key(args.seed), strength=args.strength,
                      num_steps=args.num_steps, guidance_scale=args.guidance_scale,
                      guidance_rescale=args.guidance_rescale, sampler=sampler, negative_prompts=args.negative_prompt,
-                     **({"lora": loras} if loras else {}))
+                     **({"lora": loras} if loras else {}), **control)
   out = np.asarray(jax.device_get(out))[0]  # [H, W, C] in [0, 1]
   print(f"{args.num_steps} {sampler} steps at strength {args.strength:g} in {time.perf_counter() - t0:.1f}s "
         "(includes compilation)", flush=True)

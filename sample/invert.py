@@ -2,7 +2,7 @@
 
 Usage:
   python -m sample.invert --diffusers checkpoints/sd15 --image cat.png --prompt "a photo of a cat" \
-      --out cat_latents.npy [--num_steps 50] [--guidance_scale 1] [--negative_prompt ""] \
+      --out cat_latents.npy [--num_steps 50] [--guidance_scale 1] [--guidance_rescale 0] [--negative_prompt ""] \
       [--reconstruct cat_again.png]
   python -m sample.invert --workdir runs/ldm_digits --roundtrip 64 [--num_steps 50] [--guidance_scale 1]
 
@@ -19,8 +19,8 @@ Both use the bundle's pure pieces (:meth:`~jdiff.pipelines.StableDiffusion.encod
 :meth:`~jdiff.pipelines.StableDiffusion.model_fn`, :func:`jdiff.samplers.ddim_inversion`,
 :func:`jdiff.samplers.sample`), so they also serve models whose images have one channel; the latents
 equal :meth:`~jdiff.pipelines.StableDiffusion.invert`'s. ``--num_steps`` / ``--guidance_scale`` /
-``--negative_prompt`` are also spelled ``--steps`` / ``--guidance`` / ``--negative-prompt``. User
-mistakes print one line and exit with 2.
+``--negative_prompt`` / ``--guidance_rescale`` are also spelled ``--steps`` / ``--guidance`` /
+``--negative-prompt`` / ``--guidance-rescale``. User mistakes print one line and exit with 2.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def build_parser() -> _cli.ArgumentParser:
                       help="inversion (and regeneration) steps (default: 50)")
   parser.add_argument("--guidance_scale", "--guidance", type=float, default=1.0, dest="guidance_scale",
                       help="guidance scale during inversion and regeneration (default: 1, the conditional model)")
+  parser.add_argument("--guidance_rescale", "--guidance-rescale", type=float, default=0.0, dest="guidance_rescale",
+                      help="guidance rescale phi in [0, 1] under guidance > 1 (default: 0)")
   parser.add_argument("--reconstruct", default=None, metavar="FILE.png",
                       help="regenerate with DDIM from z_T, write the image, print the latent error")
   parser.add_argument("--roundtrip", type=int, default=None, metavar="N",
@@ -63,6 +65,8 @@ def build_parser() -> _cli.ArgumentParser:
 def _check(args) -> None:
   if args.num_steps < 1:
     raise _cli.UsageError(f"--num_steps must be >= 1, got {args.num_steps}")
+  if not 0.0 <= args.guidance_rescale <= 1.0:
+    raise _cli.UsageError(f"--guidance_rescale must be in [0, 1], got {args.guidance_rescale:g}")
   if args.roundtrip is not None:
     if args.image or args.out or args.reconstruct or args.prompt:
       raise _cli.UsageError("--roundtrip takes its images and captions from the run's data: no --image, --prompt, "
@@ -79,7 +83,7 @@ def _check(args) -> None:
     raise _cli.UsageError(f"--reconstruct must name a .png file, got {args.reconstruct!r}")
 
 
-def _program(pipe, num_steps: int, guidance_scale: float, regenerate: bool):
+def _program(pipe, num_steps: int, guidance_scale: float, regenerate: bool, guidance_rescale: float = 0.0):
   """A jitted ``(unet, text, vae params, images [B, H, W, C] in [0, 1], ids, neg_ids) -> dict`` of the
   posterior-mean latents ``z0``, the inverted ``z_T`` and, with ``regenerate``, the DDIM sample ``z0_back``
   and the decoded images ``recon`` (of z0) and ``back`` (of z0_back), in [0, 1]."""
@@ -96,6 +100,8 @@ def _program(pipe, num_steps: int, guidance_scale: float, regenerate: bool):
   def run(unet_params, text_params, vae_params, images, ids, neg_ids):
     z0 = pipe.encode_images(vae_params, images * 2.0 - 1.0, sample=False)  # [B, h, w, C]
     guide = pipe.guidance_kwargs(text_params, ids.shape[0], guidance_scale if guided else None, neg_ids)
+    if "null_context" in guide:
+      guide["guidance_rescale"] = guidance_rescale
     model_fn = pipe.model_fn(unet_params, pipe.encode_text(text_params, ids), **guide)
     z_T = samplers.ddim_inversion(model_fn, pipe.schedule, z0, num_steps=num_steps, prediction=pipe.prediction,
                                   **inversion)
@@ -112,7 +118,8 @@ def _program(pipe, num_steps: int, guidance_scale: float, regenerate: bool):
 
 def invert_latents(pipe, images: np.ndarray, prompts: Sequence[str], *, num_steps: int = 50,
                    guidance_scale: float = 1.0, negative_prompts: str | Sequence[str] | None = None,
-                   regenerate: bool = False, batch_size: int | None = None) -> dict[str, np.ndarray]:
+                   regenerate: bool = False, batch_size: int | None = None,
+                   guidance_rescale: float = 0.0) -> dict[str, np.ndarray]:
   """DDIM inversion of ``images`` ``[B, H, W, C]`` in [0, 1] under ``prompts`` (one each), in batches.
 
   Returns:
@@ -126,7 +133,7 @@ def invert_latents(pipe, images: np.ndarray, prompts: Sequence[str], *, num_step
     raise ValueError(f"images must be [B={len(prompts)}, H, W, C], got shape {images.shape}")
   if negative_prompts is None or isinstance(negative_prompts, str):
     negative_prompts = [negative_prompts or ""] * len(prompts)
-  program = _program(pipe, int(num_steps), float(guidance_scale), regenerate)
+  program = _program(pipe, int(num_steps), float(guidance_scale), regenerate, float(guidance_rescale))
   batch = batch_size or len(prompts)
   parts: list[dict[str, Any]] = []
   for i in range(0, len(prompts), batch):
@@ -170,18 +177,19 @@ def _data_examples(pipe, count: int) -> tuple[np.ndarray, list[str]]:
 
 
 def roundtrip(pipe, count: int, *, num_steps: int = 50, guidance_scale: float = 1.0,
-              batch_size: int = 64) -> dict[str, Any]:
+              batch_size: int = 64, guidance_rescale: float = 0.0) -> dict[str, Any]:
   """Inverts the first ``count`` examples of a training run's data under their captions, regenerates
   them with DDIM, and measures: latent relative errors (:func:`relative_errors`; their mean, max, and
   the pooled ``||Z0' - Z0|| / ||Z0||``), and the RMS / max pixel distance in [0, 1] of the regenerated
   images to the VAE reconstructions and of both to the data."""
   images, captions = _data_examples(pipe, count)
   out = invert_latents(pipe, images, captions, num_steps=num_steps, guidance_scale=guidance_scale, regenerate=True,
-                       batch_size=batch_size)
+                       batch_size=batch_size, guidance_rescale=guidance_rescale)
   err = relative_errors(out["z0"], out["z0_back"])
   z0, back = out["z0"].astype(np.float64), out["z0_back"].astype(np.float64)
   rms = lambda a, b: float(np.sqrt(np.mean((np.asarray(a, np.float64) - b) ** 2)))
   return {"images": count, "num_steps": num_steps, "guidance_scale": guidance_scale,
+          "guidance_rescale": guidance_rescale,
           "latent_relative_error_mean": float(err.mean()), "latent_relative_error_max": float(err.max()),
           "latent_relative_error_pooled": float(np.linalg.norm(back - z0) / np.linalg.norm(z0)),
           "pixel_rms_regenerated_vs_vae_reconstruction": rms(out["back"], out["recon"]),
@@ -203,18 +211,18 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr if args.roundtrip else sys.stdout)
   if args.roundtrip is not None:
     result = roundtrip(pipe, args.roundtrip, num_steps=args.num_steps, guidance_scale=args.guidance_scale,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, guidance_rescale=args.guidance_rescale)
     result["seconds"] = time.perf_counter() - start
     print(json.dumps(result, indent=2))
     return 0
 
   image = _cli.read_image(args.image, flag="--image", mode=image_mode(pipe))  # [H, W, C] in [0, 1]
-  f = pipe.vae_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+  f = pipe.size_multiple
   if image.shape[0] % f or image.shape[1] % f:
     raise _cli.UsageError(f"--image is {image.shape[1]}x{image.shape[0]}: height and width must be multiples of {f}")
   out = invert_latents(pipe, image[None], [args.prompt], num_steps=args.num_steps,
                        guidance_scale=args.guidance_scale, negative_prompts=args.negative_prompt,
-                       regenerate=args.reconstruct is not None)
+                       regenerate=args.reconstruct is not None, guidance_rescale=args.guidance_rescale)
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   np.save(args.out, out["z_T"])
   print(f"wrote {args.out} (latents {list(out['z_T'].shape)}, {args.num_steps} steps, guidance "
