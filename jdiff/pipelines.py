@@ -332,7 +332,7 @@ class StableDiffusion:
       >>> canny_pipe = StableDiffusion.from_diffusers("sd15", controlnet="sd-controlnet-canny")  # doctest: +SKIP
     """
     from jdiff.convert import load_unet, load_vae  # the model converters import heavier modules
-    from jdiff.convert.controlnet import load_controlnet
+    from jdiff.convert.controlnet import load_controlnets
 
     root = Path(path)
     _io.refuse_pickle(root, what="pipeline")  # a single .ckpt file is named as what it is
@@ -341,9 +341,7 @@ class StableDiffusion:
     index = _io.read_config(root, name="model_index.json")
     if str(index.get("_class_name", "")).startswith("StableDiffusionXL"):  # two text encoders: the subclass
       from jdiff.sdxl import StableDiffusionXL
-      if controlnet is not None:
-        raise ValueError(f"{str(root)!r} is an SDXL pipeline; StableDiffusionXL takes no ControlNet yet")
-      return StableDiffusionXL.from_diffusers(root, dtype=dtype, clip_skip=clip_skip)
+      return StableDiffusionXL.from_diffusers(root, dtype=dtype, clip_skip=clip_skip, controlnet=controlnet)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
       if part not in index:
         raise ValueError(f"{str(root / 'model_index.json')!r} lists no {part!r}; is this a Stable Diffusion "
@@ -360,17 +358,9 @@ class StableDiffusion:
                        f"UNet takes {c} (text-to-image) or {2 * c + 1} (inpainting)")
     text, text_params = load_text_encoder(root / "text_encoder", dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    nets, net_params = [], []
+    nets, net_params = (), ()
     if controlnet is not None:
-      for folder in [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet):
-        if not Path(folder).is_dir():
-          raise FileNotFoundError(f"ControlNet folder {str(folder)!r} does not exist")
-        net, p = load_controlnet(folder, dtype=dtype)
-        if net.config.unet.block_out_channels != unet.config.block_out_channels:
-          raise ValueError(f"ControlNet {str(folder)!r} has block_out_channels "
-                           f"{net.config.unet.block_out_channels}, the UNet {unet.config.block_out_channels}")
-        nets.append(net)
-        net_params.append(p)
+      nets, net_params = load_controlnets(controlnet, unet.config, dtype=dtype)
     return cls(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text,
                text_params=text_params, tokenizer=tokenizer, schedule=schedule_from_config(sched_config),
                prediction=sched_config.get("prediction_type", "epsilon"),
@@ -661,7 +651,8 @@ class StableDiffusion:
         outputs, weights = [], []
         for k, ctl in enumerate(controls):
           outputs.append(ctl.net.apply({"params": ctl.params}, x, t, c["text"], c["images"][k],
-                                       guess_mode=ctl.guess_mode, **class_kwargs(self.unet.config, c["text"])))
+                                       guess_mode=ctl.guess_mode, **class_kwargs(self.unet.config, c["text"]),
+                                       **c["added"]))
           w = ctl.scale(t) if callable(ctl.scale) else ctl.scale
           weights.append((w * c["on"]).reshape((-1, 1, 1, 1)))  # [N, 1, 1, 1]
         kwargs["down_residuals"], kwargs["mid_residual"] = combine_residuals(outputs, weights)
@@ -760,17 +751,22 @@ class StableDiffusion:
       kwargs.update(null_context=self.encode_text(text_params, neg_ids), guidance_scale=scale,
                     guidance_rescale=rescale)
     if control is not None:
-      active = control["active"]  # [nets, n]: whether net k acts at step i of the grid
-
-      def window(k):  # net k's weight at model timesteps t [N]: its scale at the steps of its window, else 0
-        def scale_at(t):
-          hit = jnp.asarray(t, timesteps.dtype)[:, None] == timesteps[None, :]  # [N, n]
-          return control["scales"][k] * jnp.any(hit & active[k][None, :], axis=1).astype(jnp.float32)
-        return scale_at
-
-      kwargs["controls"] = [Control(net, p, control["images"][k], window(k), guess_mode)
-                            for k, (net, p) in enumerate(zip(self.controlnets, cn_params))]
+      kwargs["controls"] = self._controls(cn_params, control, guess_mode, timesteps)
     return self.model_fn(unet_params, cond, **kwargs)
+
+  def _controls(self, cn_params, control, guess_mode: bool, timesteps) -> list[Control]:
+    """One :class:`Control` per net for :meth:`_control_inputs`' ``control``, each weighted by its scale at
+    the steps of its window on the sampler grid's ``timesteps`` [n] and 0 elsewhere."""
+    active = control["active"]  # [nets, n]: whether net k acts at step i of the grid
+
+    def window(k):  # net k's weight at model timesteps t [N]
+      def scale_at(t):
+        hit = jnp.asarray(t, timesteps.dtype)[:, None] == timesteps[None, :]  # [N, n]
+        return control["scales"][k] * jnp.any(hit & active[k][None, :], axis=1).astype(jnp.float32)
+      return scale_at
+
+    return [Control(net, p, control["images"][k], window(k), guess_mode)
+            for k, (net, p) in enumerate(zip(self.controlnets, cn_params))]
 
   def _start(self, schedule, method: str, num_steps: int, start_step: int, options: dict[str, Any]):
     """The plan of ``method`` (:func:`jdiff.samplers.plan`) and its grid cut at ``start_step``."""

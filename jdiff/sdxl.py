@@ -131,12 +131,10 @@ class StableDiffusionXL(StableDiffusion):
     if (self.text_encoder is None) != (self.tokenizer is None):
       raise ValueError("text_encoder and tokenizer come together (both None for a refiner)")
     self.text_params_2 = jax.tree.map(jnp.asarray, self.text_params_2)
-    if self.controlnets:
-      raise ValueError("StableDiffusionXL does not take ControlNets yet")
 
   @classmethod
-  def from_diffusers(cls, path: str | os.PathLike, *, dtype: str | None = None,
-                     clip_skip: int = 0) -> StableDiffusionXL:
+  def from_diffusers(cls, path: str | os.PathLike, *, dtype: str | None = None, clip_skip: int = 0,
+                     controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> StableDiffusionXL:
     """Loads a diffusers SDXL folder (``StableDiffusionXLPipeline``, or a refiner's
     ``StableDiffusionXLImg2ImgPipeline``) with :func:`jdiff.convert.sdxl.load_sdxl_parts`.
 
@@ -145,6 +143,8 @@ class StableDiffusionXL(StableDiffusion):
       dtype: compute dtype of the networks ("bfloat16"); parameters stay float32, and under "float16" a
         VAE with ``force_upcast`` computes in float32.
       clip_skip: diffusers' ``clip_skip`` for the prompt embeddings.
+      controlnet: an SDXL ``ControlNetModel`` folder (``addition_embed_type="text_time"``), or a list of
+        them (diffusers' ``StableDiffusionXLControlNetPipeline``; see :meth:`generate`'s ``control_images``).
 
     Raises:
       FileNotFoundError: the folder or a part (``text_encoder_2``, ``scheduler``, ...) is missing.
@@ -156,6 +156,10 @@ class StableDiffusionXL(StableDiffusion):
     from jdiff.convert.sdxl import load_sdxl_parts
 
     parts = load_sdxl_parts(path, dtype=dtype)
+    nets, net_params = (), ()
+    if controlnet is not None:
+      from jdiff.convert.controlnet import load_controlnets
+      nets, net_params = load_controlnets(controlnet, parts.unet.config, dtype=dtype)
     if parts.scheduler_config is None:
       raise FileNotFoundError(f"SDXL pipeline folder {os.fspath(path)!r} has no scheduler/scheduler_config.json")
     sched = parts.scheduler_config
@@ -166,7 +170,7 @@ class StableDiffusionXL(StableDiffusion):
                scaling_factor=float(parts.vae.config.scaling_factor),
                shift_factor=float(parts.vae.config.shift_factor or 0.0),
                sampler_options={**sampler_options_from_config(sched), **implied}, clip_skip=clip_skip,
-               scheduler_config=sched, defaults={"sampler": method, "guidance_scale": 5.0},
+               controlnets=nets, controlnet_params=net_params, scheduler_config=sched, defaults={"sampler": method, "guidance_scale": 5.0},
                source=os.fspath(path), text_encoder_2=parts.text_encoder_2,
                text_params_2=parts.text_encoder_2_params, tokenizer_2=parts.tokenizer_2,
                force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
@@ -229,10 +233,7 @@ class StableDiffusionXL(StableDiffusion):
   def _model_fn(self, params, ids, neg_ids, scale, guided: bool, *, rescale=0.0, control=None,
                 guess_mode: bool = False, timesteps=None, concat=None) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``ids`` / ``neg_ids``: ``{"ids": token ids per encoder (None for zeros), "time_ids": [B, N]}``."""
-    del guess_mode, timesteps
-    if control is not None:
-      raise ValueError("StableDiffusionXL does not take ControlNets yet")
-    unet_params, _, text_params, _ = params
+    unet_params, _, text_params, cn_params = params
     cond = {**self.encode_text(text_params, ids["ids"]), "time_ids": ids["time_ids"]}
     kwargs: dict[str, Any] = {"concat": concat}
     if guided:
@@ -242,6 +243,8 @@ class StableDiffusionXL(StableDiffusion):
         null = self.encode_text(text_params, neg_ids["ids"], clip_skip=0)
       kwargs.update(null_context={**null, "time_ids": neg_ids["time_ids"]}, guidance_scale=scale,
                     guidance_rescale=rescale)
+    if control is not None:  # the nets see each branch's text, pooled text and time ids
+      kwargs["controls"] = self._controls(cn_params, control, guess_mode, timesteps)
     return self.model_fn(unet_params, cond, **kwargs)
 
   # ---- micro-conditioning ----
@@ -296,10 +299,11 @@ class StableDiffusionXL(StableDiffusion):
     return start, stop
 
   def _sdxl_program(self, kind: str, method: str, num_steps: int, guided: bool, options: dict[str, Any],
-                    start: int, stop: int, output: str) -> Callable[..., jax.Array]:
-    """The jitted SDXL program: "txt2img" from noise, "img2img" from images (encoded, noised unless
-    ``denoising_start``) or from latents, over steps ``start..stop-1`` of the sampler's grid."""
-    cache_key = ("sdxl", kind, method, num_steps, guided, static_key(options), start, stop, output)
+                    start: int, stop: int, output: str, guess_mode: bool = False) -> Callable[..., jax.Array]:
+    """The jitted SDXL program: "txt2img" from noise (with ControlNets when its ``control`` argument is
+    given), "img2img" from images (encoded, noised unless ``denoising_start``) or from latents, over steps
+    ``start..stop-1`` of the sampler's grid."""
+    cache_key = ("sdxl", kind, method, num_steps, guided, static_key(options), start, stop, output, guess_mode)
     if cache_key in self._programs:
       return self._programs[cache_key]
     full = start == 0 and stop == num_steps
@@ -308,8 +312,12 @@ class StableDiffusionXL(StableDiffusion):
       return z if output == "latents" else self.decode(params[1], z) * 0.5 + 0.5  # [B, H, W, 3] in [0, 1]
 
     if kind == "txt2img":
-      def run(params, schedule, ids, neg_ids, latents, scale, rescale, key):
-        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale)
+      def run(params, schedule, ids, neg_ids, latents, scale, rescale, key, control=None):
+        timesteps = None
+        if control is not None:  # ControlNet windows are fractions of the whole grid (before denoising_end)
+          timesteps = samplers.plan(method, schedule, num_steps, prediction=self.prediction, **options).grid.timesteps
+        model_fn = self._model_fn(params, ids, neg_ids, scale, guided, rescale=rescale, control=control,
+                                  guess_mode=guess_mode, timesteps=timesteps)
         if full:  # the facade, as StableDiffusion.generate runs it
           z = samplers.sample(method, model_fn, schedule, latents, num_steps=num_steps, key=key,
                               prediction=self.prediction, **options)
@@ -342,8 +350,12 @@ class StableDiffusionXL(StableDiffusion):
                target_size: Sequence[int] | None = None, negative_original_size: Sequence[int] | None = None,
                negative_crops_coords_top_left: Sequence[int] = (0, 0),
                negative_target_size: Sequence[int] | None = None, denoising_end: float | None = None,
-               output: str = "images", lora: Any = None, lora_scale: float = 1.0, **sampler_options: Any) -> jax.Array:
-    """Text-to-image generation (diffusers' ``StableDiffusionXLPipeline``), any registered sampler.
+               output: str = "images", lora: Any = None, lora_scale: float = 1.0, control_images: Any = None,
+               controlnet_conditioning_scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
+               control_guidance_start: float | Sequence[float] = 0.0,
+               control_guidance_end: float | Sequence[float] = 1.0, **sampler_options: Any) -> jax.Array:
+    """Text-to-image generation (diffusers' ``StableDiffusionXLPipeline``, and with ControlNets its
+    ``StableDiffusionXLControlNetPipeline``), any registered sampler.
 
     Args:
       prompts, key, num_steps, guidance_rescale, sampler, height, width, latents, lora, lora_scale,
@@ -359,6 +371,11 @@ class StableDiffusionXL(StableDiffusion):
         (the base half of a base-to-refiner handoff).
       output: "images" (float32 ``[B, H, W, 3]`` in [0, 1]) or "latents" (``[B, h, w, C]`` at the level
         where sampling stopped, x = alpha z_0 + sigma eps in the UNet's latent scale).
+      control_images, controlnet_conditioning_scale, guess_mode, control_guidance_start,
+      control_guidance_end: with ControlNets (``from_diffusers(..., controlnet=...)``), as in
+        :meth:`jdiff.pipelines.StableDiffusion.generate`; the nets take the UNet's pooled text and time
+        ids, and ``height`` / ``width`` (so the default ``original_size``) default to the first control
+        image's size.
 
     Raises:
       ValueError: a bad size, output, denoising_end, or a sampler name that is not registered.
@@ -378,21 +395,32 @@ class StableDiffusionXL(StableDiffusion):
       if latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != self.latent_channels:
         raise ValueError(f"latents must be [B={batch}, h, w, {self.latent_channels}], got {latents.shape}")
       height, width = latents.shape[1] * self.vae_factor, latents.shape[2] * self.vae_factor
+    elif self.controlnets and control_images is not None and (height is None or width is None):
+      h0, w0 = self._image_size(self._per_net_images(control_images)[0])
+      height = h0 if height is None else height
+      width = w0 if width is None else width
     shape = self._latent_shape(batch, height, width)
     if latents is None:
       latents = jax.random.normal(noise_key, shape, jnp.float32)
     height, width = shape[1] * self.vae_factor, shape[2] * self.vae_factor
     options = self._options(sampler, sampler_options)
     start, stop = self._grid_cuts(sampler, num_steps, options, None, denoising_end)
+    control, extra = None, ()
+    if self.controlnets:
+      control = (self._control_inputs(control_images, batch, height, width, controlnet_conditioning_scale,
+                                      control_guidance_start, control_guidance_end, num_steps),)
+      extra = (bool(guess_mode or self.controlnets[0].config.global_pool_conditions),)
+    elif control_images is not None:
+      raise ValueError("control_images given but the pipeline has no ControlNet (from_diffusers(..., controlnet=...))")
     pos, neg = self.micro_conditioning(
         batch, height, width, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
         target_size=target_size, negative_original_size=negative_original_size,
         negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
     program = self._sdxl_program("txt2img", sampler, num_steps, self._guided(guidance_scale), options, start, stop,
-                                 output)
+                                 output, *extra)
     return program(self._params(lora, lora_scale), self.schedule, {"ids": ids, "time_ids": pos},
                    {"ids": neg_ids, "time_ids": neg}, latents, jnp.float32(guidance_scale),
-                   jnp.float32(guidance_rescale), sample_key)
+                   jnp.float32(guidance_rescale), sample_key, *(control or ()))
 
   def img2img(self, images: Any, prompts: str | Sequence[str], *, key: jax.Array, strength: float = 0.3,
               num_steps: int = 50, guidance_scale: float | None = None, guidance_rescale: float = 0.0,

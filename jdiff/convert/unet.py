@@ -77,6 +77,25 @@ def _shapes(abstract: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params).items()}
 
 
+def embedding_inputs(config: UNetConfig) -> dict[str, jax.Array]:
+  """Example keyword inputs (batch 1, zeros) for the class and additional embeddings of ``config``:
+  what shape-only initialisation of a UNet (or of a ControlNet copying its encoder) needs."""
+  kwargs: dict[str, jax.Array] = {}
+  kind = config.class_embed_type
+  if kind is None and config.num_class_embeds is not None:
+    kwargs["class_labels"] = jnp.zeros((1,), jnp.int32)
+  elif kind == "timestep":
+    kwargs["class_labels"] = jnp.zeros((1,), jnp.float32)
+  elif kind in ("projection", "simple_projection"):
+    kwargs["class_labels"] = jnp.zeros((1, config.projection_class_embeddings_input_dim), jnp.float32)
+  elif kind == "identity":
+    kwargs["class_labels"] = jnp.zeros((1, config.time_embed_dim), jnp.float32)
+  if config.addition_embed_type == "text_time":  # any split of the MLP's input width will do
+    kwargs["text_embeds"] = jnp.zeros((1, config.projection_class_embeddings_input_dim), jnp.float32)
+    kwargs["time_ids"] = jnp.zeros((1, 0), jnp.float32)
+  return kwargs
+
+
 def unet_param_shapes(config: UNetConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Every parameter path of a :class:`UNet` with its shape, computed abstractly (no allocation).
 
@@ -89,21 +108,9 @@ def unet_param_shapes(config: UNetConfig) -> dict[tuple[str, ...], tuple[int, ..
   x = jnp.zeros((1, f, f, config.in_channels), jnp.float32)
   t = jnp.zeros((1,), jnp.float32)
   ctx = jnp.zeros((1, 1, config.per_block("cross_attention_dim")[0]), jnp.float32)
-  kwargs: dict[str, Any] = {}
-  kind = config.class_embed_type
-  if kind is None and config.num_class_embeds is not None:
-    kwargs["class_labels"] = jnp.zeros((1,), jnp.int32)
-  elif kind == "timestep":
-    kwargs["class_labels"] = jnp.zeros((1,), jnp.float32)
-  elif kind in ("projection", "simple_projection"):
-    kwargs["class_labels"] = jnp.zeros((1, config.projection_class_embeddings_input_dim), jnp.float32)
-  elif kind == "identity":
-    kwargs["class_labels"] = jnp.zeros((1, config.time_embed_dim), jnp.float32)
+  kwargs = embedding_inputs(config)
   if config.time_cond_proj_dim is not None:
     kwargs["timestep_cond"] = jnp.zeros((1, config.time_cond_proj_dim), jnp.float32)
-  if config.addition_embed_type == "text_time":  # any split of the MLP's input width will do
-    kwargs["text_embeds"] = jnp.zeros((1, config.projection_class_embeddings_input_dim), jnp.float32)
-    kwargs["time_ids"] = jnp.zeros((1, 0), jnp.float32)
   module = UNet(config)
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), x, t, ctx, **kwargs))
   return _shapes(abstract)

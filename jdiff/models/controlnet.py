@@ -7,6 +7,10 @@ convolution, so an untrained ControlNet leaves the UNet's output unchanged. The 
 diffusers' ``ControlNetModel`` so its checkpoints convert by renaming (see
 :mod:`jdiff.convert.controlnet`).
 
+A ControlNet for SDXL (``addition_embed_type="text_time"`` in its UNet config) adds the UNet's
+text-time embedding of the pooled text and the micro-conditioning time ids to its time embedding, as the
+SDXL UNet does (``text_embeds=`` / ``time_ids=``).
+
 Training keeps the UNet frozen: :func:`init_from_unet` copies the encoder weights into a fresh
 ControlNet, and :mod:`jdiff.partition` labels ``{"unet": frozen, "controlnet": trainable}``.
 
@@ -30,13 +34,13 @@ from flax import traverse_util
 
 from jdiff.models import layers
 from jdiff.models.configs import UNetConfig
-from jdiff.models.unet import DownBlock, MidBlock, class_embedding
+from jdiff.models.unet import DownBlock, MidBlock, addition_embedding, class_embedding
 
 __all__ = ["ControlNetConfig", "ControlNet", "ConditioningEmbedding", "init_from_unet", "combine_residuals",
            "guidance_active", "ENCODER_PARAMS"]
 
 # The UNet parameter groups a ControlNet copies (everything up to and including the middle block).
-ENCODER_PARAMS = ("conv_in", "time_embedding", "class_embedding", "down_blocks_", "mid_block")
+ENCODER_PARAMS = ("conv_in", "time_embedding", "class_embedding", "add_embedding", "down_blocks_", "mid_block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +133,8 @@ class ControlNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, encoder_hidden_states: jax.Array, cond: jax.Array, *,
                conditioning_scale: float | jax.Array = 1.0, guess_mode: bool = False,
-               class_labels: jax.Array | None = None,
-               train: bool = False) -> tuple[list[jax.Array], jax.Array]:
+               class_labels: jax.Array | None = None, text_embeds: jax.Array | None = None,
+               time_ids: jax.Array | None = None, train: bool = False) -> tuple[list[jax.Array], jax.Array]:
     """Computes the residuals.
 
     Args:
@@ -142,6 +146,8 @@ class ControlNet(nn.Module):
       conditioning_scale: multiplies every residual.
       guess_mode: scale residuals from 0.1 (shallowest) to 1.0 (middle), log-spaced, as diffusers.
       class_labels: the UNet's class conditioning ([B] labels, or [B, D] for "projection" types).
+      text_embeds, time_ids: SDXL's pooled text [B, P] and micro-conditioning [B, N] for a ControlNet with
+        ``addition_embed_type="text_time"`` (as :class:`jdiff.models.UNet` takes them).
       train: enables dropout.
 
     Returns:
@@ -167,6 +173,8 @@ class ControlNet(nn.Module):
     emb = layers.TimestepEmbedding(ucfg.time_embed_dim, dtype=dtype, name="time_embedding")(t_feat)
     # The UNet's class embedding, under the same name so init_from_unet copies it.
     emb = emb + class_embedding(ucfg, class_labels, b, ch[0], dtype)
+    # SDXL's text-time embedding, the UNet's code under the UNet's name ("add_embedding")
+    emb = emb + addition_embedding(ucfg, text_embeds, time_ids, b, dtype)
 
     h = nn.Conv(ch[0], (ucfg.conv_in_kernel,) * 2, padding=(ucfg.conv_in_kernel - 1) // 2, dtype=dtype,
                 name="conv_in")(x.astype(dtype))
