@@ -445,7 +445,7 @@ def controlnet_for(bundle, widths: Any = ()):
   unet_params = bundle.unet_params
 
   def init(key):
-    return init_from_unet(unet_params, net, x, t, ctx, hint, **class_kwargs(bundle.unet.config, ctx, key=key))
+    return init_from_unet(unet_params, net, x, t, ctx, hint, key=key, **class_kwargs(bundle.unet.config, ctx))
 
   return net, init
 

@@ -162,3 +162,24 @@ def test_bad_workdirs_are_named(tmp_path):
     StableDiffusion.from_workdir(tmp_path)
   with pytest.raises(FileNotFoundError, match="neither"):
     ldm.load_path(str(tmp_path / "missing"), what="base")
+
+
+def test_controlnet_for_copies_the_unet_encoder_and_starts_as_the_plain_unet(pipe):
+  """ldm.controlnet_for: the init takes the key as init_from_unet's key (not as a module input); the
+  encoder is the UNet's, and the zero convolutions make the augmented model equal the plain one."""
+  from flax import traverse_util
+
+  from jdiff.models.controlnet import ENCODER_PARAMS
+  from jdiff.pipelines import Control
+
+  net, init = ldm.controlnet_for(pipe)
+  params = init(jax.random.key(0))
+  flat, unet = (traverse_util.flatten_dict(dict(p), sep="/") for p in (params, pipe.unet_params))
+  copied = [k for k in flat if k.startswith(ENCODER_PARAMS)]
+  assert copied and all(np.array_equal(flat[k], unet[k]) for k in copied)
+  ctx = pipe.encode_text(pipe.text_params, jnp.asarray(pipe.tokenize(["a", "b"])))
+  x = jax.random.normal(jax.random.key(4), (2, 16, 16, 4))
+  t = jnp.array([10, 900])
+  hint = jax.random.uniform(jax.random.key(5), (2, 32, 32, 3))
+  with_net = pipe.model_fn(pipe.unet_params, ctx, controls=[Control(net, params, hint)])(x, t)
+  np.testing.assert_array_equal(with_net, pipe.model_fn(pipe.unet_params, ctx)(x, t))
