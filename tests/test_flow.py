@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from jdiff import flow, samplers
+from jdiff import diffusion, flow, samplers
 from jdiff.samplers import base
 
 U32 = 2.0 ** -24  # float32 unit roundoff
@@ -42,7 +42,7 @@ def test_path_and_conversions_are_the_closed_forms(key):
   a, s = (1 - t).reshape(-1, 1, 1, 1), t.reshape(-1, 1, 1, 1)
   np.testing.assert_allclose(base.to_x0(v, xt, a, s, "flow"), x0n, atol=1e-6)
   np.testing.assert_allclose(base.to_epsilon(v, xt, a, s, "flow"), en, atol=1e-6)
-  assert base.check_prediction("flow_prediction") == "flow"
+  assert diffusion.check_prediction("flow_prediction") == "flow"
   with pytest.raises(ValueError, match="shape"):
     flow.interpolate(x0, eps, t[:2])
 

@@ -28,7 +28,6 @@ __all__ = [
     "call_model",
     "step_noise",
     "prepare",
-    "check_prediction",
     "to_x0",
     "to_epsilon",
     "to_flow",
@@ -106,12 +105,6 @@ def call_model(model_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Arr
 def step_noise(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
   """The standard-normal noise a stochastic sampler draws from one step's key."""
   return jax.random.normal(key, shape, dtype)
-
-
-def check_prediction(prediction: str) -> str:
-  """:func:`jdiff.diffusion.check_prediction` plus the rectified-flow velocity ``"flow"`` (diffusers'
-  ``flow_prediction``), which the solvers on flow grids (:mod:`jdiff.samplers.flow`) take."""
-  return "flow" if prediction in ("flow", "flow_prediction") else diffusion.check_prediction(prediction)
 
 
 # A flow velocity v = eps - x0 at x_t = alpha x0 + sigma eps: x_t - sigma v = (alpha + sigma) x0 and

@@ -160,7 +160,7 @@ def dpm_solver_rule(order: int = 2, *, algorithm: str = "dpmsolver++", solver_ty
     raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
   if final_step not in FINAL_STEPS:
     raise ValueError(f"unknown final_step {final_step!r}; expected one of {FINAL_STEPS}")
-  prediction = base.check_prediction(prediction)
+  prediction = diffusion.check_prediction(prediction)
   if lower_order_final is None:
     lower_order_final = not singlestep
   extrapolate, stochastic = final_step == "extrapolate", algorithm == "sde-dpmsolver++"

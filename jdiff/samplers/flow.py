@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import flow
+from jdiff import diffusion, flow
 from jdiff.samplers import base, levels
 from jdiff.samplers.driver import Rule, Step, sample_is_state, solve
 from jdiff.samplers.euler import _heun_calls
@@ -216,7 +216,7 @@ def flow_euler_rule(*, prediction: str = "flow", stochastic: bool = False) -> Ru
   Example:
     >>> x0 = solve(model_fn, flow_grid(28, shift=3.0), noise, flow_euler_rule())
   """
-  prediction = base.check_prediction(prediction)
+  prediction = diffusion.check_prediction(prediction)
 
   def step(model_fn, x, st: Step):
     out = base.call_model(model_fn, x, st.t)
@@ -236,7 +236,7 @@ def flow_heun_rule(*, prediction: str = "flow") -> Rule:
   Example:
     >>> x0 = solve(model_fn, flow_grid(10, shift=3.0), noise, flow_heun_rule())
   """
-  prediction = base.check_prediction(prediction)
+  prediction = diffusion.check_prediction(prediction)
 
   def init(x, g):
     return x, x, jnp.zeros_like(x)

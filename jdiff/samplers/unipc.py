@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff import diffusion
 from jdiff.samplers import base, levels
 from jdiff.samplers.flow import solver_flow_grid
 from jdiff.samplers.multistep import extrapolated_last_step, finite_target, history_init, history_push
@@ -117,7 +118,7 @@ def unipc_rule(order: int = 2, *, solver_type: str = "bh2", predict_x0: bool = T
     raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
   if final_step not in ("default", "extrapolate"):
     raise ValueError(f"unknown final_step {final_step!r}; expected 'default' or 'extrapolate'")
-  prediction = base.check_prediction(prediction)
+  prediction = diffusion.check_prediction(prediction)
   extrapolate = final_step == "extrapolate"
   predictor, corrector = _updates(predict_x0, solver_type)
 
