@@ -732,7 +732,7 @@ class StableDiffusion:
     sampler = sampler or self.defaults.get("sampler", "ddim")
     num_steps = int(num_steps or self.defaults.get("num_steps", 25))
     context = self.encode_text(text_params, ids)  # [B, L, D]
-    guide = self.guidance_kwargs(text_params, ids.shape[0], guidance_scale, neg_ids)
+    guide = self.guidance_kwargs(text_params, noise.shape[0], guidance_scale, neg_ids)
     if "null_context" in guide:
       guide["guidance_rescale"] = guidance_rescale
     fn = self.model_fn(unet_params, context, controls=controls, **guide)
@@ -872,15 +872,20 @@ class StableDiffusion:
 
   # ---- LoRA ----
 
+  def _lora_targets(self) -> dict[str, Any]:
+    """The parameter trees LoRA adapters can adapt, by component name (SDXL adds "text_encoder_2")."""
+    return {"unet": self.unet_params, "text_encoder": self.text_params}
+
   def load_lora(self, spec: Any) -> dict[str, Any]:
     """A LoRA spec (file, ``{"unet": LoRA, "text_encoder": LoRA}`` or a UNet :class:`~jdiff.lora.LoRA`)
     as a component dict; files are read once and cached by path and modification time."""
     if isinstance(spec, _lora.LoRA):
       return {"unet": spec}
     if isinstance(spec, Mapping):
-      unknown = set(spec) - {"unet", "text_encoder"}
-      if unknown or not all(isinstance(v, _lora.LoRA) for v in spec.values()):
-        raise ValueError(f"a LoRA dict maps 'unet' / 'text_encoder' to jdiff.lora.LoRA, got keys {sorted(spec)}")
+      names = list(self._lora_targets())
+      if set(spec) - set(names) or not all(isinstance(v, _lora.LoRA) for v in spec.values()):
+        raise ValueError(f"a LoRA dict maps {' / '.join(map(repr, names))} to jdiff.lora.LoRA, got keys "
+                         f"{sorted(spec)}")
       return dict(spec)
     if isinstance(spec, (str, os.PathLike)):
       path = Path(spec)
@@ -888,7 +893,7 @@ class StableDiffusion:
         raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
       cache_key = (str(path.resolve()), path.stat().st_mtime_ns)
       if cache_key not in self._loras:
-        self._loras[cache_key] = _lora.load(path, {"unet": self.unet_params, "text_encoder": self.text_params})
+        self._loras[cache_key] = _lora.load(path, self._lora_targets())
       return self._loras[cache_key]
     raise ValueError(f"lora must be a file path, a jdiff.lora.LoRA or a component dict, got {type(spec).__name__}")
 
@@ -908,18 +913,22 @@ class StableDiffusion:
     Example:
       >>> unet_p, text_p = pipe.lora_params([("style.safetensors", 0.8), ("detail.safetensors", 0.3)])  # doctest: +SKIP
     """
+    trees = self._lora_trees(lora, lora_scale)
+    return trees["unet"], trees.get("text_encoder", self.text_params)
+
+  def _lora_trees(self, lora: Any, lora_scale: float) -> dict[str, Any]:
+    """Every tree of :meth:`_lora_targets` with the adapters of ``lora`` merged (see :meth:`lora_params`)."""
+    targets = self._lora_targets()
     if lora is None:
-      return self.unet_params, self.text_params
+      return targets
     entries = list(lora) if isinstance(lora, (list, tuple)) else [lora]
-    by_component: dict[str, list] = {"unet": [], "text_encoder": []}
+    by_component: dict[str, list] = {comp: [] for comp in targets}
     for entry in entries:
       spec, scale = entry if isinstance(entry, tuple) else (entry, lora_scale)
       for comp, adapter in self.load_lora(spec).items():
         by_component[comp].append((adapter, float(scale)))
-    unet = _lora.merge_many(self.unet_params, by_component["unet"]) if by_component["unet"] else self.unet_params
-    text = (_lora.merge_many(self.text_params, by_component["text_encoder"]) if by_component["text_encoder"]
-            else self.text_params)
-    return unet, text
+    return {comp: _lora.merge_many(targets[comp], adapters) if adapters else targets[comp]
+            for comp, adapters in by_component.items()}
 
   def _params(self, lora: Any, lora_scale: float) -> tuple:
     unet, text = self.lora_params(lora, lora_scale)
@@ -1133,7 +1142,7 @@ class StableDiffusion:
     if isinstance(prompts, str):
       prompts = [prompts] * images.shape[0]
     ids, neg_ids = self._prompt_ids(prompts, negative_prompts)
-    batch = ids.shape[0]
+    batch = jax.tree.leaves(ids)[0].shape[0]  # ids: a subclass's conditioning may be a pytree (SDXL)
     if images.shape[0] == 1 and batch > 1:
       images = jnp.broadcast_to(images, (batch,) + images.shape[1:])
     if images.shape[0] != batch:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -104,6 +105,13 @@ class StableDiffusionXL(StableDiffusion):
   sampler's grid at the first step whose timestep is below ``round(T (1 - f))`` and returns the latents
   there; ``img2img(latents, ..., denoising_start=f)`` runs the rest of the same grid (the
   base-to-refiner handoff: :func:`jdiff.samplers.cut`).
+
+  ``inpaint``, ``invert`` and ``sample`` are the base class's: SDXL's hooks (:meth:`encode_text` of
+  conditioning dicts, :meth:`guidance_kwargs`' null conditioning, :meth:`model_fn`'s default time ids of
+  the latents' size) give them SDXL's conditioning with the default micro-conditioning
+  (``StableDiffusionXLInpaintPipeline`` at its default sizes). LoRA adapters (``lora=``,
+  :meth:`load_lora`) adapt the UNet and both text encoders ("text_encoder_2" too); :meth:`save_pretrained`
+  writes a diffusers SDXL folder.
 
   Attributes (beyond :class:`~jdiff.pipelines.StableDiffusion`'s; ``text_encoder``, ``text_params`` and
   ``tokenizer`` are the first encoder's, None for a refiner):
@@ -199,49 +207,110 @@ class StableDiffusionXL(StableDiffusion):
       return tuple(np.asarray(tok([text]))[0] for tok in self.tokenizers)
     return tuple(np.asarray(tok(list(text))) for tok in self.tokenizers)
 
-  def encode_text(self, text_params: Any, ids: Sequence[jax.Array], *,
+  def encode_text(self, text_params: Any, ids: Sequence[jax.Array] | Mapping[str, Any], *,
                   clip_skip: int | None = None) -> dict[str, jax.Array]:
-    """Token ids per encoder (``[B, L]`` each) -> ``{"text": [B, L, D], "text_embeds": [B, P]}``.
+    """Token ids per encoder -> the UNet's context ``{"text": [B, L, D], "text_embeds": [B, P], ...}``.
 
     Args:
-      text_params: the encoders' parameters in pipeline order (:meth:`all_text_params`).
-      ids: token ids from each encoder's tokenizer.
+      text_params: the encoders' parameters in pipeline order (a tuple: :meth:`all_text_params`), or the
+        first encoder's tree alone (the second's are the bundle's; None for a refiner).
+      ids: token ids ``[B, L]`` from each encoder's tokenizer (:meth:`tokenize`), or a conditioning dict
+        ``{"ids": those, "time_ids": [B, N]}`` whose other entries are passed on into the context.
       clip_skip: default the bundle's ``clip_skip``.
     """
+    if not isinstance(text_params, (tuple, list)):
+      text_params = self.all_text_params(text_params)
+    extra = {}
+    if isinstance(ids, Mapping):
+      extra = {k: v for k, v in ids.items() if k != "ids"}
+      ids = ids["ids"]
     encoders = list(zip(self.encoders, text_params))
     embeds, pooled = sdxl_text_conditioning(encoders, list(ids),
                                             clip_skip=self.clip_skip if clip_skip is None else clip_skip)
-    return {"text": embeds, "text_embeds": pooled}
+    return {"text": embeds, "text_embeds": pooled, **extra}
 
   def encode_prompts(self, prompts: Sequence[str]) -> dict[str, jax.Array]:
     """``{"text": [B, L, D], "text_embeds": [B, P]}`` of prompts."""
     return self.encode_text(self.all_text_params(), [jnp.asarray(i) for i in self.tokenize(list(prompts))])
 
+  def null_ids(self) -> tuple[jax.Array, ...]:
+    """Token ids ``[1, L]`` per tokenizer of the empty prompt."""
+    return tuple(jnp.asarray(i)[None] for i in self.tokenize(""))
+
   def _prompt_ids(self, prompts, negative_prompts):
-    """Token ids per tokenizer of the prompts and of the negative prompts (None: zeros, when no negative
-    prompt is given and ``force_zeros_for_empty_prompt``)."""
+    """The conditioning dicts ``{"ids": token ids per tokenizer}`` of the prompts and of the negative
+    prompts (``{"ids": None}`` when none is given: :meth:`guidance_kwargs` then gives the null
+    conditioning)."""
     prompts, negative = prompt_lists(prompts, negative_prompts)
-    ids = tuple(jnp.asarray(i) for i in self.tokenize(prompts))
-    if negative_prompts is None and self.force_zeros_for_empty_prompt:
-      return ids, None
-    return ids, tuple(jnp.asarray(i) for i in self.tokenize(negative))
+    ids = {"ids": tuple(jnp.asarray(i) for i in self.tokenize(prompts))}
+    if negative_prompts is None:
+      return ids, {"ids": None}
+    return ids, {"ids": tuple(jnp.asarray(i) for i in self.tokenize(negative))}
+
+  def guidance_kwargs(self, text_params: Any, batch: int, guidance_scale: float | jax.Array | None,
+                      neg_ids: Any = None) -> dict[str, Any]:
+    """:meth:`~jdiff.pipelines.StableDiffusion.guidance_kwargs` with SDXL's null conditioning, as
+    diffusers' SDXL pipelines build it: without negative ids (None, or a conditioning dict whose ``"ids"``
+    is None) zeros when ``force_zeros_for_empty_prompt``, else the encoded empty prompt; negative prompts
+    are encoded at the penultimate layer whatever ``clip_skip``. A ``"time_ids"`` entry of ``neg_ids``
+    becomes the null context's (without one, :meth:`model_fn` supplies them)."""
+    if guidance_scale is None or self.guidance_embedding_dim or not self.cfg:
+      return super().guidance_kwargs(text_params, batch, guidance_scale)
+    neg = dict(neg_ids) if isinstance(neg_ids, Mapping) else {"ids": neg_ids}
+    if neg["ids"] is None:
+      null = self.encode_text(text_params, {**neg, "ids": self.null_ids()}, clip_skip=0)
+      if self.force_zeros_for_empty_prompt:  # [1, ...] rows, broadcast over the batch by guidance.cfg
+        null = {**null, "text": jnp.zeros_like(null["text"]), "text_embeds": jnp.zeros_like(null["text_embeds"])}
+    else:
+      null = self.encode_text(text_params, neg, clip_skip=0)
+    return {"null_context": null, "guidance_scale": guidance_scale}
+
+  def model_fn(self, unet_params: Any, context: Any, *, null_context: Any = None,
+               **kwargs: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """:meth:`~jdiff.pipelines.StableDiffusion.model_fn` for SDXL's context ``{"text", "text_embeds",
+    "time_ids"}``. Missing time ids take the defaults of :meth:`micro_conditioning` for the latents' size
+    (original and target size = the image's, crop (0, 0); a refiner's aesthetic scores 6 and 2.5);
+    a ``null_context`` without them takes the context's when it has its own."""
+    parent = super().model_fn
+    if not isinstance(context, Mapping):
+      return parent(unet_params, context, null_context=null_context, **kwargs)
+
+    def with_ids(pos, neg):
+      null = null_context
+      if isinstance(null, Mapping) and "time_ids" not in null:
+        null = {**null, "time_ids": neg}
+      return parent(unet_params, {**context, "time_ids": pos}, null_context=null, **kwargs)
+
+    if "time_ids" in context:
+      return with_ids(context["time_ids"], context["time_ids"])
+
+    def fn(x, t):  # the default micro-conditioning of x's size (static under jit)
+      pos, neg = self.micro_conditioning(x.shape[0], x.shape[1] * self.vae_factor, x.shape[2] * self.vae_factor)
+      return with_ids(pos, neg)(x, t)
+    return fn
+
+  def _lora_targets(self) -> dict[str, Any]:
+    """LoRA adapters adapt the UNet and each text encoder ("text_encoder", absent in a refiner, and
+    "text_encoder_2")."""
+    first = {"text_encoder": self.text_params} if self.text_encoder is not None else {}
+    return {"unet": self.unet_params, **first, "text_encoder_2": self.text_params_2}
 
   def _params(self, lora: Any, lora_scale: float) -> tuple:
-    unet, vae, text, controlnets = super()._params(lora, lora_scale)
-    return unet, vae, self.all_text_params(text), controlnets
+    trees = self._lora_trees(lora, lora_scale)
+    text = ((trees["text_encoder"],) if self.text_encoder is not None else ()) + (trees["text_encoder_2"],)
+    return trees["unet"], self.vae_params, text, tuple(self.controlnet_params)
 
   def _model_fn(self, params, ids, neg_ids, scale, guided: bool, *, rescale=0.0, control=None,
                 guess_mode: bool = False, timesteps=None, concat=None) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``ids`` / ``neg_ids``: ``{"ids": token ids per encoder (None for zeros), "time_ids": [B, N]}``."""
+    """``ids`` / ``neg_ids``: conditioning dicts ``{"ids": token ids per encoder (None in ``neg_ids``: no
+    negative prompt), "time_ids": [B, N] (absent: :meth:`model_fn`'s defaults)}``."""
     unet_params, _, text_params, cn_params = params
-    cond = {**self.encode_text(text_params, ids["ids"]), "time_ids": ids["time_ids"]}
+    cond = self.encode_text(text_params, ids)
     kwargs: dict[str, Any] = {"concat": concat}
-    if guided:
-      if neg_ids["ids"] is None:
-        null = {"text": jnp.zeros_like(cond["text"]), "text_embeds": jnp.zeros_like(cond["text_embeds"])}
-      else:  # diffusers encodes negative prompts at the penultimate layer whatever clip_skip
-        null = self.encode_text(text_params, neg_ids["ids"], clip_skip=0)
-      kwargs.update(null_context={**null, "time_ids": neg_ids["time_ids"]}, guidance_scale=scale,
+    if self.guidance_embedding_dim:  # a guidance-distilled UNet takes the scale as its embedding
+      kwargs.update(self.guidance_kwargs(text_params, cond["text"].shape[0], scale))
+    elif guided:
+      kwargs.update(self.guidance_kwargs(text_params, cond["text"].shape[0], scale, neg_ids),
                     guidance_rescale=rescale)
     if control is not None:  # the nets see each branch's text, pooled text and time ids
       kwargs["controls"] = self._controls(cn_params, control, guess_mode, timesteps)
@@ -388,7 +457,7 @@ class StableDiffusionXL(StableDiffusion):
       raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     num_steps, guidance_scale, sampler = self._defaults(num_steps, guidance_scale, sampler)
     ids, neg_ids = self._prompt_ids(prompts, negative_prompts)
-    batch = ids[0].shape[0]
+    batch = ids["ids"][0].shape[0]
     noise_key, sample_key = jax.random.split(key)
     if latents is not None:
       latents = jnp.asarray(latents, jnp.float32)
@@ -418,8 +487,8 @@ class StableDiffusionXL(StableDiffusion):
         negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size)
     program = self._sdxl_program("txt2img", sampler, num_steps, self._guided(guidance_scale), options, start, stop,
                                  output, *extra)
-    return program(self._params(lora, lora_scale), self.schedule, {"ids": ids, "time_ids": pos},
-                   {"ids": neg_ids, "time_ids": neg}, latents, jnp.float32(guidance_scale),
+    return program(self._params(lora, lora_scale), self.schedule, {**ids, "time_ids": pos},
+                   {**neg_ids, "time_ids": neg}, latents, jnp.float32(guidance_scale),
                    jnp.float32(guidance_rescale), sample_key, *(control or ()))
 
   def img2img(self, images: Any, prompts: str | Sequence[str], *, key: jax.Array, strength: float = 0.3,
@@ -477,7 +546,7 @@ class StableDiffusionXL(StableDiffusion):
       raise ValueError(f"images must be [B, H, W, 3] in [0, 1] or latents [B, h, w, {c}], got {inputs.shape}")
     ids, neg_ids = self._prompt_ids([prompts] * inputs.shape[0] if isinstance(prompts, str) else prompts,
                                     negative_prompts)
-    batch = ids[0].shape[0]
+    batch = ids["ids"][0].shape[0]
     if inputs.shape[0] == 1 and batch > 1:
       inputs = jnp.broadcast_to(inputs, (batch,) + inputs.shape[1:])
     if inputs.shape[0] != batch:
@@ -499,8 +568,8 @@ class StableDiffusionXL(StableDiffusion):
         negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
         aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
     program = self._sdxl_program("img2img", sampler, n, self._guided(guidance_scale), options, first, stop, output)
-    return program(self._params(lora, lora_scale), self.schedule, {"ids": ids, "time_ids": pos},
-                   {"ids": neg_ids, "time_ids": neg}, inputs, noise, jnp.float32(guidance_scale),
+    return program(self._params(lora, lora_scale), self.schedule, {**ids, "time_ids": pos},
+                   {**neg_ids, "time_ids": neg}, inputs, noise, jnp.float32(guidance_scale),
                    jnp.float32(guidance_rescale), run_key, jnp.asarray(bool(sample_posterior)),
                    jnp.asarray(denoising_start is None))
 
@@ -542,16 +611,3 @@ class StableDiffusionXL(StableDiffusion):
                       text_encoder_params=self.text_params, tokenizer=self.tokenizer,
                       scheduler_config=dict(self.scheduler_config), model_index=index)
     return save_sdxl_parts(parts, folder, max_shard_size=max_shard_size)
-
-  def inpaint(self, *args: Any, **kwargs: Any) -> jax.Array:
-    """Not available for SDXL yet (diffusers' ``StableDiffusionXLInpaintPipeline``)."""
-    raise NotImplementedError("StableDiffusionXL.inpaint is not implemented yet; use img2img")
-
-  def invert(self, *args: Any, **kwargs: Any) -> jax.Array:
-    """Not available for SDXL yet."""
-    raise NotImplementedError("StableDiffusionXL.invert is not implemented yet")
-
-  def sample(self, *args: Any, **kwargs: Any) -> jax.Array:
-    """Not available for SDXL yet: build contexts with :meth:`encode_text` and :func:`time_ids` and call
-    :meth:`model_fn` with :func:`jdiff.samplers.sample`."""
-    raise NotImplementedError("StableDiffusionXL.sample is not implemented yet; use generate or model_fn")

@@ -268,3 +268,35 @@ def test_unknown_sgm_block_is_one_line(tiny, tmp_path):
              "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": f(32, 2)}, str(tmp_path / "bad2.safetensors"))
   _one_line_error(r"kohya module 'lora_unet_input_blocks_1_1_proj_in' has no counterpart in the unet parameters",
                   tmp_path / "bad2.safetensors", {"unet": parts.unet_params})
+
+
+def test_pipeline_applies_lora_to_both_text_encoders(tiny, weights, tmp_path):
+  """StableDiffusionXL.generate(lora=file) with a kohya file adapting the UNet and both text encoders gives the
+  images of diffusers' pipeline after ``load_lora_weights`` at ``cross_attention_kwargs={"scale": s}`` (1e-4 of
+  the image range, as tests/parity/test_sdxl_pipeline.py argues); without the text_encoder_2 adapter the images
+  move by far more, so the second encoder's adapter is applied."""
+  from jdiff.sdxl import StableDiffusionXL
+
+  folder, _ = tiny
+  file = tmp_path / "kohya.safetensors"
+  _kohya_file(file, weights)
+  latents = np.random.default_rng(5).standard_normal((2, 16, 16, 4)).astype(np.float32)
+  scale, steps = 0.7, 3
+  pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+  pipe.load_lora_weights(str(file))
+  pipe.set_progress_bar_config(disable=True)
+  with torch.no_grad():
+    want = pipe(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=5.0, output_type="np",
+                latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), height=32, width=32,
+                cross_attention_kwargs={"scale": scale}).images
+  ours = StableDiffusionXL.from_diffusers(folder)
+  got = ours.generate(PROMPTS, key=jax.random.key(0), num_steps=steps, guidance_scale=5.0, latents=latents,
+                      lora=file, lora_scale=scale)
+  assert float(np.max(np.abs(np.asarray(got, np.float64) - want))) <= 1e-4
+  adapters = ours.load_lora(file)
+  assert sorted(adapters) == ["text_encoder", "text_encoder_2", "unet"]
+  without_te2 = ours.generate(PROMPTS, key=jax.random.key(0), num_steps=steps, guidance_scale=5.0, latents=latents,
+                              lora=[({k: v for k, v in adapters.items() if k != "text_encoder_2"}, scale)])
+  assert float(np.max(np.abs(np.asarray(without_te2, np.float64) - want))) > 1e-2
+  with pytest.raises(ValueError, match="a LoRA dict maps 'unet' / 'text_encoder' / 'text_encoder_2'"):
+    ours.generate(PROMPTS, key=jax.random.key(0), num_steps=1, lora={"text_encoder_3": adapters["unet"]})
