@@ -5,7 +5,7 @@ Submodules: ``consistency``, ``schedules``, ``diffusion``, ``flow`` (rectified f
 ``sdxl``, ``sd3_pipeline``, ``dit_pipeline``, ``ldm`` (bundles of training workdirs), ``textual_inversion``,
 ``evaluation``, ``training``, ``checkpoint``, ``parallel`` and ``data`` are imported on first use
 (``import jdiff.pipelines``), as are the pipeline classes: ``jdiff.StableDiffusion``,
-``jdiff.StableDiffusionXL``, ``jdiff.SD3Pipeline``, ``jdiff.DiTPipeline``.
+``jdiff.StableDiffusionXL``, ``jdiff.StableDiffusion3``, ``jdiff.DiTPipeline``.
 """
 
 from jdiff import consistency, diffusion, flow, guidance, lora, models, partition, samplers, schedules, tokenizers
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _LAZY = ("checkpoint", "control_images", "convert", "data", "dit_pipeline", "evaluation", "ldm", "parallel",
          "pipelines", "sd3_pipeline", "sdxl", "training", "textual_inversion")
 # public pipeline classes -> the lazily imported module that defines them
-_PIPELINES = {"StableDiffusion": "pipelines", "StableDiffusionXL": "sdxl", "SD3Pipeline": "sd3_pipeline",
+_PIPELINES = {"StableDiffusion": "pipelines", "StableDiffusionXL": "sdxl", "StableDiffusion3": "sd3_pipeline",
               "DiTPipeline": "dit_pipeline"}
 
 

@@ -10,7 +10,7 @@ import jdiff
 
 
 @pytest.mark.parametrize("name, module", [("StableDiffusion", "pipelines"), ("StableDiffusionXL", "sdxl"),
-                                          ("SD3Pipeline", "sd3_pipeline"), ("DiTPipeline", "dit_pipeline")])
+                                          ("StableDiffusion3", "sd3_pipeline"), ("DiTPipeline", "dit_pipeline")])
 def test_pipeline_classes_are_exported(name, module):
   assert name in jdiff.__all__
   assert getattr(jdiff, name) is getattr(importlib.import_module(f"jdiff.{module}"), name)

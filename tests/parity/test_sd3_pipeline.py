@@ -1,7 +1,7 @@
 """The SD3 text-to-image pipeline against diffusers' ``StableDiffusion3Pipeline`` without T5: a tiny random
 pipeline (SD3 transformer, two CLIP text encoders with projection and their tokenizers, a 16-channel VAE
 with a shift factor, ``FlowMatchEulerDiscreteScheduler(shift=3.0)``, ``text_encoder_3=None``) saved with
-``save_pretrained`` and loaded by :meth:`jdiff.sd3_pipeline.SD3Pipeline.from_diffusers`: the text
+``save_pretrained`` and loaded by :meth:`jdiff.sd3_pipeline.StableDiffusion3.from_diffusers`: the text
 conditioning against ``encode_prompt``, and the images of 4 steps guided (the folder's static shift) and
 unguided (the dynamic shift, mu from the latent sequence length); a folder listing a T5 encoder is refused.
 
@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from jdiff.sd3_pipeline import SD3Pipeline  # noqa: E402
+from jdiff.sd3_pipeline import StableDiffusion3  # noqa: E402
 from tests.parity.test_tokenizer import write_clip_vocab  # noqa: E402
 
 TOL = 1e-4  # of the [0, 1] image range, see the module docstring
@@ -89,7 +89,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(saved):
-  return SD3Pipeline.from_diffusers(saved[0])
+  return StableDiffusion3.from_diffusers(saved[0])
 
 
 def _latents(batch: int, seed: int = 0) -> np.ndarray:
@@ -109,7 +109,8 @@ def _rel_err(a, b) -> float:
 def test_loads_folder_without_t5(saved, ours):
   index = json.loads((saved[0] / "model_index.json").read_text())
   assert index["text_encoder_3"] == [None, None]
-  assert ours.sampler == "flow_euler" and ours.sampler_options["shift"] == 3.0
+  assert ours.defaults["sampler"] == "flow_euler" and ours.sampler_options["shift"] == 3.0
+  assert ours.prediction == "flow" and ours.tokenize(PROMPTS).shape == (len(PROMPTS), 2, MAX_LEN)
   assert (ours.scaling_factor, ours.shift_factor) == (1.5305, 0.0609)
   assert ours.default_size == SIZE
 
@@ -118,9 +119,9 @@ def test_text_conditioning_matches_encode_prompt(saved, ours):
   pipe = saved[1]
   with torch.no_grad():
     want = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True, negative_prompt=["", "blurry"])
-  encode = jax.jit(ours.encode)
-  embeds, pooled = encode(ours.text_params, ours.tokenize(PROMPTS))
-  null_embeds, null_pooled = encode(ours.text_params, ours.tokenize(["", "blurry"]))
+  encode = jax.jit(lambda params, ids: tuple(ours.encode_text(params, ids).values()))
+  embeds, pooled = encode(ours.all_text_params(), ours.tokenize(PROMPTS))
+  null_embeds, null_pooled = encode(ours.all_text_params(), ours.tokenize(["", "blurry"]))
   for got, ref in zip((embeds, null_embeds, pooled, null_pooled), want):
     ref = ref.numpy()
     assert got.shape == ref.shape
@@ -160,7 +161,7 @@ def test_t5_folder_and_bad_input_are_one_line_errors(saved, ours, tmp_path):
   index["text_encoder_3"] = ["transformers", "T5EncoderModel"]
   (folder / "model_index.json").write_text(json.dumps(index))
   with pytest.raises(ValueError, match="T5 is not supported by jdiff") as err:
-    SD3Pipeline.from_diffusers(folder)
+    StableDiffusion3.from_diffusers(folder)
   assert "\n" not in str(err.value)
   with pytest.raises(ValueError, match="must be positive multiples of 4"):
     ours.generate(PROMPTS, key=jax.random.key(0), height=18, width=SIZE)
