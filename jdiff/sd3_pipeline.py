@@ -2,7 +2,8 @@
 runs it without its T5 encoder.
 
 :class:`StableDiffusion3` is the :class:`~jdiff.pipelines.StableDiffusion` bundle holding the
-:class:`~jdiff.models.MMDiT` (``transformer/``, as its ``unet``), the two CLIP text encoders with projection heads and their tokenizers (``text_encoder/``, ``text_encoder_2/``,
+:class:`~jdiff.models.MMDiT` (``transformer/``, as its ``unet``), the two CLIP text encoders with
+projection heads and their tokenizers (``text_encoder/``, ``text_encoder_2/``,
 ``tokenizer/``, ``tokenizer_2/``), the 16-channel KL autoencoder (``vae/``) and the flow sampler of the
 folder's ``scheduler/`` config (``prediction="flow"``). Its text conditioning enters the base class's
 ``model_fn`` as the dict context ``{"text", "pooled_projections"}``; generation, guidance, sampler
@@ -255,3 +256,13 @@ class StableDiffusion3(StableDiffusion):
       kwargs["image_seq_len"] = (h // p) * (w // p)
     return super().generate(prompts, key=key, height=height, width=width, latents=latents, sampler=sampler,
                             **kwargs)
+
+  def img2img(self, images: Any, prompts: str | Sequence[str], *, key: jax.Array, sampler: str | None = None,
+              guidance_scale: float | None = None, **kwargs: Any) -> jax.Array:
+    """:meth:`jdiff.pipelines.StableDiffusion.img2img` with the folder's flow sampler and guidance 7.0 as
+    defaults (diffusers' ``StableDiffusion3Img2ImgPipeline`` with a static shift). The steps kept are
+    the last ``min(int(num_steps * strength), num_steps)``; diffusers' SD3 keeps
+    ``num_steps - int(num_steps - num_steps * strength)``, the same count where ``num_steps * strength``
+    is a whole number."""
+    _, guidance_scale, sampler = self._defaults(None, guidance_scale, sampler)
+    return super().img2img(images, prompts, key=key, sampler=sampler, guidance_scale=guidance_scale, **kwargs)
