@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import flax
 import jax
@@ -40,6 +40,9 @@ __all__ = [
     "TrainState",
     "NonFiniteError",
     "make_optimizer",
+    "Optimizer",
+    "AdamWSpec",
+    "scale_by_adam",
     "create_train_state",
     "state_shardings",
     "ema_decay_at",
@@ -86,9 +89,95 @@ class TrainState:
   extra_ema: Any = None
 
 
+class AdamWSpec(NamedTuple):
+  """The hyper-parameters of :func:`make_optimizer`'s AdamW, read by the train step's fused update."""
+  learning_rate: float | Callable[[jax.Array], jax.Array]
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  clip_norm: float | None
+  mu_dtype: Any
+  nu_dtype: Any
+
+
+class Optimizer(NamedTuple):
+  """An optax ``GradientTransformation`` (``init``/``update``) that also carries its AdamW ``spec``.
+
+  ``update`` is the plain optax chain (clip, Adam, weight decay, learning rate); :func:`make_train_step`
+  uses ``spec`` to apply the same update leaf by leaf, fused with the non-finite guard and the EMA,
+  writing every state buffer in place (see :func:`make_train_step`).
+  """
+  init: Callable[[Any], Any]
+  update: Callable[..., Any]
+  spec: AdamWSpec
+
+
+def _moment_dtype(name: str, dtype: Any) -> Any:
+  if dtype is None:
+    return None
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"{name}={dtype!r} is not a dtype; use float32 or bfloat16") from None
+  if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"{name}={dtype!r}: optimizer moments are stored as float32 or bfloat16")
+  return dt
+
+
+def _bias_corrections(b1: float, b2: float, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return 1 - b1 ** count, 1 - b2 ** count  # float32 scalars (weak-typed base, int32 count)
+
+
+def _adam_moments(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: float, b2: float) -> tuple[jax.Array, jax.Array]:
+  """Adam's moment updates in float32, returned in the stored dtypes (``mu.dtype``, ``nu.dtype``)."""
+  g = g.astype(jnp.float32)
+  new_mu = (1 - b1) * g + b1 * mu.astype(jnp.float32)
+  new_nu = (1 - b2) * (g * g) + b2 * nu.astype(jnp.float32)
+  return new_mu.astype(mu.dtype), new_nu.astype(nu.dtype)
+
+
+def _adam_direction(mu: jax.Array, nu: jax.Array, c1: jax.Array, c2: jax.Array, eps: float) -> jax.Array:
+  return (mu.astype(jnp.float32) / c1) / (jnp.sqrt(nu.astype(jnp.float32) / c2) + eps)
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, mu_dtype: Any = None,
+                  nu_dtype: Any = None) -> optax.GradientTransformation:
+  """``optax.scale_by_adam`` with both moments stored in a chosen dtype (float32 or bfloat16).
+
+  The moments are updated in float32 and rounded to their storage dtype; the update is computed from
+  the stored (rounded) moments, so a bfloat16 state behaves the same whether it is applied by
+  ``update`` or by :func:`make_train_step`'s fused update. With float32 moments this is optax's
+  ``scale_by_adam`` (``eps_root=0``, no Nesterov). The state is an ``optax.ScaleByAdamState``.
+
+  Example:
+    >>> tx = optax.chain(scale_by_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16), optax.scale(-1e-3))
+  """
+  mu_dtype = _moment_dtype("mu_dtype", mu_dtype)
+  nu_dtype = _moment_dtype("nu_dtype", nu_dtype)
+
+  def init(params):
+    mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
+    nu = jax.tree.map(lambda p: jnp.zeros(p.shape, nu_dtype or p.dtype), params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+  def update(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    c1, c2 = _bias_corrections(b1, b2, count)
+    moments = jax.tree.map(lambda g, m, v: _adam_moments(g, m, v, b1, b2), updates, state.mu, state.nu)
+    mu = jax.tree.map(lambda _, mv: mv[0], updates, moments)
+    nu = jax.tree.map(lambda _, mv: mv[1], updates, moments)
+    out = jax.tree.map(lambda g, m, v: _adam_direction(m, v, c1, c2, eps).astype(g.dtype), updates, mu, nu)
+    return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(*, learning_rate: float = 1e-4, warmup_steps: int = 0, total_steps: int | None = None,
                    schedule: str = "constant", clip_norm: float | None = 1.0, b1: float = 0.9,
-                   b2: float = 0.999, weight_decay: float = 0.0) -> optax.GradientTransformation:
+                   b2: float = 0.999, weight_decay: float = 0.0, eps: float = 1e-8, mu_dtype: Any = None,
+                   nu_dtype: Any = None) -> Optimizer:
   """AdamW with global-norm gradient clipping and a constant or cosine learning-rate schedule.
 
   Args:
@@ -97,10 +186,18 @@ def make_optimizer(*, learning_rate: float = 1e-4, warmup_steps: int = 0, total_
     total_steps: needed by ``schedule="cosine"`` (decay to 0 at ``total_steps``).
     schedule: "constant" or "cosine".
     clip_norm: clip gradients to this global norm (None disables clipping).
-    b1, b2, weight_decay: AdamW hyper-parameters.
+    b1, b2, weight_decay, eps: AdamW hyper-parameters.
+    mu_dtype, nu_dtype: storage dtype of the first / second moment (None: the parameters' dtype;
+      ``jnp.bfloat16`` halves that moment's memory; see :func:`scale_by_adam`).
+
+  Returns:
+    An :class:`Optimizer`: the optax chain ``clip_by_global_norm`` -> (:func:`scale_by_adam`,
+    ``add_decayed_weights``, ``scale_by_learning_rate``) with its ``spec`` (the state has optax's
+    ``adamw`` layout).
 
   Example:
     >>> tx = make_optimizer(learning_rate=2e-4, warmup_steps=100, clip_norm=1.0)
+    >>> tx = make_optimizer(learning_rate=1e-4, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
   """
   if schedule == "constant":
     lr = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else learning_rate)
@@ -113,11 +210,15 @@ def make_optimizer(*, learning_rate: float = 1e-4, warmup_steps: int = 0, total_
                                             max(total_steps, warmup_steps + 1))
   else:
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected 'constant' or 'cosine'")
+  spec = AdamWSpec(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip_norm=clip_norm,
+                   mu_dtype=_moment_dtype("mu_dtype", mu_dtype), nu_dtype=_moment_dtype("nu_dtype", nu_dtype))
   parts = []
   if clip_norm is not None:
     parts.append(optax.clip_by_global_norm(clip_norm))
-  parts.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
-  return optax.chain(*parts)
+  parts.append(optax.chain(scale_by_adam(b1, b2, eps, mu_dtype=spec.mu_dtype, nu_dtype=spec.nu_dtype),
+                           optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(lr)))
+  tx = optax.chain(*parts)
+  return Optimizer(tx.init, tx.update, spec)
 
 
 def _zero_int() -> jax.Array:
@@ -132,7 +233,8 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, *, fsdp: bool = Fals
 
 def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, *,
                        key: jax.Array, mesh: Mesh | None = None, fsdp: bool = False,
-                       min_size: int = 0, extra_ema: Iterable[str] = ()) -> TrainState:
+                       min_size: int = 0, extra_ema: Iterable[str] = (), ema: bool = True,
+                       ema_dtype: Any = None) -> TrainState:
   """Initialises a TrainState directly into its shardings (``jit`` with ``out_shardings``).
 
   Args:
@@ -145,6 +247,10 @@ def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTr
     min_size: leaves smaller than this stay replicated.
     extra_ema: names of further EMAs of the parameters (``state.extra_ema[name]``), each starting
       at the initial parameters; none: ``state.extra_ema`` is None.
+    ema: keep the sampling EMA (``state.ema_params``); False: ``state.ema_params`` is None (no
+      EMA memory; sample from ``state.params``).
+    ema_dtype: storage dtype of the sampling EMA (None: the parameters' dtype; ``jnp.bfloat16``
+      halves its memory; it is updated in float32 and rounded each step).
 
   Example:
     >>> state = create_train_state(lambda k: model.init(k, x)["params"], tx, key=jax.random.key(0))
@@ -154,13 +260,17 @@ def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTr
   k_init, k_rng = jax.random.split(key)
   rng = jax.random.key_data(k_rng)
   names = _ema_names(extra_ema)
+  ema_dtype = _moment_dtype("ema_dtype", ema_dtype)
 
   start = None if callable(init_fn) else jax.tree.map(jnp.asarray, init_fn)
 
   def init(k_init, rng, start):
     params = init_fn(k_init) if start is None else start
     extra = {name: params for name in names} if names else None
-    return TrainState(step=_zero_int(), params=params, ema_params=params, opt_state=tx.init(params),
+    ema_params = None
+    if ema:
+      ema_params = jax.tree.map(lambda p: p.astype(ema_dtype or p.dtype), params)
+    return TrainState(step=_zero_int(), params=params, ema_params=ema_params, opt_state=tx.init(params),
                       rng=rng, bad_steps=_zero_int(), skipped_steps=_zero_int(), extra_ema=extra)
 
   abstract = jax.eval_shape(init, k_init, rng, start)
@@ -209,6 +319,90 @@ def check_finite(tree: Any) -> bool:
   return ok
 
 
+def _ema_step(new: jax.Array, old: jax.Array, decay: jax.Array) -> jax.Array:
+  """``optax.incremental_update`` of one leaf in float32, rounded to the EMA's dtype."""
+  rate = 1.0 - decay
+  return (rate * new.astype(jnp.float32) + (1.0 - rate) * old.astype(jnp.float32)).astype(old.dtype)
+
+
+def _guarded_update(tx, grads, opt_state, params, emas, decays, finite):
+  """Any optax ``tx``: the update, then ``where(finite, new, old)`` per leaf (holds a second state)."""
+  updates, new_opt = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  new_emas = [jax.tree.map(lambda p, e, d=d: _ema_step(p, e, d), new_params, ema) for ema, d in zip(emas, decays)]
+
+  def keep(new, old):
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+  return (keep(new_params, params), keep(new_opt, opt_state), [keep(n, o) for n, o in zip(new_emas, emas)],
+          _global_norm(updates), finite)
+
+
+def _fused_adamw(spec: AdamWSpec, grads, grad_norm, opt_state, params, emas, decays, finite):
+  """:func:`make_optimizer`'s update, the non-finite guard and the EMAs, leaf by leaf, in place.
+
+  The step applies when the loss and the gradient norm are finite (``finite``). Each state buffer is
+  written once, from values already selected by ``finite``: ``mu, nu <- where(finite, new, old)``,
+  then the parameter update from those stored moments, ``params <- where(finite, params + update,
+  params)``, then ``ema <- where(finite, ema step, ema)``. Each old value has a single reader, the
+  fusion that writes its new value, and every later read (the update norm, the EMA step) reads the
+  written buffers, so XLA updates the donated buffers in place: no second copy of the state, and a
+  skipped step leaves every buffer bit-equal (the NaN candidates are never selected, never stored).
+  The update norm is recovered from the written buffers (0 on a skipped step).
+  """
+  *head, (adam, wd_state, lr_state) = opt_state
+  f32 = jnp.float32
+  count = optax.safe_increment(adam.count)
+  c1, c2 = _bias_corrections(spec.b1, spec.b2, count)
+  if callable(spec.learning_rate):
+    step_size = -jnp.asarray(spec.learning_rate(lr_state.count), f32)
+    new_lr_state = lr_state._replace(count=optax.safe_increment(lr_state.count))
+  else:
+    step_size = -jnp.asarray(spec.learning_rate, f32)
+    new_lr_state = lr_state
+  if spec.clip_norm is None:
+    scale = jnp.ones((), f32)
+  else:
+    scale = jnp.where(grad_norm < spec.clip_norm, 1.0, spec.clip_norm / grad_norm).astype(f32)
+
+  def moments(g, m, v):
+    return _adam_moments(g.astype(f32) * scale, m, v, spec.b1, spec.b2)
+
+  def update(m, v, p):
+    d = _adam_direction(m, v, c1, c2, spec.eps)
+    if spec.weight_decay:
+      d = d + spec.weight_decay * p.astype(f32)
+    return step_size * d
+
+  leaves, treedef = jax.tree.flatten(params)
+  g_l, m_l, v_l = (treedef.flatten_up_to(t) for t in (grads, adam.mu, adam.nu))
+  e_ls = [treedef.flatten_up_to(e) for e in emas]
+  ok = finite
+  new_p, new_m, new_v, new_e = [], [], [], [[] for _ in emas]
+  sq = jnp.zeros((), f32)
+  for i, (g, m, v, p) in enumerate(zip(g_l, m_l, v_l, leaves)):
+    m1, v1 = moments(g, m, v)
+    m1, v1 = jnp.where(ok, m1, m), jnp.where(ok, v1, v)
+    p1 = jnp.where(ok, (p.astype(f32) + update(m1, v1, p)).astype(p.dtype), p)
+    new_m.append(m1)
+    new_v.append(v1)
+    new_p.append(p1)
+    for out, e_l, d in zip(new_e, e_ls, decays):
+      out.append(jnp.where(ok, _ema_step(p1, e_l[i], d), e_l[i]))
+    # The applied update from the written buffers only (p1 = p + u, so u = step (d + wd p1) / (1 + step wd)):
+    d = m1.astype(f32) / (c1 * (jnp.sqrt(v1.astype(f32) / c2) + spec.eps))
+    if spec.weight_decay:
+      d = (d + spec.weight_decay * p1.astype(f32)) / (1.0 + step_size * spec.weight_decay)
+    sq = sq + jnp.sum(jnp.square(d))
+  update_norm = jnp.where(ok, jnp.abs(step_size) * jnp.sqrt(sq), 0.0)
+  new_adam = optax.ScaleByAdamState(count=jnp.where(ok, count, adam.count), mu=treedef.unflatten(new_m),
+                                    nu=treedef.unflatten(new_v))
+  if new_lr_state is not lr_state:
+    new_lr_state = lr_state._replace(count=jnp.where(ok, new_lr_state.count, lr_state.count))
+  new_opt = (*head, (new_adam, wd_state, new_lr_state))
+  return (treedef.unflatten(new_p), new_opt, [treedef.unflatten(e) for e in new_e], update_norm, ok)
+
+
 class TrainStep:
   """The compiled train step: call as ``state, metrics = step(state, batch)``.
 
@@ -246,7 +440,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
       With ``extra_ema``: ``(params, batch, key, frozen, state) -> (loss, metrics)``, where
       ``state`` is the TrainState before this step's update (its ``step`` and ``extra_ema``
       trees); the loss is differentiated with respect to ``params`` only.
-    tx: the optimizer (clipping included, see :func:`make_optimizer`).
+    tx: the optimizer (clipping included, see :func:`make_optimizer`). An :class:`Optimizer` from
+      :func:`make_optimizer` is applied fused with the guard and the EMAs, in place (no second copy of
+      the state, see ``_fused_adamw``); any other optax transformation is applied, then guarded with
+      ``where(finite, new, old)`` per leaf (XLA then holds new and old state together).
     mesh: the ("data", "fsdp") mesh; the batch is split over all its devices.
     state_sharding: shardings of the TrainState (:func:`state_shardings`).
     frozen: a pytree passed unchanged to every call of ``loss_fn`` (frozen networks), or None.
@@ -263,7 +460,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
       non-finite step.
 
   Returns:
-    A :class:`TrainStep`; metrics include ``loss``, ``grad_norm``, ``param_norm``, ``update_norm``,
+    A :class:`TrainStep`; metrics include ``loss``, ``grad_norm``, ``param_norm`` (after the step),
+    ``update_norm`` (of the applied update; 0 on a skipped step),
     ``finite``, ``bad_steps``, ``skipped_steps``, ``<name>_decay`` of each extra EMA and the
     entries from ``loss_fn``.
 
@@ -276,6 +474,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
   extra = dict(extra_ema or {})
   _ema_names(extra)
 
+  spec = getattr(tx, "spec", None)
+  fused = isinstance(spec, AdamWSpec)
+
   def step_fn(state: TrainState, batch: Any, frozen: Any):
     have = tuple(sorted(state.extra_ema or {}))
     if have != tuple(sorted(extra)):
@@ -286,28 +487,29 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, frozen, *with_state)
     grad_norm = _global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
-    new_ema = optax.incremental_update(new_params, state.ema_params, 1.0 - decay)
     extra_decays = {name: extra_ema_decay(d, state.step) for name, d in extra.items()}
-    new_extra = {name: optax.incremental_update(new_params, state.extra_ema[name], 1.0 - d)
-                 for name, d in extra_decays.items()} or None
-
-    def keep(new, old):
-      return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-    bad = jnp.where(finite, 0, state.bad_steps + 1).astype(jnp.int32)
-    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                           ema_params=keep(new_ema, state.ema_params),
-                           opt_state=keep(new_opt, state.opt_state), rng=state.rng, bad_steps=bad,
-                           skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)),
-                           extra_ema=keep(new_extra, state.extra_ema))
+    names = sorted(extra)
+    emas = [state.extra_ema[name] for name in names]
+    decays = [extra_decays[name] for name in names]
+    if state.ema_params is not None:
+      emas.append(state.ema_params)
+      decays.append(ema_decay_at(state.step, ema_decay, ema_warmup))
+    if fused:
+      new_params, new_opt, new_emas, update_norm, ok = _fused_adamw(spec, grads, grad_norm, state.opt_state,
+                                                                    state.params, emas, decays, finite)
+    else:
+      new_params, new_opt, new_emas, update_norm, ok = _guarded_update(tx, grads, state.opt_state, state.params,
+                                                                       emas, decays, finite)
+    new_ema = new_emas.pop() if state.ema_params is not None else None
+    new_extra = dict(zip(names, new_emas)) or None
+    bad = jnp.where(ok, 0, state.bad_steps + 1).astype(jnp.int32)
+    new_state = TrainState(step=state.step + 1, params=new_params, ema_params=new_ema, opt_state=new_opt,
+                           rng=state.rng, bad_steps=bad,
+                           skipped_steps=state.skipped_steps + (1 - ok.astype(jnp.int32)), extra_ema=new_extra)
     metrics = dict(aux)
     metrics.update({f"{name}_decay": d for name, d in extra_decays.items()})
-    metrics.update(loss=loss, grad_norm=grad_norm, param_norm=_global_norm(state.params),
-                   update_norm=_global_norm(updates), finite=finite, bad_steps=bad,
-                   skipped_steps=new_state.skipped_steps)
+    metrics.update(loss=loss, grad_norm=grad_norm, param_norm=_global_norm(new_params),
+                   update_norm=update_norm, finite=ok, bad_steps=bad, skipped_steps=new_state.skipped_steps)
     return new_state, metrics
 
   if frozen_sharding is None:

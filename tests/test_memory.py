@@ -1,0 +1,105 @@
+"""Memory of the train step: donation and in-place updates (XLA memory analysis), low-precision state."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jdiff import parallel, training
+
+
+class Stack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(8):
+      x = nn.gelu(nn.Dense(512)(x)) + x
+    return x
+
+
+MODEL = Stack()
+X = jnp.zeros((8, 512), jnp.float32)
+
+
+def loss_fn(params, batch, key, frozen):
+  del key, frozen
+  return jnp.mean(jnp.square(MODEL.apply({"params": params}, batch["x"]))), {}
+
+
+def _abstract_state(tx):
+  params = jax.eval_shape(lambda: MODEL.init(jax.random.key(0), X)["params"])
+
+  def init():
+    p = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    return training.TrainState(step=jnp.int32(0), params=p, ema_params=p, opt_state=tx.init(p),
+                               rng=jnp.zeros(2, jnp.uint32), bad_steps=jnp.int32(0), skipped_steps=jnp.int32(0))
+
+  return params, jax.eval_shape(init)
+
+
+def test_fused_step_temporaries_are_gradients_and_activations_only():
+  """The compiled step's temporaries beyond what value_and_grad alone needs (gradients + activations)
+  stay under 10% of the parameter bytes: the guard, AdamW and the EMA write the donated state in place."""
+  tx = training.make_optimizer(learning_rate=1e-3, clip_norm=1.0)
+  params, abstract = _abstract_state(tx)
+  mesh = parallel.make_mesh()
+  step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=training.state_shardings(abstract, mesh))
+  batch = {"x": jax.ShapeDtypeStruct(X.shape, X.dtype)}
+  mem = step.jitted.lower(abstract, batch, None).compile().memory_analysis()
+  grad = jax.jit(lambda p, b: jax.value_and_grad(loss_fn, has_aux=True)(p, b, None, None)).lower(
+      params, batch).compile().memory_analysis()
+  param_bytes = sum(leaf.size * 4 for leaf in jax.tree.leaves(params))
+  excess = mem.temp_size_in_bytes - (grad.temp_size_in_bytes + grad.output_size_in_bytes)
+  assert excess <= 0.1 * param_bytes, (excess, param_bytes)
+  assert mem.alias_size_in_bytes >= 4 * param_bytes  # params, EMA and both moments donated
+
+
+def test_bfloat16_moments_and_ema_step_and_skip():
+  tx = training.make_optimizer(learning_rate=1e-2, clip_norm=1.0, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+  mesh = parallel.make_mesh()
+  st = training.create_train_state(lambda k: MODEL.init(k, X)["params"], tx, key=jax.random.key(1), mesh=mesh,
+                                   ema_dtype=jnp.bfloat16)
+  adam = st.opt_state[-1][0]
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((adam.mu, adam.nu, st.ema_params)))
+  p0 = jax.tree.map(np.asarray, st.params)
+  step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=jax.tree.map(lambda a: a.sharding, st),
+                                  ema_decay=0.9, ema_warmup=False)
+  x = np.random.default_rng(0).normal(size=X.shape).astype(np.float32)
+  # reference: the optimizer's own (unfused) update on the same gradients
+  (_, _), g = jax.value_and_grad(loss_fn, has_aux=True)(p0, {"x": x}, None, None)
+  upd, ref_opt = tx.update(g, tx.init(p0), p0)
+  ref_p = optax.apply_updates(p0, upd)
+  st, m = step(st, parallel.host_to_global({"x": x}, mesh))
+  assert bool(m["finite"])
+  # The two gradients differ in float32 ulps, enough to move a moment by one bfloat16 ulp (2^-8 relative);
+  # the Adam ratio m / sqrt(v) is at most ~1 at step 1, so the update moves by a few lr * 2^-8, except where
+  # |g| is near eps (the ratio is then ill-conditioned): allow that for a 1e-4 fraction of the elements.
+  diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                         for a, b in zip(jax.tree.leaves(st.params), jax.tree.leaves(ref_p))])
+  assert np.mean(diff > 1e-2 * 2**-5) <= 1e-4 and diff.max() <= 2e-2, diff.max()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                                       rtol=2**-7, atol=2**-16 * np.abs(np.asarray(b, np.float32)).max()),
+               st.opt_state[-1][0].mu, ref_opt[-1][0].mu)
+  ref_norm = np.sqrt(sum(np.sum(np.square(np.asarray(u, np.float64))) for u in jax.tree.leaves(upd)))
+  np.testing.assert_allclose(float(m["update_norm"]), ref_norm, rtol=2**-6)
+  good = jax.tree.map(np.asarray, st)
+  bad = x.copy()
+  bad[0, 0] = np.nan
+  st, m = step(st, parallel.host_to_global({"x": bad}, mesh))
+  assert not bool(m["finite"]) and float(m["update_norm"]) == 0.0
+  for a, b in zip(jax.tree.leaves((st.params, st.ema_params, st.opt_state)),
+                  jax.tree.leaves((good.params, good.ema_params, good.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_no_ema_state():
+  tx = training.make_optimizer(learning_rate=1e-2)
+  mesh = parallel.make_mesh()
+  st = training.create_train_state(lambda k: MODEL.init(k, X)["params"], tx, key=jax.random.key(1), mesh=mesh,
+                                   ema=False)
+  assert st.ema_params is None
+  step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=jax.tree.map(lambda a: a.sharding, st))
+  st, m = step(st, parallel.host_to_global({"x": np.ones(X.shape, np.float32)}, mesh))
+  assert st.ema_params is None and bool(m["finite"])
