@@ -315,7 +315,8 @@ class StableDiffusion:
                      controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> StableDiffusion:
     """Loads a diffusers Stable Diffusion folder (``model_index.json`` with ``unet/``, ``vae/``,
     ``text_encoder/``, ``tokenizer/``, ``scheduler/``); safetensors only, no torch. A folder whose
-    ``model_index.json`` names an SDXL pipeline loads as :class:`jdiff.sdxl.StableDiffusionXL`.
+    ``model_index.json`` names an SDXL pipeline loads as :class:`jdiff.sdxl.StableDiffusionXL`, an SD3 one as
+    :class:`jdiff.sd3_pipeline.StableDiffusion3`.
 
     Args:
       path: the pipeline folder.
@@ -342,6 +343,9 @@ class StableDiffusion:
     if str(index.get("_class_name", "")).startswith("StableDiffusionXL"):  # two text encoders: the subclass
       from jdiff.sdxl import StableDiffusionXL
       return StableDiffusionXL.from_diffusers(root, dtype=dtype, clip_skip=clip_skip, controlnet=controlnet)
+    if str(index.get("_class_name", "")).startswith("StableDiffusion3"):  # an MMDiT and two encoders: the subclass
+      from jdiff.sd3_pipeline import StableDiffusion3
+      return StableDiffusion3.from_diffusers(root, dtype=dtype, clip_skip=clip_skip, controlnet=controlnet)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
       if part not in index:
         raise ValueError(f"{str(root / 'model_index.json')!r} lists no {part!r}; is this a Stable Diffusion "

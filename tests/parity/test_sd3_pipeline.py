@@ -107,6 +107,8 @@ def _rel_err(a, b) -> float:
 
 
 def test_loads_folder_without_t5(saved, ours):
+  from jdiff.pipelines import StableDiffusion
+  assert type(StableDiffusion.from_diffusers(saved[0])) is StableDiffusion3
   index = json.loads((saved[0] / "model_index.json").read_text())
   assert index["text_encoder_3"] == [None, None]
   assert ours.defaults["sampler"] == "flow_euler" and ours.sampler_options["shift"] == 3.0
