@@ -283,7 +283,8 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
   """Runs (or resumes) training of ``task`` to ``cfg.steps`` steps in ``workdir``; returns the state.
 
   ``cfg`` is a train section: steps, learning_rate, warmup_steps, lr_schedule, clip_norm,
-  weight_decay, ema_decay, ema_warmup, max_bad_steps, log_every, checkpoint_every, sample_every,
+  weight_decay, ema_decay, ema_warmup, max_bad_steps, (optional: mu_dtype, nu_dtype: Adam moment storage
+  dtypes, e.g. "bfloat16"; ema: false drops the sampling EMA; ema_dtype), log_every, checkpoint_every, sample_every,
   keep_checkpoints, fsdp (mesh size of the "fsdp" axis, 1 = replicated params), stop_at (stop
   after this step as if killed; 0 = no), grad_accum (micro-batches per step; optional, default 1).
 
@@ -317,19 +318,21 @@ def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
                        f"grad_accum={accum}; choose a batch size that is a multiple of {n_dev * accum}")
   tx = training.make_optimizer(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                                total_steps=cfg.steps, schedule=cfg.lr_schedule, clip_norm=cfg.clip_norm,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, mu_dtype=cfg.get("mu_dtype") or None,
+                               nu_dtype=cfg.get("nu_dtype") or None)
+  ema_opts = dict(ema=bool(cfg.get("ema", True)), ema_dtype=cfg.get("ema_dtype") or None)
   key = jax.random.key(seed)
   fsdp = int(cfg.fsdp) > 1
   state_shape = jax.eval_shape(
       lambda k: training.create_train_state(task.init_params, tx, key=k, mesh=mesh, fsdp=fsdp,
-                                            extra_ema=tuple(task.extra_ema or ())), key)
+                                            extra_ema=tuple(task.extra_ema or ()), **ema_opts), key)
   shardings = training.state_shardings(state_shape, mesh, fsdp=fsdp)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
   try:
     restored = ckpt.restore_latest(_abstract_with_shardings(state_shape, shardings))
     if restored is None:
       state = training.create_train_state(task.init_params, tx, key=key, mesh=mesh, fsdp=fsdp,
-                                          extra_ema=tuple(task.extra_ema or ()))
+                                          extra_ema=tuple(task.extra_ema or ()), **ema_opts)
     else:
       state, data_state = restored
       loader.set_state(data_state.get("loader", {}))
@@ -365,7 +368,8 @@ def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
           # the loader's own counters (e.g. data/bad_examples, this process's replaced examples)
           logger.log(step, {**metrics, **(loader.metrics() if hasattr(loader, "metrics") else {})})
         if task.sample_fn is not None and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
-          images = parallel.global_to_host(task.sample_fn(state.ema_params, sample_key))
+          images = parallel.global_to_host(task.sample_fn(
+              state.params if state.ema_params is None else state.ema_params, sample_key))
           if main:
             save_grid(images, os.path.join(workdir, "samples", f"{task.name}_{step:06d}.png"),
                       cols=task.grid_cols)
