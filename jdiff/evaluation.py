@@ -105,11 +105,12 @@ def generate_batched(gen: Callable[..., Any], *inputs: np.ndarray, key: jax.Arra
 
 
 def sampling_fn(pipe, *, sampler: str | None = None, num_steps: int | None = None,
-                guidance_scale: float | None = None, with_control: bool = False) -> Callable[..., jax.Array]:
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0,
+                with_control: bool = False) -> Callable[..., jax.Array]:
   """A jitted ``(unet_params, ids [B, L], (control [B, H, W, 3], control_scale,) key) -> images`` in
   [-1, 1] of ``pipe`` (:meth:`~jdiff.pipelines.StableDiffusion.sample`): x_T from the first half of
   ``split(key)``, the sampler's key from the second; with ``with_control`` the bundle's first
-  ControlNet is applied with the given scale."""
+  ControlNet is applied with the given scale; ``guidance_rescale`` as in ``sample``."""
   from jdiff.pipelines import Control
 
   def run(unet_params, ids, *rest):
@@ -121,14 +122,14 @@ def sampling_fn(pipe, *, sampler: str | None = None, num_steps: int | None = Non
     noise_key, sample_key = jax.random.split(key)
     noise = jax.random.normal(noise_key, (ids.shape[0],) + tuple(pipe.latent_shape), jnp.float32)
     return pipe.sample(unet_params, ids, noise, key=sample_key, sampler=sampler, num_steps=num_steps,
-                       guidance_scale=guidance_scale, controls=controls)
+                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, controls=controls)
 
   return jax.jit(run)
 
 
 def evaluate_digits(pipe, *, per_digit: int = 20, guidance_scale: float | None = None,
                     num_steps: int | None = None, sampler: str | None = None, seed: int = 0,
-                    batch: int = 100) -> dict[str, Any]:
+                    batch: int = 100, guidance_rescale: float = 0.0) -> dict[str, Any]:
   """Generates ``per_digit`` samples of each digit prompt from ``pipe`` and scores them.
 
   * ``accuracy``: the independent classifier (:func:`digit_classifier`) names the prompted digit;
@@ -137,7 +138,8 @@ def evaluate_digits(pipe, *, per_digit: int = 20, guidance_scale: float | None =
   * ``frechet_distance``: real vs generated 8x8 pixel features; ``frechet_distance_real_halves`` the
     same between two random halves of the real digits, for scale.
 
-  Sampler, steps and guidance default to ``pipe.defaults`` (a trained run's sample section).
+  Sampler, steps and guidance default to ``pipe.defaults`` (a trained run's sample section);
+  ``guidance_rescale`` (0: off) blends the guided output toward the conditional one's scale.
   """
   from sklearn.datasets import load_digits
 
@@ -147,7 +149,7 @@ def evaluate_digits(pipe, *, per_digit: int = 20, guidance_scale: float | None =
   method = str(pipe.defaults.get("sampler", "ddim") if sampler is None else sampler)
   prompts, labels = digit_prompts(per_digit)
   ids = pipe.tokenize(prompts)
-  gen = sampling_fn(pipe, sampler=method, num_steps=steps, guidance_scale=scale)
+  gen = sampling_fn(pipe, sampler=method, num_steps=steps, guidance_scale=scale, guidance_rescale=guidance_rescale)
   params = pipe.unet_params
   images, seconds = generate_batched(lambda tok, k: gen(params, tok, k), ids, key=jax.random.key(seed), batch=batch)
   feats = downscale_to_8x8(images)
@@ -165,6 +167,7 @@ def evaluate_digits(pipe, *, per_digit: int = 20, guidance_scale: float | None =
       "feature_space": "8x8 pixels (64-d, 0..16)",
       "num_samples": int(len(labels)),
       "guidance_scale": scale,
+      "guidance_rescale": float(guidance_rescale),
       "sampler": method,
       "num_steps": steps,
       "seconds_per_image": seconds / len(labels),
@@ -229,7 +232,7 @@ def edge_agreement(edges: np.ndarray, reference: np.ndarray, *, tolerance: int =
 def evaluate_controlnet(pipe, *, canny_low: float, canny_high: float, per_digit: int = 10,
                         guidance_scale: float | None = None, num_steps: int | None = None,
                         sampler: str | None = None, seed: int = 0, batch: int = 100,
-                        tolerance: int = 1) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                        tolerance: int = 1, guidance_rescale: float = 0.0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Does ``pipe``'s (first) ControlNet make digit samples follow the control edges? With and without it.
 
   Controls are the Canny edges of ``per_digit`` real scikit-learn digits of each class (upscaled
@@ -266,9 +269,11 @@ def evaluate_controlnet(pipe, *, canny_low: float, canny_high: float, per_digit:
              "conflicting": [digits_data.caption_for(int(k)) for k in other],
              "empty": [""] * len(labels)}
   clf, _, _ = digit_classifier(seed)
-  gen = sampling_fn(pipe, sampler=method, num_steps=steps, guidance_scale=scale, with_control=True)
+  gen = sampling_fn(pipe, sampler=method, num_steps=steps, guidance_scale=scale, guidance_rescale=guidance_rescale,
+                    with_control=True)
   params = pipe.unet_params
-  result: dict[str, Any] = {"num_controls": int(len(labels)), "guidance_scale": scale, "sampler": method,
+  result: dict[str, Any] = {"num_controls": int(len(labels)), "guidance_scale": scale,
+                            "guidance_rescale": float(guidance_rescale), "sampler": method,
                             "num_steps": steps, "edge_tolerance_px": tolerance,
                             "controls": "Canny edges of real scikit-learn digits (the training set)",
                             "conditions": {}}

@@ -307,15 +307,16 @@ def read_config(workdir: str):
 
 def restore_ema(ckpt: checkpoint.Checkpointer, step: int | None = None, *, ema: bool = True) -> Any:
   """The EMA parameters (or, with ``ema=False``, the online parameters) of a saved TrainState, restored
-  replicated (shapes from the checkpoint)."""
+  replicated (shapes from the checkpoint); the online parameters of a run that kept no EMA."""
   import orbax.checkpoint as ocp
 
   step = ckpt.latest_step() if step is None else step
   sharding = parallel.replicated(parallel.make_mesh())
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
-                        ckpt.saved_shapes(step))
+  saved = ckpt.saved_shapes(step)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), saved)
   out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  return out["state"]["ema_params" if ema else "params"]
+  state = out["state"]
+  return state["ema_params"] if ema and state.get("ema_params") is not None else state["params"]
 
 
 def restore_checked_ema(workdir: str, expected: Any, *, what: str, ema: bool = True) -> Any:

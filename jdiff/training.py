@@ -69,7 +69,8 @@ class TrainState:
   Attributes:
     step: int32 scalar, the number of steps taken (skipped ones included).
     params: the trained parameters.
-    ema_params: exponential moving average of ``params`` (sample from these).
+    ema_params: exponential moving average of ``params`` (sample from these), or None when the run
+      keeps no EMA (``create_train_state(ema=False)``).
     opt_state: optax state.
     rng: uint32 raw key data [2] (``jax.random.key_data``); each step uses
       ``fold_in(wrap_key_data(rng), step)``. Raw data keeps checkpoints plain.
@@ -87,6 +88,11 @@ class TrainState:
   bad_steps: jax.Array
   skipped_steps: jax.Array
   extra_ema: Any = None
+
+  @property
+  def sampling_params(self) -> Any:
+    """The parameters to sample and export from: the EMA, or ``params`` when the run keeps none."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 class AdamWSpec(NamedTuple):

@@ -48,7 +48,7 @@ def workdir_kind(workdir: str) -> str:
 
 def evaluate(workdir: str, *, per_digit: int = 20, guidance_scale: float | None = None,
              num_steps: int | None = None, sampler: str | None = None, seed: int = 0,
-             batch: int = 100) -> dict[str, Any]:
+             batch: int = 100, guidance_rescale: float = 0.0) -> dict[str, Any]:
   """Generates ``per_digit`` samples of each digit from the run's EMA model and scores them
   (:func:`jdiff.evaluation.evaluate_digits`); defaults from the run's sample section."""
   from jdiff.evaluation import evaluate_digits
@@ -57,14 +57,15 @@ def evaluate(workdir: str, *, per_digit: int = 20, guidance_scale: float | None 
   t0 = time.perf_counter()
   pipe = StableDiffusion.from_workdir(workdir)
   result = {"workdir": workdir, **evaluate_digits(pipe, per_digit=per_digit, guidance_scale=guidance_scale,
-                                                  num_steps=num_steps, sampler=sampler, seed=seed, batch=batch)}
+                                                  num_steps=num_steps, sampler=sampler, seed=seed, batch=batch,
+                                                  guidance_rescale=guidance_rescale)}
   result["seconds"] = time.perf_counter() - t0
   return result
 
 
 def evaluate_controlnet(workdir: str, *, per_digit: int = 10, guidance_scale: float | None = None,
                         num_steps: int | None = None, seed: int = 0, batch: int = 100, tolerance: int = 1,
-                        grid: str | None = None) -> dict[str, Any]:
+                        grid: str | None = None, guidance_rescale: float = 0.0) -> dict[str, Any]:
   """:func:`jdiff.evaluation.evaluate_controlnet` of a ``train.controlnet`` run (its Canny thresholds);
   writes a grid (rows: control, then without / with ControlNet for the conflicting and the empty
   prompt) when ``grid`` is a path."""
@@ -77,7 +78,7 @@ def evaluate_controlnet(workdir: str, *, per_digit: int = 10, guidance_scale: fl
   pipe = StableDiffusion.from_workdir(workdir)
   result, shown = score(pipe, canny_low=c.canny_low, canny_high=c.canny_high, per_digit=per_digit,
                         guidance_scale=guidance_scale, num_steps=num_steps, seed=seed, batch=batch,
-                        tolerance=tolerance)
+                        tolerance=tolerance, guidance_rescale=guidance_rescale)
   result = {"workdir": workdir, **result}
   if grid:
     from sample import _cli
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--workdir", required=True, help="a train.ldm / train.lora / train.lcm / train.controlnet workdir")
   p.add_argument("--per_digit", type=int, default=20, help="samples per prompted digit")
   p.add_argument("--guidance_scale", type=float, default=None, help="default: the run's config")
+  p.add_argument("--guidance_rescale", "--guidance-rescale", type=float, default=0.0,
+                 help="blend of the guided output rescaled to the conditional one's standard deviation (0: off)")
   p.add_argument("--num_steps", type=int, default=None, help="sampler steps (default: the run's config)")
   p.add_argument("--sampler", default=None, help="sampler name (default: the run's config)")
   p.add_argument("--seed", type=int, default=0)
@@ -111,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
       raise ValueError(f"--sampler is fixed for a train.{kind} workdir")
     if kind == "controlnet":
       result = evaluate_controlnet(args.workdir, per_digit=args.per_digit, guidance_scale=args.guidance_scale,
-                                   num_steps=args.num_steps, seed=args.seed, grid=args.grid)
+                                   num_steps=args.num_steps, seed=args.seed, grid=args.grid,
+                                   guidance_rescale=args.guidance_rescale)
     else:
       steps = (args.num_steps or 4) if kind in ("lcm", "ct") else args.num_steps
       result = evaluate(args.workdir, per_digit=args.per_digit, guidance_scale=args.guidance_scale,
-                        num_steps=steps, sampler=args.sampler, seed=args.seed)
+                        num_steps=steps, sampler=args.sampler, seed=args.seed,
+                        guidance_rescale=args.guidance_rescale)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

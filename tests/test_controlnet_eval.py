@@ -79,9 +79,10 @@ def test_evaluate_a_tiny_run_through_the_cli(tmp_path, capsys):
   cn_train.train_controlnet(config, workdir, stream=open(os.devnull, "w"))
   assert ev.workdir_kind(workdir) == "controlnet"
   grid = str(tmp_path / "grid.png")
-  assert ev.main(["--workdir", workdir, "--per_digit", "1", "--num_steps", "2", "--grid", grid]) == 0
+  assert ev.main(["--workdir", workdir, "--per_digit", "1", "--num_steps", "2", "--grid", grid,
+                  "--guidance_rescale", "0.5"]) == 0
   result = json.loads(capsys.readouterr().out)
-  assert result["num_controls"] == 10
+  assert result["num_controls"] == 10 and result["guidance_rescale"] == 0.5
   assert set(result["conditions"]) == {"matching", "conflicting", "empty"}
   for name, runs in result["conditions"].items():
     assert set(runs) == {"with", "without"}

@@ -103,3 +103,27 @@ def test_no_ema_state():
   step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=jax.tree.map(lambda a: a.sharding, st))
   st, m = step(st, parallel.host_to_global({"x": np.ones(X.shape, np.float32)}, mesh))
   assert st.ema_params is None and bool(m["finite"])
+
+
+def test_no_ema_run_samples_and_restores_its_params(tmp_path):
+  """A run without an EMA samples and exports its online parameters: ``sampling_params`` and
+  ``restore_ema`` fall back to ``params`` (bit-equal)."""
+  from jdiff import checkpoint, ldm
+
+  tx = training.make_optimizer(learning_rate=1e-2)
+  mesh = parallel.make_mesh()
+  st = training.create_train_state(lambda k: MODEL.init(k, X)["params"], tx, key=jax.random.key(1), mesh=mesh,
+                                   ema=False)
+  assert st.sampling_params is st.params
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  try:
+    ckpt.save(0, st, force=True)
+    ckpt.wait()
+    for ema in (True, False):
+      got = ldm.restore_ema(ckpt, ema=ema)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(st.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  finally:
+    ckpt.close()
+  with_ema = training.create_train_state(lambda k: MODEL.init(k, X)["params"], tx, key=jax.random.key(1), mesh=mesh)
+  assert with_ema.sampling_params is with_ema.ema_params

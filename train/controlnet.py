@@ -183,7 +183,7 @@ def train_controlnet(config: ml_collections.ConfigDict, workdir: str, *, stream=
   state = loop.train(config.train, task, loader, workdir, seed=config.seed, stream=stream)
   out = controlnet_path(workdir)
   if parallel.is_main_process():
-    save_controlnet(net, jax.device_get(state.ema_params["controlnet"]), out)
+    save_controlnet(net, jax.device_get(state.sampling_params["controlnet"]), out)
     print(f"[controlnet] diffusers ControlNetModel -> {out}", file=stream, flush=True)
   return {"step": int(state.step), "controlnet": out, "trainable_params": n_train, "frozen_params": n_frozen,
           "total_seconds": time.perf_counter() - t0}

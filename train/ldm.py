@@ -262,7 +262,7 @@ def export(workdir: str, out: str | None = None, *, ema: bool | None = None, bun
     params = ldm.restore_checked_ema(workdir, jax.eval_shape(
         lambda: ldm.trained_params(config, bundle, bundle.unet_params)), what="UNet checkpoint", ema=ema)
   else:
-    params = state.ema_params if ema else state.params
+    params = state.sampling_params if ema else state.params
   params = jax.tree.map(parallel.global_to_host, params)
   unet_params, text_params = split_params(config, params, bundle.text_params)
   trained = dataclasses.replace(bundle, unet_params=unet_params, text_params=text_params)

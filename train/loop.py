@@ -369,7 +369,7 @@ def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
           logger.log(step, {**metrics, **(loader.metrics() if hasattr(loader, "metrics") else {})})
         if task.sample_fn is not None and cfg.sample_every and (step % cfg.sample_every == 0 or step == total):
           images = parallel.global_to_host(task.sample_fn(
-              state.params if state.ema_params is None else state.ema_params, sample_key))
+              state.sampling_params, sample_key))
           if main:
             save_grid(images, os.path.join(workdir, "samples", f"{task.name}_{step:06d}.png"),
                       cols=task.grid_cols)

@@ -199,7 +199,7 @@ def train_lora(config: ml_collections.ConfigDict, workdir: str, *, data: str | N
   if parallel.is_main_process():
     print(f"[lora] {report}", file=stream, flush=True)
   state = loop.train(config.train, task, loader, workdir, seed=config.seed, stream=stream)
-  adapter = tree_to_lora(jax.device_get(state.ema_params), scales)
+  adapter = tree_to_lora(jax.device_get(state.sampling_params), scales)
   path = adapter_path(workdir)
   if parallel.is_main_process():
     lora.save_diffusers(path, {"unet": adapter})

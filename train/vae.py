@@ -99,7 +99,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, train_cfg: ml_
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
   state = loop.train(train_cfg, task, loader, workdir, seed=config.seed, stream=stream)
-  params = state.ema_params
+  params = state.sampling_params
   scale = float(config.vae.scaling_factor) or measure_scaling_factor(vae, params, make_loader(config))
   final = vae_config(config.vae, scaling_factor=scale)
   if parallel.is_main_process():
