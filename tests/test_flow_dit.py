@@ -185,4 +185,5 @@ def test_text_dit_config_errors():
     TextDiTConfig.tiny(pooled_projection_dim=16)
   with pytest.raises(ValueError, match="power of 2"):
     TextDiTConfig.tiny(patch_size=3)
-  assert TextDiTConfig.tiny(patch_size=4).block_out_channels == (32, 32, 32)
+  from jdiff.pipelines import latent_multiple
+  assert latent_multiple(TextDiTConfig.tiny(patch_size=4)) == 4

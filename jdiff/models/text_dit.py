@@ -8,7 +8,7 @@ guidance, LoRA merging) takes it unchanged. Its parameters are the MMDiT's.
 
 :class:`TextDiTConfig` is an :class:`~jdiff.models.mmdit.SD3Config` with the few attributes the
 bundle reads from its denoiser's config (``per_block("cross_attention_dim")``, ``time_cond_proj_dim``,
-``class_embed_type``, ``block_out_channels`` for the size multiple).
+``class_embed_type``; the size multiple is its ``patch_size``).
 
 Example:
   >>> net = TextDiT(TextDiTConfig.tiny())
@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import jax
@@ -58,12 +57,6 @@ class TextDiTConfig(SD3Config):
   @property
   def class_embed_type(self) -> None:
     return None  # the pooled text enters through the time-text embedding, not a class embedding
-
-  @property
-  def block_out_channels(self) -> tuple[int, ...]:
-    """``log2(patch_size) + 1`` widths: the bundle asks for latent sizes that are multiples of
-    ``2 ** (len(block_out_channels) - 1)``, here the patch size."""
-    return (self.inner_dim,) * (int(math.log2(self.patch_size)) + 1)
 
   @classmethod
   def tiny(cls, **overrides) -> TextDiTConfig:
