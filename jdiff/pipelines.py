@@ -394,19 +394,25 @@ class StableDiffusion:
                        dtype: str | None = None) -> StableDiffusion:
     """Loads an original-layout single ``.safetensors`` checkpoint (SD 1.x / 2.x), given its model
     ``family`` ("sd15", "sd21", "sd21-base"; then a ``tokenizer``) or a diffusers folder ``config``
-    (:func:`jdiff.convert.single_file.load_single_file_bundle`). Pickled ``.ckpt`` files are refused.
+    (:func:`jdiff.convert.single_file.load_single_file_bundle`). Pickled ``.ckpt`` files are refused. A file
+    with SDXL's ``conditioner.embedders.*`` text encoders loads as :class:`jdiff.sdxl.StableDiffusionXL`
+    (:meth:`jdiff.sdxl.StableDiffusionXL.from_single_file`; ``tokenizer`` is then the first encoder's).
 
     Example:
       >>> pipe = StableDiffusion.from_single_file("v1-5.safetensors", config="sd15_folder")  # doctest: +SKIP
     """
-    from jdiff.convert.single_file import load_single_file_bundle
+    from jdiff.convert.single_file import is_sdxl_file, load_single_file_bundle
 
+    if is_sdxl_file(path):
+      from jdiff.sdxl import StableDiffusionXL
+      return StableDiffusionXL.from_single_file(path, family=family, config=config, tokenizer=tokenizer,
+                                                dtype=dtype)
     return load_single_file_bundle(path, family=family, config=config, tokenizer=tokenizer, dtype=dtype)
 
   def save_single_file(self, path: str | os.PathLike, *, family: str | None = None,
                        dtype: str = "float32") -> Path:
-    """Writes the UNet, VAE and text encoder as one original-layout ``.safetensors`` file
-    (:func:`jdiff.convert.single_file.save_single_file_bundle`)."""
+    """Writes the UNet, VAE and text encoder(s) as one original-layout ``.safetensors`` file
+    (:func:`jdiff.convert.single_file.save_single_file_bundle`; an SDXL bundle in SDXL's layout)."""
     from jdiff.convert.single_file import save_single_file_bundle
 
     return save_single_file_bundle(self, path, family=family, dtype=dtype)

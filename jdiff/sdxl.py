@@ -184,6 +184,23 @@ class StableDiffusionXL(StableDiffusion):
                force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
                requires_aesthetics_score=parts.requires_aesthetics_score)
 
+  @classmethod
+  def from_single_file(cls, path: str | os.PathLike, *, family: str | None = None,
+                       config: str | os.PathLike | None = None, tokenizer: Any = None, tokenizer_2: Any = None,
+                       dtype: str | None = None) -> StableDiffusionXL:
+    """Loads an original-layout (SGM) SDXL single ``.safetensors`` checkpoint (``conditioner.embedders.*``
+    text encoders), given its model ``family`` ("sdxl", "sdxl-refiner"; then the tokenizers) or a local
+    diffusers SDXL folder ``config`` (:func:`jdiff.convert.single_file.load_sdxl_single_file_bundle`).
+    Pickled ``.ckpt`` files are refused; :meth:`save_single_file` writes the layout.
+
+    Example:
+      >>> pipe = StableDiffusionXL.from_single_file("sd_xl_base_1.0.safetensors", config="sdxl-base")  # doctest: +SKIP
+    """
+    from jdiff.convert.single_file import load_sdxl_single_file_bundle
+
+    return load_sdxl_single_file_bundle(path, family=family, config=config, tokenizer=tokenizer,
+                                        tokenizer_2=tokenizer_2, dtype=dtype)
+
   # ---- text ----
 
   @property

@@ -1,4 +1,4 @@
-"""Original-layout ("ldm") single-file Stable Diffusion checkpoints <-> jdiff parameter trees.
+"""Original-layout ("ldm" / "sgm") single-file Stable Diffusion checkpoints <-> jdiff parameter trees.
 
 Community Stable Diffusion 1.x / 2.x models ship as one ``.safetensors`` file in the layout of the
 original CompVis / Stability code. Its three parts sit under fixed prefixes:
@@ -13,6 +13,13 @@ original CompVis / Stability code. Its three parts sit under fixed prefixes:
   OpenAI CLIP), or ``cond_stage_model.model.`` + OpenCLIP names (SD 2: ``transformer.resblocks.N`` with
   fused ``attn.in_proj_weight`` [3D, D], ``ln_1``/``ln_2``, ``mlp.c_fc``/``mlp.c_proj``,
   ``token_embedding``, ``positional_embedding``, ``ln_final``, ``text_projection``).
+
+SDXL files (the SGM layout; :func:`read_sdxl_single_file`, :func:`write_sdxl_single_file`) keep the UNet
+and VAE prefixes (the UNet's "text_time" embedding is ``label_emb.0.0`` / ``label_emb.0.2``) and hold their
+text encoders under ``conditioner.embedders.``: the base model's OpenAI CLIP as ``0.transformer.`` +
+transformers' names and its OpenCLIP ViT-bigG as ``1.model.`` + OpenCLIP names (every block, as diffusers'
+``text_encoder_2`` holds them; ``text_projection`` stored [hidden, projection], the transpose of
+transformers' ``text_projection.weight``); the refiner's only encoder, OpenCLIP, is ``0.model.``.
 
 SD 2 conditions on the output of OpenCLIP's penultimate block (then ``ln_final``); diffusers' and jdiff's
 SD 2 text encoder therefore holds one block fewer than the file. Reading drops the file's last block;
@@ -30,6 +37,7 @@ Example:
   >>> parts = read_single_file("model.safetensors", family="sd15")  # doctest: +SKIP
   >>> pipe = load_single_file_bundle("model.safetensors", config="sd15_diffusers_folder")  # doctest: +SKIP
   >>> save_single_file_bundle(pipe, "out.safetensors")  # doctest: +SKIP
+  >>> xl = load_sdxl_single_file_bundle("sd_xl_base_1.0.safetensors", config="sdxl_diffusers_folder")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -50,14 +58,21 @@ from jdiff.convert import vae as _vae
 from jdiff.models.configs import UNetConfig, VAEConfig
 from jdiff.models.text import CLIPTextConfig
 
-__all__ = ["FAMILIES", "SingleFileParts", "family_configs", "read_single_file", "write_single_file",
-           "load_single_file_bundle", "save_single_file_bundle", "unet_original_name", "vae_original_name"]
+__all__ = ["FAMILIES", "SDXL_FAMILIES", "SingleFileParts", "SDXLSingleFileParts", "family_configs",
+           "sdxl_family_configs", "read_single_file", "write_single_file", "read_sdxl_single_file",
+           "write_sdxl_single_file", "is_sdxl_file", "load_single_file_bundle", "save_single_file_bundle",
+           "load_sdxl_single_file_bundle", "unet_original_name", "vae_original_name"]
 
 FAMILIES = ("sd15", "sd21", "sd21-base")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
+SDXL_PREFIX = "conditioner.embedders."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # the base model's OpenAI CLIP ViT-L
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # the base model's OpenCLIP ViT-bigG
+SDXL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."  # the refiner's only encoder
 _TEXT_LAYOUT = {"sd15": "clip", "sd21": "open_clip", "sd21-base": "open_clip"}
 _IGNORED_TEXT = {"clip": ("text_model.embeddings.position_ids",),  # a buffer, not a weight
                  "open_clip": ("text_projection", "logit_scale", "attn_mask")}  # unused by SD conditioning
@@ -111,6 +126,9 @@ def _folder_configs(config: str | os.PathLike) -> tuple[UNetConfig, VAEConfig, C
   root = Path(config)
   if not root.is_dir():
     raise FileNotFoundError(f"config folder {str(root)!r} does not exist (expected a diffusers pipeline folder)")
+  if (root / "text_encoder_2").is_dir():
+    raise ValueError(f"config folder {str(root)!r} is an SDXL pipeline (it has text_encoder_2/); it does not "
+                     "describe an SD 1.x / 2.x file")
   return (UNetConfig.from_diffusers_config(_io.read_config(root / "unet")),
           VAEConfig.from_diffusers_config(_io.read_config(root / "vae")),
           CLIPTextConfig.from_hf_config(_io.read_config(root / "text_encoder")))
@@ -130,7 +148,8 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
                "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
-               "class_embedding": "label_emb"}
+               "class_embedding": "label_emb", "add_embedding.linear_1": "label_emb.0.0",
+               "add_embedding.linear_2": "label_emb.0.2"}
 _DOWN_RES = re.compile(r"^down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(\w+)$")
 _DOWN_ATTN = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
 _DOWN_SAMPLE = re.compile(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)$")
@@ -256,34 +275,49 @@ _OC_FIXED = {"text_model.embeddings.token_embedding.weight": "token_embedding.we
 _OC_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 
 
-def _open_clip_to_transformers(tensors: Mapping[str, np.ndarray], config: CLIPTextConfig,
-                               source: str) -> dict[str, np.ndarray]:
-  """OpenCLIP tensors (prefix removed) -> transformers names, keeping the first ``num_hidden_layers`` of the
-  ``num_hidden_layers + 1`` blocks."""
+def _open_clip_to_transformers(tensors: Mapping[str, np.ndarray], config: CLIPTextConfig, source: str, *,
+                               prefix: str = OPENCLIP_PREFIX, penultimate: bool = True) -> dict[str, np.ndarray]:
+  """OpenCLIP tensors (``prefix`` removed) -> transformers names.
+
+  ``penultimate`` (SD 2): the file holds ``num_hidden_layers + 1`` blocks, the last one is dropped and so
+  is ``text_projection``. Otherwise (SDXL): the file holds ``num_hidden_layers`` blocks, and a config with
+  ``projection_dim`` takes ``text_projection`` ([hidden, projection], the transpose of transformers'
+  ``text_projection.weight``)."""
   n, d = config.num_hidden_layers, config.hidden_size
   blocks = sorted({int(m[1]) for k in tensors if (m := _OC_BLOCK.match(k))})
-  if len(blocks) != n + 1:
+  want = n + 1 if penultimate else n
+  if len(blocks) != want:
+    why = "SD 2 files hold one more (SD 2 reads the penultimate block)" if penultimate else "SDXL files hold as many"
     raise ValueError(f"{source}: the OpenCLIP text encoder has {len(blocks)} blocks; the config's text encoder "
-                     f"takes {n}, and SD 2 files hold one more (SD 2 reads the penultimate block)")
+                     f"takes {n}, and {why}")
   fixed = {v: k for k, v in _OC_FIXED.items()}
   rename = {v: k for k, v in _OC_RENAME.items()}
+  ignored = _IGNORED_TEXT["open_clip"] if penultimate else ("logit_scale", "attn_mask")
   out: dict[str, np.ndarray] = {}
   for key, value in tensors.items():
-    if key in _IGNORED_TEXT["open_clip"]:
+    if key in ignored:
       continue
     if key in fixed:
       out[fixed[key]] = value
       continue
+    if key == "text_projection":
+      if config.projection_dim is None:
+        raise ValueError(f"{source}: the file's text encoder has {prefix + key!r}; the config's has no projection")
+      if tuple(value.shape) != (d, config.projection_dim):
+        raise ValueError(f"{source}: tensor {prefix + key!r} has shape {tuple(value.shape)}, the config needs "
+                         f"{(d, config.projection_dim)}")
+      out["text_projection.weight"] = np.ascontiguousarray(value.T)
+      continue
     m = _OC_BLOCK.match(key)
     if m is None:
-      raise ValueError(f"{source}: unexpected text encoder tensor {OPENCLIP_PREFIX + key!r}")
+      raise ValueError(f"{source}: unexpected text encoder tensor {prefix + key!r}")
     i, rest = int(m[1]), m[2]
     if i == n:
       continue  # the last block: SD 2 conditions on the penultimate one
     layer = f"text_model.encoder.layers.{i}."
     if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
       if value.shape[0] != 3 * d:
-        raise ValueError(f"{source}: tensor {OPENCLIP_PREFIX + key!r} has shape {tuple(value.shape)}; a width-{d} "
+        raise ValueError(f"{source}: tensor {prefix + key!r} has shape {tuple(value.shape)}; a width-{d} "
                          f"encoder fuses q, k, v into {3 * d} rows")
       leaf = rest.rsplit("_", 1)[1]
       for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
@@ -291,18 +325,24 @@ def _open_clip_to_transformers(tensors: Mapping[str, np.ndarray], config: CLIPTe
       continue
     module, _, leaf = rest.rpartition(".")
     if module not in rename:
-      raise ValueError(f"{source}: unexpected text encoder tensor {OPENCLIP_PREFIX + key!r}")
+      raise ValueError(f"{source}: unexpected text encoder tensor {prefix + key!r}")
     out[f"{layer}{rename[module]}.{leaf}"] = value
   return out
 
 
-def _transformers_to_open_clip(tensors: Mapping[str, np.ndarray], config: CLIPTextConfig) -> dict[str, np.ndarray]:
-  """transformers names -> OpenCLIP tensors (prefix not added), with the identity last block and projection."""
+def _transformers_to_open_clip(tensors: Mapping[str, np.ndarray], config: CLIPTextConfig, *,
+                               penultimate: bool = True) -> dict[str, np.ndarray]:
+  """transformers names -> OpenCLIP tensors (prefix not added). ``penultimate`` (SD 2): with the identity
+  last block and projection; otherwise (SDXL) the blocks as they are and transformers'
+  ``text_projection.weight`` transposed into ``text_projection``."""
   n, d = config.num_hidden_layers, config.hidden_size
   out: dict[str, np.ndarray] = {}
   for key, value in tensors.items():
     if key in _OC_FIXED:
       out[_OC_FIXED[key]] = value
+      continue
+    if key == "text_projection.weight" and not penultimate:
+      out["text_projection"] = np.ascontiguousarray(np.asarray(value).T)
       continue
     m = _OC_LAYER.match(key)
     module, _, leaf = m[2].rpartition(".") if m else ("", "", "")
@@ -314,6 +354,8 @@ def _transformers_to_open_clip(tensors: Mapping[str, np.ndarray], config: CLIPTe
     for leaf in ("weight", "bias"):
       parts = [tensors[f"text_model.encoder.layers.{i}.self_attn.{p}.{leaf}"] for p in ("q_proj", "k_proj", "v_proj")]
       out[f"transformer.resblocks.{i}.attn.in_proj_{leaf}"] = np.concatenate(parts, axis=0)
+  if not penultimate:
+    return out
   last, f = f"transformer.resblocks.{n}.", config.intermediate_size
   zeros = lambda *shape: np.zeros(shape, np.float32)
   out.update({last + "attn.in_proj_weight": zeros(3 * d, d), last + "attn.in_proj_bias": zeros(3 * d),
@@ -364,6 +406,37 @@ def _expected(shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> dict[str, tu
   return {_unet.torch_name(p): _unet._torch_shape(p, s) for p, s in shapes.items()}
 
 
+def _read_unet_vae(unet: Mapping[str, np.ndarray], vae: Mapping[str, np.ndarray], unet_config: UNetConfig,
+                   vae_config: VAEConfig, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The UNet and VAE parameter trees from their original-layout tensors (prefixes removed)."""
+  unet_shapes = _unet.unet_param_shapes(unet_config)
+  named = _renamed(unet, _expected(unet_shapes), lambda n: unet_original_name(n, unet_config), UNET_PREFIX,
+                   "UNet", source)
+  unet_params = _unet.params_from_torch(named, unet_shapes, source=source)
+  vae_shapes = _vae.vae_param_shapes(vae_config)
+  named = _renamed(vae, _expected(vae_shapes), lambda n: vae_original_name(n, vae_config), VAE_PREFIX,
+                   "VAE", source)
+  return unet_params, _unet.params_from_torch(named, vae_shapes, source=source)
+
+
+def _tensor_names(path: str | os.PathLike) -> list[str]:
+  """The tensor names of a ``.safetensors`` file, from its header alone."""
+  _io.refuse_pickle(path, what="single-file checkpoint")
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"single-file checkpoint {str(path)!r} does not exist")
+  return list(_io._checked_header(Path(path))[0])
+
+
+def is_sdxl_file(path: str | os.PathLike) -> bool:
+  """Whether an original-layout ``.safetensors`` file is an SDXL one (``conditioner.embedders.*`` text
+  encoders), read from its header alone.
+
+  Raises:
+    FileNotFoundError: no such file; ValueError: a pickle file or a malformed header.
+  """
+  return any(k.startswith(SDXL_PREFIX) for k in _tensor_names(path))
+
+
 def read_single_file(path: str | os.PathLike, *, family: str | None = None,
                      config: str | os.PathLike | None = None) -> SingleFileParts:
   """Reads an original-layout SD 1.x / 2.x ``.safetensors`` checkpoint into jdiff parameter trees.
@@ -391,8 +464,13 @@ def read_single_file(path: str | os.PathLike, *, family: str | None = None,
   """
   _io.refuse_pickle(path, what="single-file checkpoint")
   source = str(path)
+  if family in SDXL_FAMILIES:
+    raise ValueError(f"family {family!r} is an SDXL family; read SDXL files with read_sdxl_single_file")
   unet_config, vae_config, text_config = _configs(family, config)
   tensors, _ = _io.read_safetensors(path)
+  if any(k.startswith(SDXL_PREFIX) for k in tensors):
+    raise ValueError(f"{source} is an SDXL checkpoint ('{SDXL_PREFIX}*' text encoders); read it with "
+                     "read_sdxl_single_file or StableDiffusionXL.from_single_file")
   unet = _part(tensors, UNET_PREFIX)
   vae = _part(tensors, VAE_PREFIX)
   clip, open_clip = _part(tensors, CLIP_PREFIX), _part(tensors, OPENCLIP_PREFIX)
@@ -410,14 +488,7 @@ def read_single_file(path: str | os.PathLike, *, family: str | None = None,
     held = "an OpenAI CLIP (SD 1)" if clip else "an OpenCLIP (SD 2)"
     raise ValueError(f"{source} holds {held} text encoder; family {family!r} expects the other one")
 
-  unet_shapes = _unet.unet_param_shapes(unet_config)
-  named = _renamed(unet, _expected(unet_shapes), lambda n: unet_original_name(n, unet_config), UNET_PREFIX,
-                   "UNet", source)
-  unet_params = _unet.params_from_torch(named, unet_shapes, source=source)
-  vae_shapes = _vae.vae_param_shapes(vae_config)
-  named = _renamed(vae, _expected(vae_shapes), lambda n: vae_original_name(n, vae_config), VAE_PREFIX,
-                   "VAE", source)
-  vae_params = _unet.params_from_torch(named, vae_shapes, source=source)
+  unet_params, vae_params = _read_unet_vae(unet, vae, unet_config, vae_config, source)
   if layout == "clip":
     text = {k: v for k, v in clip.items() if k not in _IGNORED_TEXT["clip"]}
   else:
@@ -469,6 +540,20 @@ def write_single_file(path: str | os.PathLike, unet_params: Mapping[str, Any], v
   if text_config.hidden_act != act:  # original-layout readers take the activation from the layout
     raise ValueError(f"family {family!r} stores a text encoder whose MLP uses {act}; this one uses "
                      f"{text_config.hidden_act!r}")
+  if text_config.projection_dim is not None:
+    raise ValueError("a text encoder with a projection head has no SD 1 / SD 2 single-file layout")
+  out = _unet_vae_tensors(unet_params, vae_params, unet_config, vae_config)
+  text = _hf_text_tensors(text_params, text_config, "text encoder params")
+  if _TEXT_LAYOUT[family] == "clip":
+    out.update({CLIP_PREFIX + k: v for k, v in text.items()})
+  else:
+    out.update({OPENCLIP_PREFIX + k: v for k, v in _transformers_to_open_clip(text, text_config).items()})
+  return _save(out, path, dtype)
+
+
+def _unet_vae_tensors(unet_params: Mapping[str, Any], vae_params: Mapping[str, Any], unet_config: UNetConfig,
+                      vae_config: VAEConfig) -> dict[str, np.ndarray]:
+  """The UNet's and VAE's original-layout tensors (prefixed), the trees checked against their configs."""
   out: dict[str, np.ndarray] = {}
   unet = _unet.params_to_torch(_unwrap(unet_params))
   _io.check_tensors(_expected(_unet.unet_param_shapes(unet_config)), unet, source="UNet params")
@@ -480,17 +565,20 @@ def write_single_file(path: str | os.PathLike, unet_params: Mapping[str, Any], v
     if _VAE_MID_ATTN.match(name) and value.ndim == 2:
       value = value.reshape(value.shape + (1, 1))  # the original layout's attention is 1x1 convolutions
     out[VAE_PREFIX + vae_original_name(name, vae_config)] = value
-  text_shapes = _text.text_param_shapes(text_config)
-  if any(p[0] == "text_projection" for p in text_shapes):
-    raise ValueError("a text encoder with a projection head has no SD 1 / SD 2 single-file layout")
+  return out
+
+
+def _hf_text_tensors(text_params: Mapping[str, Any], text_config: CLIPTextConfig, what: str) -> dict[str, np.ndarray]:
+  """A text encoder's transformers state dict (``text_model.*``, ``text_projection.weight``), checked against
+  its config."""
   text = _text.text_params_to_torch(dict(_unwrap(text_params)))
-  expected = {"text_model." + _text._torch_name(p): (s[::-1] if p[-1] == "kernel" else s)
-              for p, s in text_shapes.items()}
-  _io.check_tensors(expected, text, source="text encoder params")
-  if _TEXT_LAYOUT[family] == "clip":
-    out.update({CLIP_PREFIX + k: v for k, v in text.items()})
-  else:
-    out.update({OPENCLIP_PREFIX + k: v for k, v in _transformers_to_open_clip(text, text_config).items()})
+  expected = {_text._saved_name(p, "text_model."): (s[::-1] if p[-1] == "kernel" else s)
+              for p, s in _text.text_param_shapes(text_config).items()}
+  _io.check_tensors(expected, text, source=what)
+  return text
+
+
+def _save(out: Mapping[str, np.ndarray], path: str | os.PathLike, dtype: str) -> Path:
   arrays = {k: np.ascontiguousarray(v, dtype=np.dtype(dtype)) for k, v in out.items()}
   target = Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -565,14 +653,16 @@ def load_single_file_bundle(path: str | os.PathLike, *, family: str | None = Non
 
 def save_single_file_bundle(bundle: Any, path: str | os.PathLike, *, family: str | None = None,
                             dtype: str = "float32") -> Path:
-  """Writes a :class:`~jdiff.pipelines.StableDiffusion`'s UNet, VAE and text encoder as one original-layout
+  """Writes a :class:`~jdiff.pipelines.StableDiffusion`'s UNet, VAE and text encoder(s) as one original-layout
   ``.safetensors`` file (:func:`write_single_file`). The tokenizer and scheduler are not part of the layout.
 
   Args:
     bundle: the pipeline bundle.
     path: the output file.
     family: the layout's family (see :func:`write_single_file`); None picks "sd15" for a text encoder with
-      OpenAI CLIP's quick_gelu and "sd21" (OpenCLIP layout) for one with gelu.
+      OpenAI CLIP's quick_gelu and "sd21" (OpenCLIP layout) for one with gelu. A
+      :class:`~jdiff.sdxl.StableDiffusionXL` bundle is written in the SDXL layout
+      (:func:`write_sdxl_single_file`: the base's or, without a first encoder, the refiner's).
     dtype: "float32" or "float16".
 
   Raises:
@@ -586,6 +676,15 @@ def save_single_file_bundle(bundle: Any, path: str | os.PathLike, *, family: str
 
   if bundle.controlnets:
     raise ValueError("ControlNets have no place in a Stable Diffusion single file; save them on their own")
+  if getattr(bundle, "text_encoder_2", None) is not None:  # StableDiffusionXL
+    if family is not None and family not in SDXL_FAMILIES:
+      raise ValueError(f"family {family!r} is not an SDXL layout; an SDXL bundle is written as one of "
+                       f"{SDXL_FAMILIES} (None picks it)")
+    first = bundle.text_encoder
+    return write_sdxl_single_file(path, bundle.unet_params, bundle.vae_params, bundle.text_params,
+                                  bundle.text_params_2, unet_config=bundle.unet.config, vae_config=bundle.vae.config,
+                                  text_config=None if first is None else first.config,
+                                  text_config_2=bundle.text_encoder_2.config, dtype=dtype)
   if isinstance(bundle.unet, TextUNet) and bundle.unet.config.class_embed_type:
     raise ValueError(f"a UNet with class_embed_type={bundle.unet.config.class_embed_type!r} reading the pooled "
                      "text has no Stable Diffusion single-file layout")
@@ -595,3 +694,257 @@ def save_single_file_bundle(bundle: Any, path: str | os.PathLike, *, family: str
   return write_single_file(path, bundle.unet_params, bundle.vae_params, bundle.text_params,
                            unet_config=bundle.unet.config, vae_config=bundle.vae.config, text_config=text_config,
                            family=family, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+
+@dataclasses.dataclass(frozen=True)
+class SDXLSingleFileParts:
+  """The networks of an SDXL single-file checkpoint: configs and float32 parameter trees (jdiff layout).
+
+  Attributes:
+    unet_config, unet_params: the "text_time" UNet.
+    vae_config, vae_params: the autoencoder.
+    text_config_2, text_params_2: the OpenCLIP encoder (with ``text_projection``).
+    text_config, text_params: the OpenAI CLIP encoder; None for a refiner.
+  """
+  unet_config: UNetConfig
+  unet_params: dict[str, Any]
+  vae_config: VAEConfig
+  vae_params: dict[str, Any]
+  text_config_2: CLIPTextConfig
+  text_params_2: dict[str, Any]
+  text_config: CLIPTextConfig | None = None
+  text_params: dict[str, Any] | None = None
+
+
+def sdxl_family_configs(family: str) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig | None, CLIPTextConfig]:
+  """The UNet, VAE, first and second text encoder configs of "sdxl" (base 1.0) or "sdxl-refiner" (refiner
+  1.0: no first encoder, None).
+
+  Example:
+    >>> sdxl_family_configs("sdxl-refiner")[2] is None
+    True
+  """
+  if family not in SDXL_FAMILIES:
+    raise ValueError(f"unknown SDXL model family {family!r}; expected one of {SDXL_FAMILIES}")
+  if family == "sdxl":
+    return UNetConfig.sdxl_base(), VAEConfig.sdxl(), CLIPTextConfig.sdxl(), CLIPTextConfig.sdxl_2()
+  return UNetConfig.sdxl_refiner(), VAEConfig.sdxl(), None, CLIPTextConfig.sdxl_2()
+
+
+def _sdxl_folder_configs(config: str | os.PathLike):
+  root = Path(config)
+  if not root.is_dir():
+    raise FileNotFoundError(f"config folder {str(root)!r} does not exist (expected a diffusers SDXL pipeline folder)")
+  if not (root / "text_encoder_2").is_dir():
+    raise ValueError(f"config folder {str(root)!r} has no text_encoder_2/: not an SDXL pipeline folder, so it does "
+                     "not describe an SDXL file")
+  first = root / "text_encoder" / "config.json"
+  return (UNetConfig.from_diffusers_config(_io.read_config(root / "unet")),
+          VAEConfig.from_diffusers_config(_io.read_config(root / "vae")),
+          CLIPTextConfig.from_hf_config(_io.read_config(root / "text_encoder")) if first.is_file() else None,
+          CLIPTextConfig.from_hf_config(_io.read_config(root / "text_encoder_2")))
+
+
+def _sdxl_configs(family: str | None, config: str | os.PathLike | None):
+  if (family is None) == (config is None):
+    raise ValueError(f"pass exactly one of family= (one of {SDXL_FAMILIES}) or config= (a diffusers SDXL "
+                     "pipeline folder whose configs describe the file)")
+  if family in FAMILIES:
+    raise ValueError(f"family {family!r} is an SD 1.x / 2.x family; it does not describe an SDXL file "
+                     f"(expected one of {SDXL_FAMILIES})")
+  return sdxl_family_configs(family) if family is not None else _sdxl_folder_configs(config)
+
+
+def read_sdxl_single_file(path: str | os.PathLike, *, family: str | None = None,
+                          config: str | os.PathLike | None = None) -> SDXLSingleFileParts:
+  """Reads an original-layout (SGM) SDXL ``.safetensors`` checkpoint into jdiff parameter trees.
+
+  The layout: the UNet under ``model.diffusion_model.`` (the SD names, the "text_time" embedding as
+  ``label_emb.0.0`` / ``label_emb.0.2``), the VAE under ``first_stage_model.``, the base model's OpenAI
+  CLIP under ``conditioner.embedders.0.transformer.`` (transformers' names) and its OpenCLIP ViT-bigG
+  under ``conditioner.embedders.1.model.`` (OpenCLIP names, all blocks, ``text_projection`` stored
+  [hidden, projection]); the refiner holds only the OpenCLIP encoder, as ``conditioner.embedders.0.model.``.
+
+  Args:
+    path: the ``.safetensors`` file.
+    family: "sdxl" (base 1.0) or "sdxl-refiner" (refiner 1.0).
+    config: instead of ``family``, a local diffusers SDXL pipeline folder whose ``unet/``, ``vae/``,
+      ``text_encoder_2/`` and (base) ``text_encoder/`` configs describe the file.
+
+  Returns:
+    An :class:`SDXLSingleFileParts` (tensors outside the parts, such as ``logit_scale``, are ignored).
+
+  Raises:
+    FileNotFoundError: no such file or config folder.
+    ValueError: a pickle file, neither or both of ``family`` / ``config``, an SD 1.x / 2.x family, config
+      folder or file, a base file read as a refiner (or the reverse), a missing part, or a tensor missing,
+      unexpected or mis-shaped for the configs (one line naming it).
+
+  Example:
+    >>> parts = read_sdxl_single_file("sd_xl_base_1.0.safetensors", family="sdxl")  # doctest: +SKIP
+  """
+  _io.refuse_pickle(path, what="single-file checkpoint")
+  source = str(path)
+  unet_config, vae_config, text_config, text_config_2 = _sdxl_configs(family, config)
+  tensors, _ = _io.read_safetensors(path)
+  if not any(k.startswith(SDXL_PREFIX) for k in tensors):
+    held = " (an SD 1.x / 2.x file: read it with read_single_file)" if any(
+        k.startswith("cond_stage_model.") for k in tensors) else ""
+    raise ValueError(f"{source} holds no SDXL text encoders ('{SDXL_PREFIX}*' tensors){held}")
+  unet, vae = _part(tensors, UNET_PREFIX), _part(tensors, VAE_PREFIX)
+  clip, open_clip = _part(tensors, SDXL_CLIP_PREFIX), _part(tensors, SDXL_OPENCLIP_PREFIX)
+  refiner_clip = _part(tensors, SDXL_REFINER_OPENCLIP_PREFIX)
+  if not unet:
+    raise ValueError(f"{source} holds no UNet ('{UNET_PREFIX}*' tensors)")
+  if not vae:
+    raise ValueError(f"{source} holds no VAE ('{VAE_PREFIX}*' tensors); a single-file checkpoint holds the UNet, "
+                     "the VAE and the text encoders")
+  what = "a refiner's" if text_config is None else "a base model's"
+  if text_config is None and (clip or open_clip or not refiner_clip):
+    raise ValueError(f"{source} is not an SDXL refiner file (one OpenCLIP encoder, "
+                     f"'{SDXL_REFINER_OPENCLIP_PREFIX}*'); the config is {what}")
+  if text_config is not None and (refiner_clip or not clip or not open_clip):
+    raise ValueError(f"{source} is not an SDXL base file (two encoders, '{SDXL_CLIP_PREFIX}*' and "
+                     f"'{SDXL_OPENCLIP_PREFIX}*'); the config is {what}")
+  unet_params, vae_params = _read_unet_vae(unet, vae, unet_config, vae_config, source)
+  prefix = SDXL_OPENCLIP_PREFIX if text_config is not None else SDXL_REFINER_OPENCLIP_PREFIX
+  text_2 = _open_clip_to_transformers(open_clip or refiner_clip, text_config_2, source, prefix=prefix,
+                                      penultimate=False)
+  text_params_2 = _text.text_params_from_torch(text_2, text_config_2, source=source)
+  text_params = None
+  if text_config is not None:
+    text = {k: v for k, v in clip.items() if k not in _IGNORED_TEXT["clip"]}
+    text_params = _text.text_params_from_torch(text, text_config, source=source)
+  return SDXLSingleFileParts(unet_config=unet_config, unet_params=unet_params, vae_config=vae_config,
+                             vae_params=vae_params, text_config_2=text_config_2, text_params_2=text_params_2,
+                             text_config=text_config, text_params=text_params)
+
+
+def write_sdxl_single_file(path: str | os.PathLike, unet_params: Mapping[str, Any], vae_params: Mapping[str, Any],
+                           text_params: Mapping[str, Any] | None, text_params_2: Mapping[str, Any], *,
+                           unet_config: UNetConfig, vae_config: VAEConfig, text_config: CLIPTextConfig | None,
+                           text_config_2: CLIPTextConfig, dtype: str = "float32") -> Path:
+  """Writes an original-layout (SGM) SDXL single ``.safetensors`` file (the layout of
+  :func:`read_sdxl_single_file`) that diffusers' ``from_single_file`` reads: the base model's when
+  ``text_config`` is given, the refiner's (one OpenCLIP encoder) when it is None.
+
+  Args:
+    path: the output file (``.safetensors``; parent folders are created).
+    unet_params, vae_params, text_params, text_params_2: jdiff parameter trees (``{"params": ...}``
+      accepted too); ``text_params`` None for a refiner.
+    unet_config, vae_config, text_config, text_config_2: their configs (checked against the trees).
+    dtype: stored precision, "float32" or "float16".
+
+  Returns:
+    The file.
+
+  Raises:
+    ValueError: a pickle suffix, an unknown dtype, a UNet without the "text_time" embedding, a first
+      encoder that is not a quick_gelu encoder without projection, a second one that is not a gelu encoder
+      with projection, a tree that does not match its config, or a tensor the layout has no place for (one
+      line naming it).
+
+  Example:
+    >>> write_sdxl_single_file("out.safetensors", unet_p, vae_p, text_p, text_p2, unet_config=UNetConfig.sdxl_base(),
+    ...                        vae_config=VAEConfig.sdxl(), text_config=CLIPTextConfig.sdxl(),
+    ...                        text_config_2=CLIPTextConfig.sdxl_2())  # doctest: +SKIP
+  """
+  _io.refuse_pickle(path, what="single-file checkpoint")
+  if dtype not in ("float32", "float16"):
+    raise ValueError(f"dtype={dtype!r}; a single file is written as float32 or float16")
+  if unet_config.addition_embed_type != "text_time":
+    raise ValueError(f"the UNet has addition_embed_type={unet_config.addition_embed_type!r}; an SDXL single file "
+                     "holds a 'text_time' UNet")
+  if text_config_2.hidden_act != "gelu" or text_config_2.projection_dim is None:
+    raise ValueError("SDXL's OpenCLIP encoder is a gelu encoder with text_projection; text_config_2 has "
+                     f"hidden_act={text_config_2.hidden_act!r}, projection_dim={text_config_2.projection_dim}")
+  if text_config is not None and (text_config.hidden_act != "quick_gelu" or text_config.projection_dim is not None):
+    raise ValueError("SDXL's first encoder is OpenAI CLIP (quick_gelu, no projection); text_config has "
+                     f"hidden_act={text_config.hidden_act!r}, projection_dim={text_config.projection_dim}")
+  if (text_config is None) != (text_params is None):
+    raise ValueError("pass text_params and text_config together (both None for a refiner)")
+  out = _unet_vae_tensors(unet_params, vae_params, unet_config, vae_config)
+  text_2 = _hf_text_tensors(text_params_2, text_config_2, "text encoder 2 params")
+  prefix = SDXL_OPENCLIP_PREFIX if text_config is not None else SDXL_REFINER_OPENCLIP_PREFIX
+  out.update({prefix + k: v for k, v in _transformers_to_open_clip(text_2, text_config_2, penultimate=False).items()})
+  if text_config is not None:
+    text = _hf_text_tensors(text_params, text_config, "text encoder params")
+    out.update({SDXL_CLIP_PREFIX + k: v for k, v in text.items()})
+  return _save(out, path, dtype)
+
+
+def _sdxl_scheduler() -> dict[str, Any]:
+  """SDXL 1.0's scheduler config (base and refiner): Euler on the scaled-linear schedule, epsilon."""
+  return {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+          "beta_start": 0.00085, "beta_end": 0.012, "interpolation_type": "linear", "prediction_type": "epsilon",
+          "steps_offset": 1, "timestep_spacing": "leading", "use_karras_sigmas": False}
+
+
+def load_sdxl_single_file_bundle(path: str | os.PathLike, *, family: str | None = None,
+                                 config: str | os.PathLike | None = None, tokenizer: Any = None,
+                                 tokenizer_2: Any = None, dtype: str | None = None):
+  """A :class:`~jdiff.sdxl.StableDiffusionXL` from an SDXL original-layout single ``.safetensors`` file.
+
+  Args:
+    path: the file.
+    family: "sdxl" or "sdxl-refiner": configs, SDXL 1.0's Euler schedule and pipeline flags (the base:
+      ``force_zeros_for_empty_prompt``; the refiner: ``requires_aesthetics_score``, no zeroed negative).
+    config: instead of ``family``, a local diffusers SDXL pipeline folder: its configs, tokenizers,
+      ``scheduler/`` and ``model_index.json`` flags.
+    tokenizer, tokenizer_2: :class:`~jdiff.tokenizers.CLIPTokenizer` s or tokenizer folders; required with
+      ``family`` (``tokenizer`` only for the base), override ``config``'s.
+    dtype: compute dtype of the networks ("bfloat16"); parameters stay float32.
+
+  Returns:
+    The bundle (its ``source`` is None).
+
+  Raises:
+    FileNotFoundError / ValueError: as :func:`read_sdxl_single_file`, or a missing tokenizer (one line).
+
+  Example:
+    >>> pipe = load_sdxl_single_file_bundle("sd_xl_base_1.0.safetensors", config="sdxl-base")  # doctest: +SKIP
+  """
+  from jdiff.models.text import CLIPTextModel
+  from jdiff.models.unet import UNet
+  from jdiff.models.vae import AutoencoderKL
+  from jdiff.pipelines import SCHEDULER_SAMPLERS, sampler_options_from_config, schedule_from_config
+  from jdiff.sdxl import StableDiffusionXL
+  from jdiff.tokenizers import CLIPTokenizer
+
+  _sdxl_configs(family, config)  # a wrong family or config is named before the missing tokenizers
+  refiner_family = family == "sdxl-refiner"
+  if config is None and (tokenizer_2 is None or (tokenizer is None and not refiner_family)):
+    raise ValueError("the file holds no tokenizers: pass tokenizer= and tokenizer_2= (CLIP tokenizer folders; "
+                     "a refiner only tokenizer_2=) or config= (a diffusers SDXL pipeline folder)")
+  parts = read_sdxl_single_file(path, family=family, config=config)
+  refiner = parts.text_config is None
+  if config is not None:
+    root = Path(config)
+    tokenizer = None if refiner else (root / "tokenizer" if tokenizer is None else tokenizer)
+    tokenizer_2 = root / "tokenizer_2" if tokenizer_2 is None else tokenizer_2
+    scheduler = _io.read_config(root / "scheduler", name="scheduler_config.json")
+    index = _io.read_config(root, name="model_index.json")
+  else:
+    tokenizer = None if refiner else tokenizer
+    scheduler = _sdxl_scheduler()
+    index = {"force_zeros_for_empty_prompt": not refiner, "requires_aesthetics_score": refiner}
+  load = lambda t: t if t is None or isinstance(t, CLIPTokenizer) else CLIPTokenizer.from_pretrained(t)
+  over = {} if dtype is None else {"dtype": dtype}
+  vae = AutoencoderKL(dataclasses.replace(parts.vae_config, **over))
+  method, implied = SCHEDULER_SAMPLERS.get(scheduler.get("_class_name"), ("ddim", {}))
+  return StableDiffusionXL(
+      unet=UNet(dataclasses.replace(parts.unet_config, **over)), unet_params=parts.unet_params, vae=vae,
+      vae_params=parts.vae_params,
+      text_encoder=None if refiner else CLIPTextModel(dataclasses.replace(parts.text_config, **over)),
+      text_params=parts.text_params, tokenizer=load(tokenizer), schedule=schedule_from_config(scheduler),
+      prediction=scheduler.get("prediction_type", "epsilon"), scaling_factor=float(vae.config.scaling_factor),
+      shift_factor=float(vae.config.shift_factor or 0.0),
+      sampler_options={**sampler_options_from_config(scheduler), **implied}, scheduler_config=scheduler,
+      defaults={"sampler": method, "guidance_scale": 5.0},
+      text_encoder_2=CLIPTextModel(dataclasses.replace(parts.text_config_2, **over)),
+      text_params_2=parts.text_params_2, tokenizer_2=load(tokenizer_2),
+      force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+      requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
