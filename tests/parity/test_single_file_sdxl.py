@@ -108,8 +108,9 @@ def test_jdiff_reads_back_the_same_params(written, which):
 
 
 def test_sdxl_family_names_match_the_original_files():
-  """Names of the real SDXL 1.0 base file's UNet (three levels of 2 layers, 1/2/10 transformer blocks,
-  upsamplers after the attention), from the family preset alone (shapes are computed abstractly)."""
+  """Names of the real SDXL 1.0 base and refiner files' UNets (base: three levels of 2 layers, 1/2/10
+  transformer blocks, upsamplers after the attention), from the family presets alone (shapes are computed
+  abstractly)."""
   unet_config = sdxl_family_configs("sdxl")[0]
   names = {unet_original_name(torch_name(p), unet_config) for p in unet_param_shapes(unet_config)}
   assert {"label_emb.0.0.weight", "label_emb.0.2.bias", "input_blocks.3.0.op.weight", "input_blocks.6.0.op.bias",
@@ -117,6 +118,13 @@ def test_sdxl_family_names_match_the_original_files():
           "middle_block.1.transformer_blocks.9.ff.net.2.weight", "output_blocks.2.2.conv.weight",
           "output_blocks.5.2.conv.weight", "output_blocks.8.0.skip_connection.weight", "out.2.bias"} <= names
   assert not any(n.startswith(("input_blocks.1.1.", "input_blocks.9", "output_blocks.9")) for n in names)
+  # the refiner: four levels, attention at the middle two, no upsampler after an attention at up level 0
+  unet_config = sdxl_family_configs("sdxl-refiner")[0]
+  names = {unet_original_name(torch_name(p), unet_config) for p in unet_param_shapes(unet_config)}
+  assert {"input_blocks.9.0.op.weight", "input_blocks.7.1.transformer_blocks.3.attn1.to_q.weight",
+          "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
+          "middle_block.1.transformer_blocks.3.norm3.weight", "label_emb.0.0.weight"} <= names
+  assert not any(n.startswith(("input_blocks.1.1.", "input_blocks.10.1.", "output_blocks.0.1.")) for n in names)
 
 
 def test_bad_inputs_are_one_line(written, tmp_path):
