@@ -15,7 +15,16 @@ end the run writes a diffusers folder (``export.dir``, default ``WORKDIR/diffuse
 ``StableDiffusionPipeline.from_pretrained`` loads; ``python -m train.export`` writes one from any
 checkpoint.
 
-Variants (``FILE:VARIANT``): ``sd15`` (default: 512 px, epsilon), ``sd21v`` (768 px, v-prediction).
+Variants (``FILE:VARIANT``): ``sd15`` (default: 512 px, epsilon), ``sd21v`` (768 px, v-prediction),
+``sdxl`` (SDXL base, 1024 px, epsilon). An SDXL fine-tune conditions its UNet as diffusers'
+``train_text_to_image_sdxl.py``: both CLIP encoders' penultimate hidden states, the second's projected
+pooled output and per-example time ids (original size, crop corner, ``data.image_size``) from the crop;
+caption dropout swaps both encoders' ids for the empty prompt's. Its VAE encodes in float32
+(``force_upcast``), both text encoders stay frozen, and the export loads with
+``StableDiffusionXLPipeline.from_pretrained``.
+
+  $ python -m train.ldm --config configs/sd_finetune.py:sdxl --config.pretrained=checkpoints/sdxl-base \
+      --config.data.path=my_photos --config.train.fsdp=8 --workdir workdir/sdxl_photos
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ import ml_collections
 
 from configs import vae_digits
 
-VARIANTS = {"sd15": dict(image_size=512), "sd21v": dict(image_size=768)}
+VARIANTS = {"sd15": dict(image_size=512, guidance_scale=7.5), "sd21v": dict(image_size=768, guidance_scale=7.5),
+            "sdxl": dict(image_size=1024, guidance_scale=5.0)}
 
 
 def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
@@ -74,7 +84,7 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   config.export = ml_collections.ConfigDict(dict(dir="", ema=True))  # dir "": WORKDIR/diffusers
 
   config.sample = ml_collections.ConfigDict(dict(
-      sampler="dpm_solver", num_steps=25, guidance_scale=7.5, per_prompt=1,
+      sampler="dpm_solver", num_steps=25, guidance_scale=v["guidance_scale"], per_prompt=1,
       prompts="a photo of a cat|a painting of a lighthouse at dusk",  # "|"-separated
   ))
   return config

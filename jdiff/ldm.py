@@ -238,31 +238,47 @@ def scheduler_config(diffusion_section: Mapping[str, Any]) -> dict[str, Any]:
 
 def abstract_bundle(family: str, *, dtype: str = "float32", remat: Any = False, prediction: str = "epsilon",
                     image_size: int | None = None):
-  """A bundle with a Stable Diffusion family's real module shapes ("sd15" or "sd21") and no weights
-  (parameter trees None): for ``jax.eval_shape``, lowering and memory planning of training steps
-  without a checkpoint on disk. Its tokenizer is a stand-in of the right length (77)."""
+  """A bundle with a Stable Diffusion family's real module shapes ("sd15", "sd21" or "sdxl": SDXL 1.0 base,
+  a :class:`jdiff.sdxl.StableDiffusionXL` whose VAE computes in float32 as :func:`finetune_bundle`'s) and no
+  weights (parameter trees None): for ``jax.eval_shape``, lowering and memory planning of training steps
+  without a checkpoint on disk. Its tokenizers are stand-ins of the right length (77)."""
   from jdiff.pipelines import StableDiffusion
   from jdiff.tokenizers import CLIPTokenizer
 
-  if family not in ("sd15", "sd21"):
-    raise ValueError(f"unknown model family {family!r}; expected 'sd15' or 'sd21'")
+  if family not in ("sd15", "sd21", "sdxl"):
+    raise ValueError(f"unknown model family {family!r}; expected 'sd15', 'sd21' or 'sdxl'")
+  schedule = schedules.scaled_linear(1000, 0.00085, 0.012)
+  if family == "sdxl":
+    from jdiff.sdxl import StableDiffusionXL
+
+    vae = AutoencoderKL(VAEConfig.sdxl(dtype="float32"))
+    return StableDiffusionXL(
+        unet=UNet(UNetConfig.sdxl_base(dtype=dtype, remat=remat)), unet_params=None, vae=vae, vae_params=None,
+        text_encoder=CLIPTextModel(CLIPTextConfig.sdxl(dtype=dtype)), text_params=None,
+        tokenizer=CLIPTokenizer.train([], num_merges=0, max_length=77),
+        text_encoder_2=CLIPTextModel(CLIPTextConfig.sdxl_2(dtype=dtype)), text_params_2=None,
+        tokenizer_2=CLIPTokenizer.train([], num_merges=0, max_length=77), schedule=schedule,
+        prediction=prediction, scaling_factor=float(vae.config.scaling_factor), image_size=image_size)
   unet = UNet(getattr(UNetConfig, family)(dtype=dtype, remat=remat))
   vae = AutoencoderKL(getattr(VAEConfig, family)(dtype=dtype))
   text = CLIPTextModel(getattr(CLIPTextConfig, family)(dtype=dtype))
   return StableDiffusion(unet=unet, unet_params=None, vae=vae, vae_params=None, text_encoder=text,
                          text_params=None, tokenizer=CLIPTokenizer.train([], num_merges=0, max_length=77),
-                         schedule=schedules.scaled_linear(1000, 0.00085, 0.012), prediction=prediction,
+                         schedule=schedule, prediction=prediction,
                          scaling_factor=float(vae.config.scaling_factor), image_size=image_size)
 
 
 def finetune_bundle(config: Mapping[str, Any]):
-  """The bundle of a fine-tune run (``config.pretrained``, a diffusers Stable Diffusion folder): its
-  UNet at the run's compute dtype and remat policy (``config.unet``), the prediction type of
-  ``config.diffusion.prediction`` or else of the folder's scheduler, and the run's image size.
+  """The bundle of a fine-tune run (``config.pretrained``, a diffusers Stable Diffusion or SDXL base
+  folder): its UNet at the run's compute dtype and remat policy (``config.unet``), the prediction type of
+  ``config.diffusion.prediction`` or else of the folder's scheduler, and the run's image size. An SDXL
+  folder gives a :class:`jdiff.sdxl.StableDiffusionXL` whose VAE computes in float32 when its config says
+  ``force_upcast`` (as diffusers' SDXL training script keeps it).
 
   Raises:
-    FileNotFoundError / ValueError: not a Stable Diffusion folder, an inpainting UNet, or an image size the
-      VAE does not divide (one line each).
+    FileNotFoundError / ValueError: not a Stable Diffusion folder, an inpainting UNet, an image size the
+      VAE does not divide, or for SDXL a refiner, ``text.trainable``, ``data.precompute`` or no
+      ``data.crop`` (one line each).
   """
   from jdiff.data import transforms
   from jdiff.pipelines import StableDiffusion
@@ -280,7 +296,29 @@ def finetune_bundle(config: Mapping[str, Any]):
   unet = bundle.unet
   if u.get("remat"):
     unet = type(unet)(dataclasses.replace(unet.config, remat=u["remat"]))
-  return dataclasses.replace(bundle, unet=unet, prediction=prediction, image_size=size)
+  extra = {}
+  from jdiff.sdxl import StableDiffusionXL
+
+  if isinstance(bundle, StableDiffusionXL):
+    _check_sdxl_finetune(config, bundle, path)
+    if bundle.vae.config.force_upcast:
+      extra["vae"] = type(bundle.vae)(dataclasses.replace(bundle.vae.config, dtype="float32"))
+  return dataclasses.replace(bundle, unet=unet, prediction=prediction, image_size=size, **extra)
+
+
+def _check_sdxl_finetune(config: Mapping[str, Any], bundle, path: str) -> None:
+  """One-line refusals of what an SDXL fine-tune does not do."""
+  if bundle.text_encoder is None or bundle.requires_aesthetics_score:
+    raise ValueError(f"{path!r} is an SDXL refiner (aesthetic-score time ids); fine-tuning trains SDXL base UNets")
+  if bool(config["text"].get("trainable", False)):
+    raise ValueError("text.trainable=True: an SDXL fine-tune keeps both text encoders frozen")
+  d = config["data"]
+  if d.get("precompute"):
+    raise ValueError("data.precompute stores one text embedding per caption; an SDXL fine-tune encodes its "
+                     "two encoders' conditioning live (set data.precompute='')")
+  if not d.get("crop"):
+    raise ValueError("data.crop is empty: SDXL's micro-conditioning needs the original size and crop corner "
+                     "of a 'center' or 'random' crop")
 
 
 def trained_params(config: Mapping[str, Any], bundle, unet_params: Any) -> Any:

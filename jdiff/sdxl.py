@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,7 +34,7 @@ from jdiff.pipelines import (SCHEDULER_SAMPLERS, StableDiffusion, prompt_lists, 
                              schedule_from_config, static_key, strength_start)
 from jdiff.tokenizers import CLIPTokenizer
 
-__all__ = ["StableDiffusionXL", "sdxl_text_conditioning", "time_ids"]
+__all__ = ["StableDiffusionXL", "sdxl_text_conditioning", "time_ids", "batch_time_ids"]
 
 
 def time_ids(original_size: Sequence[float], crops_coords_top_left: Sequence[float] = (0, 0),
@@ -75,6 +76,32 @@ def time_ids(original_size: Sequence[float], crops_coords_top_left: Sequence[flo
   tail = (aesthetic_score,) if aesthetic_score is not None else tuple(target)
   row = jnp.asarray(tuple(original_size) + tuple(crops_coords_top_left) + tail, jnp.float32)  # [N]
   return jnp.broadcast_to(row.reshape(1, -1), (batch_size, row.shape[0]))
+
+
+def batch_time_ids(original_size: Any, crops_coords_top_left: Any, target_size: Sequence[int]) -> jax.Array:
+  """The base model's time ids of a training batch, one row per example, as diffusers'
+  ``train_text_to_image_sdxl.py`` builds them: ``original_size + crops_coords_top_left + target_size``.
+
+  Args:
+    original_size: int ``[B, 2]``, each image's (height, width) before resizing (the data loader's
+      ``original_size``, :func:`jdiff.data.transforms.crop_and_flip`).
+    crops_coords_top_left: int ``[B, 2]``, the (top, left) of each crop in the resized image.
+    target_size: the (height, width) trained at, the same for every example.
+
+  Returns:
+    float32 ``[B, 6]``.
+
+  Example:
+    >>> batch_time_ids(np.array([[768, 1024]]), np.array([[0, 128]]), (1024, 1024)).tolist()
+    [[768.0, 1024.0, 0.0, 128.0, 1024.0, 1024.0]]
+  """
+  original = jnp.asarray(original_size, jnp.float32)  # [B, 2]
+  crops = jnp.asarray(crops_coords_top_left, jnp.float32)  # [B, 2]
+  if original.ndim != 2 or original.shape[1] != 2 or crops.shape != original.shape or len(tuple(target_size)) != 2:
+    raise ValueError(f"original_size and crops_coords_top_left must be [B, 2] and target_size a pair, got "
+                     f"{original.shape}, {crops.shape} and {target_size!r}")
+  target = jnp.broadcast_to(jnp.asarray(tuple(target_size), jnp.float32), original.shape)  # [B, 2]
+  return jnp.concatenate([original, crops, target], axis=1)  # [B, 6]
 
 
 def _pair(value: Sequence[float] | None, default: tuple[int, int]) -> tuple:
@@ -253,6 +280,16 @@ class StableDiffusionXL(StableDiffusion):
   def null_ids(self) -> tuple[jax.Array, ...]:
     """Token ids ``[1, L]`` per tokenizer of the empty prompt."""
     return tuple(jnp.asarray(i)[None] for i in self.tokenize(""))
+
+  def init_unet(self, key: jax.Array) -> Any:
+    """Fresh UNet parameters for this bundle's latents, text width, pooled width and time ids."""
+    h, w, _ = self.latent_shape
+    cfg = self.unet.config
+    ctx = jnp.zeros((1, 1, cfg.per_block("cross_attention_dim")[0]), jnp.float32)
+    pooled = jnp.zeros((1, int(self.text_encoder_2.config.projection_dim)), jnp.float32)
+    ids = jnp.zeros((1, 5 if self.requires_aesthetics_score else 6), jnp.float32)
+    return self.unet.init(key, jnp.zeros((1, h, w, int(cfg.in_channels)), jnp.float32), jnp.zeros((1,), jnp.int32),
+                          ctx, text_embeds=pooled, time_ids=ids)["params"]
 
   def _prompt_ids(self, prompts, negative_prompts):
     """The conditioning dicts ``{"ids": token ids per tokenizer}`` of the prompts and of the negative
@@ -590,7 +627,8 @@ class StableDiffusionXL(StableDiffusion):
                    jnp.float32(guidance_rescale), run_key, jnp.asarray(bool(sample_posterior)),
                    jnp.asarray(denoising_start is None))
 
-  def save_pretrained(self, folder: str | os.PathLike, *, max_shard_size: int | str | None = None) -> Path:
+  def save_pretrained(self, folder: str | os.PathLike, *, max_shard_size: int | str | None = None,
+                      copy_from: str | os.PathLike | None = None, copy_parts: Sequence[str] = ()) -> Path:
     """Writes a diffusers SDXL folder that ``StableDiffusionXLPipeline.from_pretrained`` (a refiner:
     ``StableDiffusionXLImg2ImgPipeline``) and :meth:`from_diffusers` load: ``unet/``, ``vae/``, the text
     encoders and tokenizers, ``scheduler/`` (:attr:`scheduler_config`) and ``model_index.json`` with
@@ -600,15 +638,20 @@ class StableDiffusionXL(StableDiffusion):
     Args:
       folder: the output folder (created; parts already there are replaced).
       max_shard_size: shard each network's weights above this size (``"5GB"``).
+      copy_from: an SDXL folder (default :attr:`source`) whose ``copy_parts`` are copied byte for byte
+        instead of written (a fine-tune's frozen VAE, text encoders and tokenizers).
+      copy_parts: which of "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+        "scheduler" to copy.
 
     Raises:
       ValueError: ControlNets in the bundle (save them with
-        :func:`jdiff.convert.controlnet.save_controlnet`), or no scheduler config.
+        :func:`jdiff.convert.controlnet.save_controlnet`), no scheduler config, an unknown part, or
+        ``copy_parts`` without a folder to copy from.
 
     Example:
       >>> pipe.save_pretrained("out/sdxl-finetuned", max_shard_size="5GB")  # doctest: +SKIP
     """
-    from jdiff.convert.sdxl import SDXLParts, save_sdxl_parts
+    from jdiff.convert.sdxl import SKIPPABLE, SDXLParts, save_sdxl_parts
 
     if self.controlnets:
       raise ValueError("save the ControlNets on their own (jdiff.convert.controlnet.save_controlnet)")
@@ -627,4 +670,17 @@ class StableDiffusionXL(StableDiffusion):
                       tokenizer_2=self.tokenizer_2, text_encoder=self.text_encoder,
                       text_encoder_params=self.text_params, tokenizer=self.tokenizer,
                       scheduler_config=dict(self.scheduler_config), model_index=index)
-    return save_sdxl_parts(parts, folder, max_shard_size=max_shard_size)
+    copy_parts = tuple(copy_parts)
+    unknown = sorted(set(copy_parts) - set(SKIPPABLE))
+    if unknown:
+      raise ValueError(f"unknown SDXL pipeline parts {unknown}; expected some of {SKIPPABLE}")
+    src = copy_from if copy_from is not None else self.source
+    if copy_parts and not src:
+      raise ValueError("copy_parts needs copy_from (or a bundle loaded from a diffusers folder)")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for part in copy_parts:
+      if (Path(src) / part).is_dir():
+        shutil.rmtree(out / part, ignore_errors=True)
+        shutil.copytree(Path(src) / part, out / part)
+    return save_sdxl_parts(parts, out, max_shard_size=max_shard_size, skip=copy_parts)

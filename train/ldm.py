@@ -34,15 +34,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdiff import data, diffusion, flow, ldm, parallel
+from jdiff import data, diffusion, flow, ldm, parallel, sdxl
 from jdiff.evaluation import digit_prompts
 from jdiff.models import AutoencoderKL
 from jdiff.pipelines import StableDiffusion
+from jdiff.sdxl import StableDiffusionXL
 from jdiff.tokenizers import ByteTokenizer
 from train import loop
 from train import vae as vae_train
 
-__all__ = ["byte_tokenize", "BYTE_VOCAB", "build", "init_params", "split_params", "make_task", "train_ldm", "main"]
+__all__ = ["byte_tokenize", "BYTE_VOCAB", "build", "init_params", "split_params", "tokenize_fn", "null_tokens",
+           "make_loss", "make_task", "train_ldm", "main"]
 
 BOS, EOS, PAD = ByteTokenizer.bos_token_id, ByteTokenizer.eos_token_id, ByteTokenizer.pad_token_id
 BYTE_VOCAB = ByteTokenizer.vocab_size
@@ -80,6 +82,24 @@ def split_params(config: ml_collections.ConfigDict, params: Any, text_params: An
   return params, text_params
 
 
+def tokenize_fn(bundle: StableDiffusion):
+  """``caption(s) -> token ids`` as a batch holds them: ``[L]`` (``[B, L]`` for a list), or for SDXL
+  each tokenizer's ids stacked, ``[2, L]`` (``[B, 2, L]``)."""
+  if not isinstance(bundle, StableDiffusionXL):
+    return bundle.tokenize
+  return lambda text: np.stack(bundle.tokenize(text), axis=-2)
+
+
+def null_tokens(bundle: StableDiffusion) -> jax.Array:
+  """The empty prompt's token ids ``[1, L]`` (SDXL: ``[1, 2, L]``, as :func:`tokenize_fn` stacks them)."""
+  if isinstance(bundle, StableDiffusionXL):
+    return jnp.stack(bundle.null_ids(), axis=-2)
+  return bundle.null_ids()
+
+
+SDXL_BATCH_KEYS = ("image", "tokens", "original_size", "crops_coords_top_left")
+
+
 def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
   """The training objective ``(params, batch, key, frozen) -> (loss, {})`` of a latent diffusion run.
 
@@ -90,9 +110,16 @@ def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
   ``config.diffusion``; with ``prediction="flow"`` the rectified-flow velocity of :func:`jdiff.flow.loss`,
   timestep density, shift and weighting from ``config.diffusion``). The key is split as
   ``(posterior, dropout, loss) = split(key, 3)``.
+
+  An SDXL bundle is conditioned as diffusers' ``train_text_to_image_sdxl.py`` does: ``batch["tokens"]``
+  ``[B, 2, L]`` holds both tokenizers' ids, dropped together to the empty prompt's; the context is both
+  encoders' penultimate hidden states concatenated, the second's projected pooled output and the time
+  ids ``original_size + crops_coords_top_left + (H, W)`` of each example
+  (:func:`jdiff.sdxl.batch_time_ids` of the batch's ``original_size`` / ``crops_coords_top_left``).
   """
   d = config.diffusion
   weighting = d.weighting or None
+  is_sdxl = isinstance(bundle, StableDiffusionXL)
   if bundle.prediction == "flow":  # rectified flow (jdiff.flow.loss): the bundle's denoiser predicts eps - x0
     options = dict(density=str(d.get("density", "uniform")), logit_mean=float(d.get("logit_mean", 0.0)),
                    logit_std=float(d.get("logit_std", 1.0)), shift=float(d.get("shift", 1.0)))
@@ -118,7 +145,13 @@ def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
       z = bundle.encode_images(frozen["vae"], batch["image"], key=k_z)  # [B, h, w, c]
       # Dropping the caption (not its embedding) trains the null embedding of a trainable encoder too.
       tokens = diffusion.drop_condition(batch["tokens"], frozen["null_tokens"], d.cond_drop, key=k_drop)  # [B, L]
-      ctx = bundle.encode_text(text_params, tokens)  # [B, L, D]
+      if is_sdxl:  # tokens [B, 2, L]; ctx {"text" [B, L, D1 + D2], "text_embeds" [B, P], "time_ids" [B, 6]}
+        ids = tuple(tokens[:, i] for i in range(tokens.shape[1]))
+        time_ids = sdxl.batch_time_ids(batch["original_size"], batch["crops_coords_top_left"],
+                                       batch["image"].shape[1:3])
+        ctx = bundle.encode_text(text_params, {"ids": ids, "time_ids": time_ids})
+      else:
+        ctx = bundle.encode_text(text_params, tokens)  # [B, L, D]
     loss = objective(bundle.model_fn(unet_params, ctx), z, k_loss)
     return loss, {}
 
@@ -133,21 +166,24 @@ def make_task(config: ml_collections.ConfigDict, bundle: StableDiffusion) -> loo
   prompts = [p for p in str(s.get("prompts", "") or "").split("|") if p]
   if not prompts:
     prompts, _ = digit_prompts(max(1, min(int(s.per_prompt), 4)))
-  tokens = jnp.asarray(bundle.tokenize(prompts))
+  is_sdxl = isinstance(bundle, StableDiffusionXL)
+  tokens = jnp.asarray(bundle.tokenize(prompts))  # [B, L] (SDXL: [2, B, L], one row per tokenizer)
 
   @jax.jit
   def sample_fn(ema, key):
     unet_params, text_params = split_params(config, ema, bundle.text_params)
-    noise = jax.random.normal(key, (tokens.shape[0],) + bundle.latent_shape, jnp.float32)
-    return bundle.sample(unet_params, tokens, noise, text_params=text_params, sampler=s.sampler,
+    noise = jax.random.normal(key, (len(prompts),) + bundle.latent_shape, jnp.float32)
+    ids = tuple(tokens) if is_sdxl else tokens
+    return bundle.sample(unet_params, ids, noise, text_params=text_params, sampler=s.sampler,
                          num_steps=s.num_steps, guidance_scale=s.guidance_scale)
 
-  frozen = {"vae": bundle.vae_params, "null_tokens": bundle.null_ids()}
+  frozen = {"vae": bundle.vae_params, "null_tokens": null_tokens(bundle)}
   if not trainable:
-    frozen["text"] = bundle.text_params
+    frozen["text"] = bundle.all_text_params() if is_sdxl else bundle.text_params
   # A fine-tune starts from the checkpoint's UNet; a run from scratch from a seeded initialisation.
   start = ldm.trained_params(config, bundle, bundle.unet_params) if _pretrained(config) else init_params(config, bundle)
-  return loop.Task(name="ldm", init_params=start, loss_fn=loss_fn, frozen=frozen, batch_keys=("image", "tokens"),
+  keys = SDXL_BATCH_KEYS if is_sdxl else ("image", "tokens")
+  return loop.Task(name="ldm", init_params=start, loss_fn=loss_fn, frozen=frozen, batch_keys=keys,
                    sample_fn=sample_fn, grid_cols=min(10, len(prompts) * max(1, int(s.get("per_prompt", 1)))))
 
 
@@ -164,7 +200,7 @@ def _vae_config_for(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 def train_ldm(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -> dict[str, Any]:
   """Trains the VAE if needed, then the latent UNet; returns timings and the final step.
 
-  With ``config.pretrained`` (a diffusers Stable Diffusion folder) it fine-tunes that checkpoint's UNet
+  With ``config.pretrained`` (a diffusers Stable Diffusion or SDXL base folder) it fine-tunes that checkpoint's UNet
   with its VAE (and, unless ``text.trainable``, its text encoder) frozen, and writes the result as a
   diffusers folder at the end (``export.dir``, default ``WORKDIR/diffusers``).
   """
@@ -206,7 +242,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, stream=None) ->
     task = dataclasses.replace(task, batch_keys=("latent_mean", "latent_logvar", "text"),
                                frozen={**task.frozen, "null_text": null_text})
   else:
-    loader = vae_train.make_loader(config, tokenize=bundle.tokenize, batch_size=batch_size)
+    loader = vae_train.make_loader(config, tokenize=tokenize_fn(bundle), batch_size=batch_size)
   state = loop.train(config.train, task, loader, workdir, seed=config.seed, stream=stream)
   out = None
   if int(state.step) >= int(config.train.steps):
@@ -268,6 +304,8 @@ def export(workdir: str, out: str | None = None, *, ema: bool | None = None, bun
   trained = dataclasses.replace(bundle, unet_params=unet_params, text_params=text_params)
   if parallel.is_main_process():
     copy = ("vae", "tokenizer", "scheduler") + (() if _text_trainable(config) else ("text_encoder",))
+    if isinstance(bundle, StableDiffusionXL):  # both text encoders stay frozen
+      copy += ("tokenizer_2", "text_encoder_2")
     trained.save_pretrained(out, copy_from=bundle.source, copy_parts=copy)
   return out
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from jdiff.convert import _io
 from jdiff.convert.text import load_text_encoder, save_text_encoder
@@ -31,6 +31,7 @@ from jdiff.tokenizers import CLIPTokenizer
 __all__ = ["SDXLParts", "load_sdxl_parts", "save_sdxl_parts"]
 
 _DIFFUSERS_VERSION = "0.30.0"
+SKIPPABLE = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,7 @@ def load_sdxl_parts(path: str | os.PathLike, *, dtype: str | None = None) -> SDX
 
 
 def save_sdxl_parts(parts: SDXLParts, path: str | os.PathLike, *,
-                    max_shard_size: int | str | None = None) -> Path:
+                    max_shard_size: int | str | None = None, skip: Sequence[str] = ()) -> Path:
   """Writes a diffusers SDXL folder that ``StableDiffusionXLPipeline.from_pretrained`` (or the refiner's
   ``StableDiffusionXLImg2ImgPipeline``) and :func:`load_sdxl_parts` load.
 
@@ -158,6 +159,9 @@ def save_sdxl_parts(parts: SDXLParts, path: str | os.PathLike, *,
     parts: what to write (``parts.model_index`` keeps its pipeline class and flags).
     path: output folder (created).
     max_shard_size: shard each network's weights above this size (``"5GB"``), as ``save_pretrained`` does.
+    skip: parts not written (the caller puts them there, e.g. a fine-tune's frozen ones copied byte for
+      byte): some of "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler";
+      ``model_index.json`` still lists them.
 
   Returns:
     The folder.
@@ -175,17 +179,25 @@ def save_sdxl_parts(parts: SDXLParts, path: str | os.PathLike, *,
            "tokenizer_2": ["transformers", "CLIPTokenizer"],
            "text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
            "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"]}
+  unknown = sorted(set(skip) - set(SKIPPABLE))
+  if unknown:
+    raise ValueError(f"unknown SDXL pipeline parts {unknown}; expected some of {SKIPPABLE}")
   save_unet(parts.unet, parts.unet_params, root / "unet", max_shard_size=max_shard_size)
-  save_vae(parts.vae, parts.vae_params, root / "vae", max_shard_size=max_shard_size)
-  save_text_encoder(parts.text_encoder_2, parts.text_encoder_2_params, root / "text_encoder_2",
-                    max_shard_size=max_shard_size)
-  parts.tokenizer_2.save_pretrained(root / "tokenizer_2")
-  if not refiner:
+  if "vae" not in skip:
+    save_vae(parts.vae, parts.vae_params, root / "vae", max_shard_size=max_shard_size)
+  if "text_encoder_2" not in skip:
+    save_text_encoder(parts.text_encoder_2, parts.text_encoder_2_params, root / "text_encoder_2",
+                      max_shard_size=max_shard_size)
+  if "tokenizer_2" not in skip:
+    parts.tokenizer_2.save_pretrained(root / "tokenizer_2")
+  if not refiner and "text_encoder" not in skip:
     save_text_encoder(parts.text_encoder, parts.text_encoder_params, root / "text_encoder",
                       max_shard_size=max_shard_size)
+  if not refiner and "tokenizer" not in skip:
     parts.tokenizer.save_pretrained(root / "tokenizer")
-  if parts.scheduler_config is not None:
+  if parts.scheduler_config is not None and "scheduler" not in skip:
     _io.write_config(root / "scheduler", parts.scheduler_config, name="scheduler_config.json")
+  if parts.scheduler_config is not None:
     index.setdefault("scheduler", ["diffusers", parts.scheduler_config.get("_class_name", "EulerDiscreteScheduler")])
   else:
     index.pop("scheduler", None)
