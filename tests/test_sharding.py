@@ -79,3 +79,46 @@ def test_eight_devices_match_one_and_shard_params():
   assert "fsdp" not in one["spec"] and "data" not in one["spec"]  # replicated
   assert "data" in eight["batch_spec"] and "fsdp" in eight["batch_spec"]
   assert eight["cache"] == 1  # three steps, one compilation
+
+
+FSDP_SD15_SCRIPT = textwrap.dedent("""
+  import json, math
+  import jax, jax.numpy as jnp
+  from jdiff import parallel, training
+  from jdiff.models import UNet, UNetConfig
+
+  unet = UNet(UNetConfig.sd15())
+  init = lambda k: unet.init(k, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, 768)))["params"]
+  mesh = parallel.make_mesh(fsdp=8)
+  tx = training.make_optimizer()
+  st = jax.eval_shape(lambda k: training.create_train_state(init, tx, key=k, mesh=mesh, fsdp=True), jax.random.key(0))
+  state = (st.params, st.opt_state, st.ema_params)
+  sh = training.state_shardings(state, mesh, fsdp=True)
+  leaves = jax.tree.leaves(state)
+  per_device = sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, jax.tree.leaves(sh)))
+  # XLA's view: a donated program over the sharded state; its per-device argument bytes.
+  touch = jax.jit(lambda s: jax.tree.map(lambda x: x + jnp.ones((), x.dtype), s), in_shardings=(sh,),
+                  out_shardings=sh, donate_argnums=0)
+  mem = touch.lower(state).compile().memory_analysis()
+  print("RESULT" + json.dumps({"n_devices": len(jax.devices()), "total": sum(a.size * a.dtype.itemsize for a in leaves),
+                               "params": sum(a.size for a in jax.tree.leaves(st.params)), "per_device": per_device,
+                               "xla_argument": mem.argument_size_in_bytes, "xla_alias": mem.alias_size_in_bytes}))
+""")
+
+
+def test_fsdp_divides_sd15_state_over_eight_devices():
+  """SD1.5's UNet parameters, AdamW moments and EMA (abstract: nothing allocated) FSDP-sharded over 8 CPU
+  devices: per device at most 1/8 of the 1-device bytes + 5%, by the shardings and by XLA's memory analysis."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, "-c", FSDP_SD15_SCRIPT], env=env, capture_output=True, text=True,
+                        timeout=600, cwd=root)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+  assert out["n_devices"] == 8 and out["params"] == 859_520_964
+  assert 16 * out["params"] <= out["total"] <= 16 * out["params"] + 64  # params, mu, nu, EMA (float32) + counters
+  bound = out["total"] / 8 * 1.05
+  assert out["per_device"] <= bound, (out["per_device"], bound)
+  assert out["per_device"] <= out["xla_argument"] <= bound  # XLA holds what the shardings say, per device
+  assert out["xla_alias"] == out["xla_argument"]  # donated: updated in place
