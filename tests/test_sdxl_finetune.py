@@ -142,6 +142,23 @@ def test_sdxl_objective_equals_diffusers_recipe(sdxl_folder, cond_drop):
   assert abs(float(loss) - want) <= 1e-5 * abs(want), (float(loss), want)
 
 
+def test_sdxl_sample_grid_is_the_pipelines_generate(sdxl_folder):
+  """The run's sample grids (make_task's sample_fn: both tokenizers' ids, SDXL's zeroed negative conditioning
+  and default time ids) are what ``StableDiffusionXL.generate`` draws from the same latents (images in
+  [-1, 1] vs [0, 1]); ``generate`` itself is checked against diffusers in ``tests/parity/test_sdxl_pipeline.py``."""
+  config = _config(sdxl_folder)
+  config.sample.update(num_steps=2, sampler="ddim")
+  bundle = ldm.finetune_bundle(config)
+  key = jax.random.key(3)
+  grid = np.asarray(train_ldm.make_task(config, bundle).sample_fn(bundle.unet_params, key))
+  prompts = config.sample.prompts.split("|")
+  noise = jax.random.normal(key, (len(prompts),) + bundle.latent_shape, jnp.float32)
+  want = np.asarray(bundle.generate(prompts, key=jax.random.key(0), latents=noise, num_steps=2, sampler="ddim",
+                                    guidance_scale=config.sample.guidance_scale))
+  assert grid.shape == want.shape == (len(prompts), SIZE, SIZE, 3) and float(np.std(want)) > 1e-2
+  np.testing.assert_allclose(grid * 0.5 + 0.5, want, atol=1e-6)
+
+
 def test_sdxl_batches_carry_original_size_and_crop(sdxl_folder, image_folder):
   config = _config(sdxl_folder)
   config.data.path = str(image_folder)
