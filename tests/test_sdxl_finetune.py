@@ -209,7 +209,7 @@ def finetuned(tmp_path_factory, sdxl_folder, image_folder):
 
 
 @pytest.mark.slow  # a compiled 2-step run, its export and diffusers' pipeline: ~2 min on 2 busy cores
-def test_cli_sdxl_fine_tune_exports_a_folder_diffusers_runs(finetuned, sdxl_folder):
+def test_cli_sdxl_fine_tune_exports_a_folder_diffusers_runs(finetuned, sdxl_folder, tmp_path):
   from tests.test_fault_tolerance import saved_state
 
   out = finetuned / "diffusers"
@@ -242,8 +242,18 @@ def test_cli_sdxl_fine_tune_exports_a_folder_diffusers_runs(finetuned, sdxl_fold
         "text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(ids)}).sample.numpy()
   theirs = np.moveaxis(theirs, 1, -1)
   assert np.max(np.abs(mine - theirs)) <= 1e-5 * np.max(np.abs(theirs))
-  # the run reloads from its workdir as an SDXL bundle, and the whole diffusers pipeline runs
+  # the run reloads from its workdir as an SDXL bundle; python -m train.export, reading the checkpoint back,
+  # writes the same folder (the run's export.ema=False: the online parameters)
+  from train import export
   assert isinstance(StableDiffusion.from_workdir(finetuned), StableDiffusionXL)
+  assert export.main(["--workdir", str(finetuned), "--out", str(tmp_path / "again")]) == 0
+  again = StableDiffusion.from_diffusers(tmp_path / "again")
+  for a, b in zip(jax.tree.leaves(again.unet_params), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  for part in FROZEN:
+    cmp = filecmp.dircmp(sdxl_folder / part, tmp_path / "again" / part)
+    assert not cmp.left_only and not cmp.right_only and not cmp.diff_files, part
+  # and the whole diffusers pipeline runs
   pipe.set_progress_bar_config(disable=True)
   img = pipe("a photo of object number 1", num_inference_steps=2, height=SIZE, width=SIZE, output_type="np").images
   assert img.shape == (1, SIZE, SIZE, 3) and np.isfinite(img).all()

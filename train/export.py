@@ -1,9 +1,9 @@
 """``python -m train.export --workdir W --out DIR``: a fine-tune run as a diffusers Stable Diffusion folder.
 
 Writes the run's latest checkpoint (EMA weights; ``--no-ema`` for the online ones) as a folder that
-``diffusers.StableDiffusionPipeline.from_pretrained`` and ``jdiff.pipelines.StableDiffusion.from_diffusers``
-load: the trained UNet (and text encoder, if it was trained) plus the starting checkpoint's frozen VAE,
-tokenizer and scheduler, copied byte for byte.
+``diffusers.StableDiffusionPipeline.from_pretrained`` (an SDXL run's: ``StableDiffusionXLPipeline``) and
+``jdiff.pipelines.StableDiffusion.from_diffusers`` load: the trained UNet (and text encoder, if it was trained)
+plus the starting checkpoint's frozen VAE, tokenizer(s), text encoder(s) and scheduler, copied byte for byte.
 
 Example:
   $ python -m train.export --workdir workdir/sd15_photos --out exported/sd15_photos
