@@ -1,7 +1,9 @@
 """LoRA fine-tuning of the digits LDM (``python -m train.lora --base workdir/ldm_digits``).
 
 The base is a finished ``train.ldm`` workdir (default ``workdir/ldm_digits``) or a diffusers Stable
-Diffusion folder; it stays frozen. Only the low-rank factors of the attention projections are
+Diffusion or SDXL base folder; it stays frozen (an SDXL base takes its time ids from each image's original
+size and crop: ``data.crop`` "" becomes "center"; diffusers' ``metadata.jsonl`` captions need
+``--config.data.caption_key=text``). Only the low-rank factors of the attention projections are
 trained (rank 8, alpha 8: the seed's PEFT ``LoraConfig``). Without ``--data`` the base run's own data
 is used; ``--data`` names an image folder with captions or a prepared TFDS dataset.
 """

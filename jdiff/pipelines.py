@@ -578,6 +578,36 @@ class StableDiffusion:
     """Text embeddings ``[B, L, D]`` of prompts (the UNet's ``encoder_hidden_states``)."""
     return self.encode_text(self.text_params, jnp.asarray(self.tokenizer(list(prompts))))
 
+  # ---- the text conditioning of training batches ----
+
+  @property
+  def batch_condition_keys(self) -> tuple[str, ...]:
+    """The entries of a training batch :meth:`encode_batch` reads: ``("tokens",)`` (SDXL adds the loader's
+    ``original_size`` and ``crops_coords_top_left``)."""
+    return ("tokens",)
+
+  def batch_tokenize(self, text: str | Sequence[str]) -> np.ndarray:
+    """``caption(s) -> token ids`` as a training batch holds them: ``[L]`` for one string, ``[B, L]`` for
+    a list (:meth:`tokenize`)."""
+    return self.tokenize(text)
+
+  def batch_null_tokens(self) -> jax.Array:
+    """The empty prompt's ids as :meth:`batch_tokenize` lays them out, ``[1, L]`` (:meth:`null_ids`), the
+    caption-dropout target of a training step."""
+    return self.null_ids()
+
+  def all_text_params(self, text_params: Any = None) -> Any:
+    """The text parameters :meth:`encode_text` takes for every encoder (``text_params`` replaces the
+    first encoder's; here the only one)."""
+    return self.text_params if text_params is None else text_params
+
+  def encode_batch(self, text_params: Any, tokens: jax.Array, batch: Mapping[str, Any]) -> Any:
+    """The UNet's context for a training batch: :meth:`encode_text` of ``tokens`` ``[B, L]`` (the batch's
+    ``"tokens"``, possibly dropped to :meth:`batch_null_tokens`), ``[B, L, D]``. ``batch`` supplies the
+    other entries of :attr:`batch_condition_keys` (none here)."""
+    del batch
+    return self.encode_text(text_params, tokens)
+
   def encode_images(self, vae_params: Any, images: jax.Array, *, key: jax.Array | None = None,
                     sample: bool | jax.Array = True) -> jax.Array:
     """Images ``[B, H, W, C]`` in [-1, 1] -> latents as the UNet sees them, ``(z - shift) * scaling``

@@ -281,6 +281,45 @@ class StableDiffusionXL(StableDiffusion):
     """Token ids ``[1, L]`` per tokenizer of the empty prompt."""
     return tuple(jnp.asarray(i)[None] for i in self.tokenize(""))
 
+  # ---- the text conditioning of training batches ----
+
+  @property
+  def batch_condition_keys(self) -> tuple[str, ...]:
+    """``tokens`` and the loader's ``original_size`` / ``crops_coords_top_left`` (a data section with a
+    ``crop``), from which :meth:`encode_batch` builds the base model's time ids.
+
+    Raises:
+      ValueError: a refiner (its aesthetic-score time ids are not in training batches).
+    """
+    if self.text_encoder is None or self.requires_aesthetics_score:
+      raise ValueError("an SDXL refiner's time ids hold aesthetic scores, which training batches do not carry; "
+                       "SDXL training takes a base model")
+    return ("tokens", "original_size", "crops_coords_top_left")
+
+  def batch_tokenize(self, text: str | Sequence[str]) -> np.ndarray:
+    """Both tokenizers' ids stacked as a training batch holds them: ``[2, L]`` for one string, ``[B, 2, L]``
+    for a list (diffusers' ``train_text_to_image_sdxl.py`` tokenizes each caption with both)."""
+    return np.stack(self.tokenize(text), axis=-2)
+
+  def batch_null_tokens(self) -> jax.Array:
+    """The empty prompt's ids ``[1, 2, L]`` (:meth:`batch_tokenize`'s layout): caption dropout replaces
+    both tokenizers' ids together, as diffusers' ``proportion_empty_prompts`` does."""
+    return jnp.stack(self.null_ids(), axis=-2)
+
+  def encode_batch(self, text_params: Any, tokens: jax.Array, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """SDXL's context of a training batch as diffusers' ``train_text_to_image_sdxl.py`` /
+    ``train_text_to_image_lora_sdxl.py`` build it: both encoders' penultimate hidden states of ``tokens``
+    ``[B, 2, L]`` concatenated, the second's projected pooled output, and per-example time ids
+    ``original_size + crops_coords_top_left + (H, W)`` (:func:`batch_time_ids` of the batch's entries, H, W
+    of ``batch["image"]``).
+
+    Returns:
+      ``{"text": [B, L, D1 + D2], "text_embeds": [B, P], "time_ids": [B, 6]}``.
+    """
+    ids = tuple(tokens[:, i] for i in range(tokens.shape[1]))
+    ids_time = batch_time_ids(batch["original_size"], batch["crops_coords_top_left"], batch["image"].shape[1:3])
+    return self.encode_text(text_params, {"ids": ids, "time_ids": ids_time})
+
   def init_unet(self, key: jax.Array) -> Any:
     """Fresh UNet parameters for this bundle's latents, text width, pooled width and time ids."""
     h, w, _ = self.latent_shape

@@ -80,11 +80,15 @@ def _nchw(a) -> "torch.Tensor":
   return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(a), -1, 1)))
 
 
-def _diffusers_loss(folder, images, captions, time_ids, eps_z, t, noise):
+def _diffusers_loss(folder, images, captions, time_ids, eps_z, t, noise, lora_file=None):
   """The objective of diffusers' ``train_text_to_image_sdxl.py`` on given tensors (NHWC in, NCHW inside):
   ``encode_prompt`` (each tokenizer, ``hidden_states[-2]`` concatenated, the last encoder's ``[0]`` pooled),
-  the VAE posterior sample times the scaling factor, DDPM ``add_noise`` and an epsilon MSE."""
+  the VAE posterior sample times the scaling factor, DDPM ``add_noise`` and an epsilon MSE. With
+  ``lora_file`` the UNet carries that adapter (``load_lora_weights``: PEFT layers, unmerged), as in
+  ``train_text_to_image_lora_sdxl.py``."""
   pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+  if lora_file is not None:
+    pipe.load_lora_weights(str(lora_file))
   sched = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
   with torch.no_grad():
     embeds, pooled, ids = [], None, []

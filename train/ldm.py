@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdiff import data, diffusion, flow, ldm, parallel, sdxl
+from jdiff import data, diffusion, flow, ldm, parallel
 from jdiff.evaluation import digit_prompts
 from jdiff.models import AutoencoderKL
 from jdiff.pipelines import StableDiffusion
@@ -83,21 +83,14 @@ def split_params(config: ml_collections.ConfigDict, params: Any, text_params: An
 
 
 def tokenize_fn(bundle: StableDiffusion):
-  """``caption(s) -> token ids`` as a batch holds them: ``[L]`` (``[B, L]`` for a list), or for SDXL
-  each tokenizer's ids stacked, ``[2, L]`` (``[B, 2, L]``)."""
-  if not isinstance(bundle, StableDiffusionXL):
-    return bundle.tokenize
-  return lambda text: np.stack(bundle.tokenize(text), axis=-2)
+  """``caption(s) -> token ids`` as a batch holds them (the bundle's ``batch_tokenize``): ``[L]`` (``[B, L]``
+  for a list), or for SDXL each tokenizer's ids stacked, ``[2, L]`` (``[B, 2, L]``)."""
+  return bundle.batch_tokenize
 
 
 def null_tokens(bundle: StableDiffusion) -> jax.Array:
-  """The empty prompt's token ids ``[1, L]`` (SDXL: ``[1, 2, L]``, as :func:`tokenize_fn` stacks them)."""
-  if isinstance(bundle, StableDiffusionXL):
-    return jnp.stack(bundle.null_ids(), axis=-2)
-  return bundle.null_ids()
-
-
-SDXL_BATCH_KEYS = ("image", "tokens", "original_size", "crops_coords_top_left")
+  """The empty prompt's token ids ``[1, L]`` (SDXL: ``[1, 2, L]``), the bundle's ``batch_null_tokens``."""
+  return bundle.batch_null_tokens()
 
 
 def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
@@ -111,15 +104,15 @@ def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
   timestep density, shift and weighting from ``config.diffusion``). The key is split as
   ``(posterior, dropout, loss) = split(key, 3)``.
 
-  An SDXL bundle is conditioned as diffusers' ``train_text_to_image_sdxl.py`` does: ``batch["tokens"]``
-  ``[B, 2, L]`` holds both tokenizers' ids, dropped together to the empty prompt's; the context is both
-  encoders' penultimate hidden states concatenated, the second's projected pooled output and the time
-  ids ``original_size + crops_coords_top_left + (H, W)`` of each example
+  The context is the bundle's ``encode_batch`` of the (dropped) tokens and the batch: an SDXL bundle is
+  conditioned as diffusers' ``train_text_to_image_sdxl.py`` does: ``batch["tokens"]`` ``[B, 2, L]`` holds
+  both tokenizers' ids, dropped together to the empty prompt's; the context is both encoders' penultimate
+  hidden states concatenated, the second's projected pooled output and the time ids
+  ``original_size + crops_coords_top_left + (H, W)`` of each example
   (:func:`jdiff.sdxl.batch_time_ids` of the batch's ``original_size`` / ``crops_coords_top_left``).
   """
   d = config.diffusion
   weighting = d.weighting or None
-  is_sdxl = isinstance(bundle, StableDiffusionXL)
   if bundle.prediction == "flow":  # rectified flow (jdiff.flow.loss): the bundle's denoiser predicts eps - x0
     options = dict(density=str(d.get("density", "uniform")), logit_mean=float(d.get("logit_mean", 0.0)),
                    logit_std=float(d.get("logit_std", 1.0)), shift=float(d.get("shift", 1.0)))
@@ -145,13 +138,8 @@ def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
       z = bundle.encode_images(frozen["vae"], batch["image"], key=k_z)  # [B, h, w, c]
       # Dropping the caption (not its embedding) trains the null embedding of a trainable encoder too.
       tokens = diffusion.drop_condition(batch["tokens"], frozen["null_tokens"], d.cond_drop, key=k_drop)  # [B, L]
-      if is_sdxl:  # tokens [B, 2, L]; ctx {"text" [B, L, D1 + D2], "text_embeds" [B, P], "time_ids" [B, 6]}
-        ids = tuple(tokens[:, i] for i in range(tokens.shape[1]))
-        time_ids = sdxl.batch_time_ids(batch["original_size"], batch["crops_coords_top_left"],
-                                       batch["image"].shape[1:3])
-        ctx = bundle.encode_text(text_params, {"ids": ids, "time_ids": time_ids})
-      else:
-        ctx = bundle.encode_text(text_params, tokens)  # [B, L, D]
+      # [B, L, D]; SDXL (tokens [B, 2, L]): {"text" [B, L, D1 + D2], "text_embeds" [B, P], "time_ids" [B, 6]}
+      ctx = bundle.encode_batch(text_params, tokens, batch)
     loss = objective(bundle.model_fn(unet_params, ctx), z, k_loss)
     return loss, {}
 
@@ -177,13 +165,13 @@ def make_task(config: ml_collections.ConfigDict, bundle: StableDiffusion) -> loo
     return bundle.sample(unet_params, ids, noise, text_params=text_params, sampler=s.sampler,
                          num_steps=s.num_steps, guidance_scale=s.guidance_scale)
 
-  frozen = {"vae": bundle.vae_params, "null_tokens": null_tokens(bundle)}
+  frozen = {"vae": bundle.vae_params, "null_tokens": bundle.batch_null_tokens()}
   if not trainable:
-    frozen["text"] = bundle.all_text_params() if is_sdxl else bundle.text_params
+    frozen["text"] = bundle.all_text_params()
   # A fine-tune starts from the checkpoint's UNet; a run from scratch from a seeded initialisation.
   start = ldm.trained_params(config, bundle, bundle.unet_params) if _pretrained(config) else init_params(config, bundle)
-  keys = SDXL_BATCH_KEYS if is_sdxl else ("image", "tokens")
-  return loop.Task(name="ldm", init_params=start, loss_fn=loss_fn, frozen=frozen, batch_keys=keys,
+  return loop.Task(name="ldm", init_params=start, loss_fn=loss_fn, frozen=frozen,
+                   batch_keys=("image",) + bundle.batch_condition_keys,
                    sample_fn=sample_fn, grid_cols=min(10, len(prompts) * max(1, int(s.get("per_prompt", 1)))))
 
 
@@ -242,7 +230,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, stream=None) ->
     task = dataclasses.replace(task, batch_keys=("latent_mean", "latent_logvar", "text"),
                                frozen={**task.frozen, "null_text": null_text})
   else:
-    loader = vae_train.make_loader(config, tokenize=tokenize_fn(bundle), batch_size=batch_size)
+    loader = vae_train.make_loader(config, tokenize=bundle.batch_tokenize, batch_size=batch_size)
   state = loop.train(config.train, task, loader, workdir, seed=config.seed, stream=stream)
   out = None
   if int(state.step) >= int(config.train.steps):

@@ -1,19 +1,22 @@
 """``python -m train.lora --base DIR``: LoRA fine-tuning of a frozen latent diffusion model.
 
-The base is a finished training workdir or a diffusers Stable Diffusion folder
+The base is a finished training workdir or a diffusers Stable Diffusion or SDXL base folder
 (``model_index.json``), loaded as the library's bundle (:func:`jdiff.ldm.load_path`); its UNet, VAE and
-text encoder are frozen inputs of the train step and are never written. The trained parameters are only the low-rank factors of :mod:`jdiff.lora` (the
-kernels selected by ``lora.targets``), so the optimizer state, the gradients, the EMA and the
-checkpoints hold the factors alone (plus optimizer state, rng and data position). One step:
-encode images with the frozen VAE, captions with the frozen text encoder (caption dropout
-``diffusion.cond_drop``), merge the factors into the base UNet (the bundle's ``model_fn(...,
+text encoder(s) are frozen inputs of the train step and are never written. The trained parameters are only
+the low-rank factors of :mod:`jdiff.lora` (the UNet kernels selected by ``lora.targets``), so the optimizer
+state, the gradients, the EMA and the checkpoints hold the factors alone (plus optimizer state, rng and data
+position). One step: encode images with the frozen VAE, drop each caption to the empty prompt with
+probability ``diffusion.cond_drop``, condition on the captions with the frozen text encoder(s) (the
+bundle's ``encode_batch``: for SDXL both encoders' penultimate states, the second's pooled output and time
+ids from each example's ``original_size`` / ``crops_coords_top_left``, as diffusers'
+``train_text_to_image_lora_sdxl.py``), merge the factors into the base UNet (the bundle's ``model_fn(...,
 lora=...)``, :func:`jdiff.lora.merge` with rank dropout ``lora.dropout``) and regress the noise / v
 target (:func:`jdiff.diffusion.loss`).
 
 At the end the adapter is written in the diffusers/PEFT layout to
 ``WORKDIR/pytorch_lora_weights.safetensors`` (:func:`jdiff.lora.save_diffusers`), which
-``StableDiffusion.generate(lora=...)``, ``sample.txt2img --lora`` and diffusers'
-``load_lora_weights`` read.
+``StableDiffusion.generate(lora=...)`` / ``StableDiffusionXL.generate(lora=...)``, ``sample.txt2img --lora``
+and diffusers' ``load_lora_weights`` (``StableDiffusionXLPipeline``'s for an SDXL base) read.
 
 Example:
   $ python -m train.lora --base workdir/ldm_digits --workdir workdir/lora_digits
@@ -43,12 +46,19 @@ ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lo
 
 
 def load_base(path: str, *, flag: str = "--base") -> StableDiffusion:
-  """The frozen base: a training workdir or a diffusers Stable Diffusion folder (:func:`jdiff.ldm.load_path`).
+  """The frozen base: a training workdir or a diffusers Stable Diffusion / SDXL base folder
+  (:func:`jdiff.ldm.load_path`).
 
   Raises:
     FileNotFoundError: ``path`` is empty, missing, or neither kind of folder.
+    ValueError: an SDXL refiner (its batches would need aesthetic scores).
   """
-  return ldm.load_path(path, what="base", flag=flag)
+  base = ldm.load_path(path, what="base", flag=flag)
+  try:
+    base.batch_condition_keys
+  except ValueError as e:
+    raise ValueError(f"{flag} {path!r}: {e}") from None
+  return base
 
 
 # ----------------------------------------------------------------------------- data
@@ -60,7 +70,9 @@ def data_config(config: ml_collections.ConfigDict, base: StableDiffusion,
 
   ``data`` (the ``--data`` flag) is an image folder (captions from ``captions.jsonl`` or sidecar
   ``.txt`` files) or a TFDS dataset name; without it the base run's own data (``data.from_base``),
-  else ``config.data``. Images are resized to the base's size and converted to its VAE's channels.
+  else ``config.data``. Images are resized to the base's size and converted to its VAE's channels. A base
+  whose conditioning reads the crop (SDXL's time ids: ``original_size`` / ``crops_coords_top_left``) gets
+  ``crop="center"`` when the data section has none.
 
   Raises:
     FileNotFoundError: ``data`` looks like a path (has a separator or starts with "." / "~") and
@@ -79,13 +91,15 @@ def data_config(config: ml_collections.ConfigDict, base: StableDiffusion,
       d.kind, d.name = "tfds", data
   d.channels = int(base.vae.config.in_channels)
   d.image_size = int(base.default_size)
+  if "crops_coords_top_left" in base.batch_condition_keys and not d.get("crop"):
+    d.crop = "center"
   return d
 
 
 def make_loader(data: ml_collections.ConfigDict, base: StableDiffusion, *, batch_size: int | None = None):
-  """The loader of ``data`` with captions tokenized by the base's tokenizer."""
+  """The loader of ``data`` with captions tokenized as the base's batches hold them (``batch_tokenize``)."""
   from train import vae as vae_train
-  return vae_train.make_loader(ml_collections.ConfigDict({"data": data}), tokenize=base.tokenize,
+  return vae_train.make_loader(ml_collections.ConfigDict({"data": data}), tokenize=base.batch_tokenize,
                                batch_size=batch_size)
 
 
@@ -136,16 +150,20 @@ def _sample_prompts(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def make_task(config: ml_collections.ConfigDict, base: StableDiffusion, scales, init_params) -> loop.Task:
-  """The LoRA task: loss over (factors, batch, key, frozen base), sample grids from the merged EMA factors."""
+  """The LoRA task: loss over (factors, batch, key, frozen base), sample grids from the merged EMA factors.
+
+  The key is split as ``(posterior, dropout, lora dropout, loss) = split(key, 4)``; caption dropout replaces
+  a whole example's tokens by the base's ``batch_null_tokens`` before the frozen encoders (with frozen
+  encoders the same as replacing its embedding by the empty prompt's).
+  """
   d = config.diffusion
   dropout = float(config.lora.dropout)
 
   def loss_fn(params, batch, key, frozen):
     k_z, k_drop, k_lora, k_loss = jax.random.split(key, 4)
     z = base.encode_images(frozen["vae"], batch["image"], key=k_z)  # [B, h, w, c]
-    ctx = base.encode_text(frozen["text"], batch["tokens"])  # [B, L, D]
-    null = base.encode_text(frozen["text"], frozen["null_tokens"])  # [1, L, D]
-    ctx = diffusion.drop_condition(ctx, null, float(d.cond_drop), key=k_drop)
+    tokens = diffusion.drop_condition(batch["tokens"], frozen["null_tokens"], float(d.cond_drop), key=k_drop)
+    ctx = base.encode_batch(frozen["text"], tokens, batch)  # [B, L, D] (SDXL: text, text_embeds, time_ids)
     model_fn = base.model_fn(frozen["unet"], ctx, lora=tree_to_lora(params, scales), lora_dropout=dropout,
                              key=k_lora)
     loss = diffusion.loss(model_fn, base.schedule, z, key=k_loss, prediction=base.prediction,
@@ -161,10 +179,10 @@ def make_task(config: ml_collections.ConfigDict, base: StableDiffusion, scales, 
                            lora=tree_to_lora(ema, scales))
     return images * 2.0 - 1.0  # [N, H, W, C] in [-1, 1]
 
-  frozen = {"unet": base.unet_params, "vae": base.vae_params, "text": base.text_params,
-            "null_tokens": base.null_ids()}
+  frozen = {"unet": base.unet_params, "vae": base.vae_params, "text": base.all_text_params(),
+            "null_tokens": base.batch_null_tokens()}
   return loop.Task(name="lora", init_params=init_params, loss_fn=loss_fn, frozen=frozen,
-                   batch_keys=("image", "tokens"), sample_fn=sample_fn, grid_cols=10)
+                   batch_keys=("image",) + base.batch_condition_keys, sample_fn=sample_fn, grid_cols=10)
 
 
 def adapter_path(workdir: str) -> str:
