@@ -147,6 +147,12 @@ def _peak_rss() -> dict[str, int]:
   return out
 
 
+def _stage(name: str, **extra: Any) -> None:
+  """Prints ``STAGE {"stage": name, "peak_rss_bytes": ..., **extra}`` (flushed): the parent keeps these even
+  if it kills the process, so a killed case says how far it got (and its XLA analysis, once compiled)."""
+  print("STAGE" + json.dumps({"stage": name, **_peak_rss(), **extra}), flush=True)
+
+
 def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
   """One jdiff case in this process: init, compile (memory analysis), ``spec["steps"]`` steps."""
   import jax
@@ -191,12 +197,14 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
                                   ema_warmup=True)
   out["params"] = int(sum(np.size(p) for p in jax.tree.leaves(abstract.params)))
   out["state_bytes"] = int(sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(abstract)))
+  _stage("imported")
   state = None
   if not spec["compile_only"]:
     state = make_state(jax.random.key(0))
     jax.block_until_ready(state)
     out["init_s"] = time.perf_counter() - t0
     out["rss_after_init"] = _peak_rss()["peak_rss_bytes"]
+    _stage("initialised")
   batch = jax.device_put({k: jnp.asarray(v) for k, v in host.items()}, parallel.batch_sharding(mesh))
   t0 = time.perf_counter()
   compiled = step.jitted.lower(state if state is not None else abstract, batch, step.frozen).compile()
@@ -206,6 +214,7 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["xla"] = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
                   ("argument", "output", "alias", "temp", "generated_code")}
   out["rss_after_compile"] = _peak_rss()["peak_rss_bytes"]
+  _stage("compiled", xla=out.get("xla"), compile_s=out["compile_s"])
   if state is not None:
     times, losses = [], []
     for _ in range(spec["steps"]):
@@ -213,6 +222,7 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
       state, metrics = compiled(state, batch, step.frozen)
       losses.append(float(metrics["loss"]))
       times.append(time.perf_counter() - t0)
+      _stage(f"step {len(times)}")
     out.update(step_s=times, losses=losses, finite=bool(metrics["finite"]))
   out.update(_peak_rss())
   return out
@@ -239,6 +249,7 @@ def torch_worker(spec: dict[str, Any]) -> dict[str, Any]:
   ema = EMAModel(model.parameters(), decay=EMA_DECAY)
   out: dict[str, Any] = {"params": int(sum(p.numel() for p in params)), "init_s": time.perf_counter() - t0,
                          "rss_after_init": _peak_rss()["peak_rss_bytes"]}
+  _stage("initialised")
   host = _host_batch(cfg, spec["batch"], spec["size"])
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
   lat, noise = nchw(host["latents"]), nchw(host["noise"])
@@ -259,6 +270,7 @@ def torch_worker(spec: dict[str, Any]) -> dict[str, Any]:
     ema.step(model.parameters())
     losses.append(float(loss.detach()))
     times.append(time.perf_counter() - t0)
+    _stage(f"step {len(times)}")
   out.update(step_s=times, losses=losses, torch_threads=torch.get_num_threads())
   out.update(_peak_rss())
   return out
@@ -339,8 +351,11 @@ def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compi
     ferr.seek(0)
     stdout, stderr = fout.read(), ferr.read()
   res["watched_peak_rss_bytes"] = peak
+  res["stages"] = [json.loads(ln[len("STAGE"):]) for ln in stdout.splitlines() if ln.startswith("STAGE")]
   if killed:
-    return {**res, "status": "killed", "reason": killed}
+    last = res["stages"][-1]["stage"] if res["stages"] else "start"
+    known = {k: v for st in res["stages"] for k, v in st.items() if k in ("xla", "compile_s")}
+    return {**res, **known, "status": "killed", "reason": f"{killed}, after stage {last!r}"}
   lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT")]
   if proc.returncode != 0 or not lines:
     return {**res, "status": "failed", "reason": f"exit {proc.returncode}: {stderr.strip()[-500:]}"}
@@ -360,6 +375,8 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     steps = r.get("step_s") or []
     later = steps[1:] or steps
     status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
+    if r["status"] == "ok" and r.get("compile_only"):
+      status = "compile only (peak RSS: compilation, no state)"
     if r["status"] == "killed":
       status += f" at {r['watched_peak_rss_bytes'] / GIB:.2f} GiB RSS"
     rows.append({"case": r["case"], "side": r["side"], "batch": r["batch"], "remat": r["remat"],
@@ -367,7 +384,7 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                  "XLA args GiB": xla["argument"] / GIB if xla else None,
                  "XLA temp GiB": xla["temp"] / GIB if xla else None,
                  "peak RSS GiB": peak / GIB if peak else None,
-                 "peak/floor": peak / r["floor_bytes"] if peak else None,
+                 "peak/floor": peak / r["floor_bytes"] if peak and not r.get("compile_only") else None,
                  "compile s": r.get("compile_s"), "s/step": sum(later) / len(later) if later else None,
                  "status": status})
   return rows
