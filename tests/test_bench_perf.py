@@ -156,6 +156,7 @@ def test_attention_implementation_switch():
       pass
 
 
+@pytest.mark.slow  # builds diffusers and jdiff pipelines: ~50 s; .ci/core_smoke runs bench.gpu --tiny
 def test_gpu_random_pipeline_has_the_diffusers_pipeline_shapes(tmp_path):
   # bench.gpu samples with jdiff's own random weights where torch/diffusers are missing (a bare JAX
   # machine); the model it times must be the one the diffusers pipeline would have given

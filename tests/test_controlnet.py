@@ -103,6 +103,7 @@ def test_partition_rules_must_cover_everything(nets):
     partition.labels({"unet": up, "controlnet": cp}, [(r"^controlnet/", "trainable")])
 
 
+@pytest.mark.slow  # a second UNet/ControlNet pair with a class embedding: ~45 s
 def test_projection_class_embedding_is_copied_and_exact():
   """A UNet that adds a projected vector to its time embedding: the ControlNet copies that embedding."""
   cfg = UNetConfig.tiny(cross_attention_dim=16, class_embed_type="projection", projection_class_embeddings_input_dim=16)

@@ -135,6 +135,7 @@ def _relaunch_and_compare(workdir, reference, *, program: list[str] | None = Non
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), state[key], ref_state[key])
 
 
+@pytest.mark.slow  # a reference run and a liveness timeout: ~1.5 min; the coordinator case runs in the quick suite
 def test_worker_death_stops_the_coordinator_within_the_bound(reference, tmp_path):
   workdir = tmp_path / "run"
   elapsed, last = _kill_and_check_survivor(workdir, 1, "--config.data.sleep=0.3")

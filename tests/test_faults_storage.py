@@ -91,6 +91,7 @@ def _steps(workdir) -> list[int]:
     ck.close()
 
 
+@pytest.mark.slow  # a reference run with a filling disk: ~35 s
 def test_disk_full_mid_run_keeps_previous_checkpoint(reference, tmp_path):
   """A real write error (EFBIG from tensorstore) from step 6 on: one line, exit 2, the latest complete
   checkpoint untouched and bit-identical to the uninterrupted run's; a rerun finishes identically."""

@@ -240,6 +240,7 @@ def test_sigkilled_fine_tune_resumes_bit_identically(finetuned, sd_folder, image
   assert_states_equal(state, ref_state)
 
 
+@pytest.mark.slow  # trains the SD-layout digits config end to end: ~1.5 min of CPU
 def test_sd_layout_digits_run_exports_for_diffusers(tmp_path, capsys):
   """A from-scratch run in Stable Diffusion's layout (BPE tokenizer learned from the captions, cross-attention
   only) exports a folder diffusers runs; jdiff generates the same images from the workdir and from the export;

@@ -147,6 +147,7 @@ def test_lora_on_the_dit_is_the_tree_transformation(setup):
   assert np.max(np.abs(out - base)) > 1e-3
 
 
+@pytest.mark.slow  # writes and reloads a flow DiT workdir: ~20 s
 def test_workdir_samples_with_flow_euler(setup, tmp_path):
   config, vcfg, bundle, params = setup
   workdir = str(tmp_path)

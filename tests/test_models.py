@@ -95,6 +95,7 @@ def mini_unet():
   return cfg, random_params(UNet(cfg), x, t, ctx), (x, t, ctx)
 
 
+@pytest.mark.slow  # compiles remat variants: ~20 s; test_remat_policies_save_what_they_name runs in the quick suite
 def test_remat_and_dropout_forward(mini_unet):
   """remat keeps values (dropout on, same rng: the masks match); dropout acts only in training."""
   cfg, params, (x, t, ctx) = mini_unet

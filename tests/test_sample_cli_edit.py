@@ -88,6 +88,7 @@ def test_inpaint_writes_the_library_output(shared, folder, files, tmp_path, caps
   assert np.std(want) > 5  # not a blank image
 
 
+@pytest.mark.slow  # an inversion and a regeneration through the CLI: ~30 s; tests/parity/test_ddim_inversion.py checks the numbers
 def test_invert_writes_the_library_latents_and_regenerates_with_ddim(shared, folder, files, tmp_path, capsys):
   latents, again = tmp_path / "z.npy", tmp_path / "again.png"
   code = _cli.run(invert.main, ["--diffusers", str(folder), "--image", str(files / "image.png"), "--prompt",

@@ -181,6 +181,7 @@ def test_teacher_matches_closed_form():
   assert _rel(x, _exact(x_T)) < 1e-3
 
 
+@pytest.mark.slow  # three calibrations: ~20 s
 def test_calibration_with_given_teacher_one_step_and_shift():
   x_c = jnp.asarray(_noise(4, 16))
   exact = jnp.asarray(_exact(np.asarray(x_c)), jnp.float32)

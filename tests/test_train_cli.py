@@ -176,6 +176,7 @@ def test_unet_class_conditioning_must_come_from_text(unet_overrides, needle):
     ldm_train.build(config, vae, None)
 
 
+@pytest.mark.slow  # a short VAE training over a folder: ~30 s; the loader tests check the replacement rule
 def test_corrupt_images_met_in_training_are_replaced_and_counted(tmp_path, data_dir, capsys, caplog):
   """A folder with one image cut off half-way, not checked when the run starts (``verify=none``): the
   loader meets it in training, replaces it by the next readable image, logs a warning with its path,

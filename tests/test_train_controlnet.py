@@ -57,6 +57,7 @@ def test_edges_are_opencv_canny():
     assert want.sum() > 10
 
 
+@pytest.mark.slow  # two trainings and a resume: ~1 min; tests/test_controlnet.py checks the split step quickly
 def test_trains_only_the_controlnet_and_resumes(base_dir, tmp_path):
   digest = tree_digest(base_dir)
   workdir = str(tmp_path / "cn")

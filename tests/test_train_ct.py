@@ -81,6 +81,7 @@ def _tiny_bundle(config):
   return ldm.from_config(config, vae, vae_params)
 
 
+@pytest.mark.slow  # many jitted loss evaluations: ~1.5 min of CPU
 def test_loss_follows_the_curriculum_and_the_target():
   """At step k the loss is the library's training loss on the grid of N(k) - 1 intervals (N from the
   closed form) with the target network of the state; gradients reach the online parameters only."""
@@ -180,6 +181,7 @@ def vae_workdir(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # a VAE stage, a CT run and an evaluation: ~1.5 min of CPU
 def test_end_to_end_trains_loads_and_evaluates(vae_workdir, tmp_path, capsys):
   """Two steps of the tiny config; the run loads with from_workdir (LCM sampler on the final grid,
   unguided) and sample.evaluate scores it at one step."""

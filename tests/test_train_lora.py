@@ -81,6 +81,7 @@ def _flat(tree):
           for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow  # two trainings and a resume: ~35 s of CPU
 def test_trains_only_the_factors_and_resumes(base_dir, tmp_path):
   """Two steps through loop.train (stopped after one as if killed, then resumed): the frozen base is
   bit-identical, params / EMA / optimizer state / checkpoint hold only the factors, the factors moved,

@@ -148,9 +148,13 @@ CASES = [
      dict(controlnet_conditioning_scale=[0.6, 1.2], guess_mode=True, control_guidance_start=[0.0, 0.25],
           control_guidance_end=[0.75, 1.0])),
 ]
+# The quick suite runs the two-net DPM-Solver++ case (guidance, guess mode, windows); ~20 s per case.
+QUICK = {"dpm_solver"}
 
 
-@pytest.mark.parametrize("scheduler,sampler,guidance_scale,nets,extra", CASES, ids=[c[1] for c in CASES])
+@pytest.mark.parametrize("scheduler,sampler,guidance_scale,nets,extra",
+                         [pytest.param(*c, marks=() if c[1] in QUICK else pytest.mark.slow) for c in CASES],
+                         ids=[c[1] for c in CASES])
 def test_pipeline_matches_diffusers(saved, pipes, scheduler, sampler, guidance_scale, nets, extra):
   latents, steps = np.random.default_rng(0).standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32), 4
   images = [_pil(0), _pil(1, (SIZE, SIZE))][:len(nets)]  # the 40x48 one: both sides Lanczos-resize it
