@@ -65,12 +65,15 @@ class Case:
     remat: jdiff ``UNetConfig.remat`` / diffusers gradient checkpointing.
     moments: storage dtype of both AdamW moments ("float32" or "bfloat16"; diffusers: float32).
     ema: storage dtype of the EMA ("float32", "bfloat16"), or None for no EMA.
+    attention: jdiff's attention implementation while the step is traced (None: the default;
+      "chunked": :func:`jdiff.models.layers.attention_implementation` ``"chunked"``).
   """
   name: str
   side: str
   remat: bool
   moments: str = "float32"
   ema: str | None = "float32"
+  attention: str | None = None
 
 
 CASES: dict[str, Case] = {c.name: c for c in [
@@ -80,6 +83,10 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("bf16-remat", "jdiff", True, "bfloat16", "bfloat16"),
     Case("bf16-noema", "jdiff", False, "bfloat16", None),
     Case("bf16-noema-remat", "jdiff", True, "bfloat16", None),
+    Case("f32-chunked", "jdiff", False, attention="chunked"),
+    Case("f32-remat-chunked", "jdiff", True, attention="chunked"),
+    Case("bf16-chunked", "jdiff", False, "bfloat16", "bfloat16", attention="chunked"),
+    Case("bf16-noema-chunked", "jdiff", False, "bfloat16", None, attention="chunked"),
     Case("torch", "diffusers", False),
     Case("torch-ckpt", "diffusers", True),
 ]}
@@ -160,7 +167,7 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
   import numpy as np
 
   from jdiff import diffusion, parallel, schedules, training
-  from jdiff.models import UNet
+  from jdiff.models import UNet, layers
 
   case = CASES[spec["case"]]
   cfg = unet_config(spec["model"], spec["size"], case.remat)
@@ -207,7 +214,8 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     _stage("initialised")
   batch = jax.device_put({k: jnp.asarray(v) for k, v in host.items()}, parallel.batch_sharding(mesh))
   t0 = time.perf_counter()
-  compiled = step.jitted.lower(state if state is not None else abstract, batch, step.frozen).compile()
+  with layers.attention_implementation(case.attention):
+    compiled = step.jitted.lower(state if state is not None else abstract, batch, step.frozen).compile()
   out["compile_s"] = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   if mem is not None:
@@ -314,7 +322,7 @@ def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compi
   """
   floor = floor_bytes(n_params, case)
   res: dict[str, Any] = {"case": case.name, "side": case.side, "remat": case.remat, "moments": case.moments,
-                         "ema": case.ema, "batch": batch, "latent": [size, size], "floor_bytes": floor,
+                         "ema": case.ema, "attention": case.attention, "batch": batch, "latent": [size, size], "floor_bytes": floor,
                          "compile_only": compile_only}
   if case.side == "diffusers" and compile_only:
     return {**res, "status": "skipped", "reason": "diffusers has no compile-only mode"}
@@ -362,7 +370,7 @@ def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compi
   return {**res, **json.loads(lines[-1][len("RESULT"):]), "status": "ok"}
 
 
-COLUMNS = ["case", "side", "batch", "remat", "moments", "EMA", "floor GiB", "XLA args GiB", "XLA temp GiB",
+COLUMNS = ["case", "side", "batch", "remat", "moments", "EMA", "attention", "floor GiB", "XLA args GiB", "XLA temp GiB",
            "peak RSS GiB", "peak/floor", "compile s", "s/step", "status"]
 
 
@@ -380,7 +388,8 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     if r["status"] == "killed":
       status += f" at {r['watched_peak_rss_bytes'] / GIB:.2f} GiB RSS"
     rows.append({"case": r["case"], "side": r["side"], "batch": r["batch"], "remat": r["remat"],
-                 "moments": r["moments"], "EMA": r["ema"] or "none", "floor GiB": r["floor_bytes"] / GIB,
+                 "moments": r["moments"], "EMA": r["ema"] or "none",
+                 "attention": r.get("attention") or ("sdpa" if r["side"] == "diffusers" else "full"), "floor GiB": r["floor_bytes"] / GIB,
                  "XLA args GiB": xla["argument"] / GIB if xla else None,
                  "XLA temp GiB": xla["temp"] / GIB if xla else None,
                  "peak RSS GiB": peak / GIB if peak else None,

@@ -236,7 +236,8 @@ def remat_module(cls: type[nn.Module], remat: bool | str, static_argnums: tuple[
   return nn.remat(cls, static_argnums=static_argnums, policy=_POLICIES[remat])
 
 
-_ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+_ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked")
+ATTENTION_CHUNK = 512  # queries per chunk of the "chunked" implementation
 _attention_impl: list[str | None] = [None]
 
 
@@ -246,8 +247,12 @@ def attention_implementation(implementation: str | None) -> Iterator[None]:
 
   ``None`` (default) and ``"xla"`` use XLA's attention; ``"cudnn"`` uses cuDNN's fused (flash)
   attention on NVIDIA GPUs for the calls it supports (bfloat16/float16 inputs, head size a multiple
-  of 8 and at most 128) and XLA's for the others (e.g. float32-upcast or 160-wide heads). The choice
-  is read when a function is traced, so build (and first call / lower) the jitted function inside.
+  of 8 and at most 128) and XLA's for the others (e.g. float32-upcast or 160-wide heads).
+  ``"chunked"`` computes the attention :data:`ATTENTION_CHUNK` queries at a time, each chunk
+  rematerialised in the backward pass (:func:`_attend_chunked`), so no [B, heads, T, S] score matrix is
+  held whole, forward or backward (e.g. 512 MiB per SD1.5 64x64 self-attention in float32); sequences
+  of at most one chunk, or not a multiple of it, use the default path. The choice is read when a
+  function is traced, so build (and first call / lower) the jitted function inside.
 
   Example:
     >>> with attention_implementation("cudnn"):  # doctest: +SKIP
@@ -276,7 +281,9 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, upcast: boo
   impl = _attention_impl[0]
   if impl == "cudnn" and not (q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128):
     impl = "xla"  # outside cuDNN's fused-attention envelope
-  if impl != "cudnn" and q.dtype == jnp.float32:
+  if impl == "chunked" and tq > ATTENTION_CHUNK and tq % ATTENTION_CHUNK == 0:
+    out = _attend_chunked(q, k, v, 1.0 / math.sqrt(d), ATTENTION_CHUNK)
+  elif impl != "cudnn" and q.dtype == jnp.float32:
     out = _attend_heads_major(q, k, v, 1.0 / math.sqrt(d))
   else:
     out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d), implementation=impl)  # [B, T, heads, d]
@@ -309,6 +316,28 @@ def _attend_heads_major(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) 
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bnts,bnsd->bntd", probs, v)  # [B, heads, T, d]
   return out.transpose(0, 2, 1, 3)  # [B, T, heads, d]
+
+
+def _attend_chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int) -> jax.Array:
+  """Attention on [B, T, heads, d] inputs, ``chunk`` queries at a time (T a multiple of ``chunk``).
+
+  Each chunk's scores [B, heads, chunk, S] are formed, soft-maxed and applied under ``jax.checkpoint``
+  inside ``lax.map``, so the backward pass keeps only the query chunks and recomputes one chunk's scores
+  at a time: the same values as :func:`_attend_heads_major` (softmax over all keys of each query),
+  with memory for the scores of one chunk instead of all T queries.
+  """
+  b, t, n, d = q.shape
+  qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, heads, T|S, d]
+  qc = qh.reshape(b, n, t // chunk, chunk, d).transpose(2, 0, 1, 3, 4)  # [chunks, B, heads, chunk, d]
+
+  @jax.checkpoint
+  def one(qi):
+    logits = jnp.einsum("bntd,bnsd->bnts", qi, kh, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    probs = jax.nn.softmax(logits, axis=-1).astype(vh.dtype)
+    return jnp.einsum("bnts,bnsd->bntd", probs, vh)
+
+  out = jax.lax.map(one, qc)  # [chunks, B, heads, chunk, d]
+  return out.transpose(1, 0, 3, 2, 4).reshape(b, t, n, d)
 
 
 class Attention(nn.Module):
