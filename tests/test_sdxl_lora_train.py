@@ -56,6 +56,7 @@ def _random_factors(tree, seed):
   return jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
+@pytest.mark.slow  # compiling the SDXL step (two encoders, VAE, UNet) plus diffusers + PEFT: 30-45 s on 2 busy cores
 def test_sdxl_lora_loss_equals_diffusers_peft(sdxl_folder, tmp_path):
   base = lora_train.load_base(str(sdxl_folder))
   assert isinstance(base, StableDiffusionXL) and base.default_size == SIZE and base.prediction == "epsilon"
