@@ -6,7 +6,9 @@ its diffusers recomputation of ``train_text_to_image_sdxl.py``'s objective, give
 ``hidden_states[-2]``, the second's projected pooled output, per-example time ids, ``add_noise``, MSE, with
 caption dropout to the empty prompt. A 2-step CLI run over the image folder writes an adapter that
 ``StableDiffusionXLPipeline.load_lora_weights`` takes in full (every written module becomes a PEFT layer),
-whose UNet then computes what jdiff's base UNet with the trained factors merged computes.
+whose UNet then computes what jdiff's base UNet with the trained factors merged computes. Without compiling:
+the task's batch keys, frozen text and null ids, the center-crop default and the loader's batches (token ids
+checked against transformers' tokenizers); a refiner base is refused in one line.
 
 Tolerances: the loss at 1e-5 relative as in ``tests/test_sdxl_finetune.py`` (one float32 pass; jdiff merges
 ``W + s A B`` into the kernel where PEFT adds ``s B (A x)``, a float32 reassociation of rank-2 terms); the
@@ -94,6 +96,31 @@ def test_sdxl_lora_loss_equals_diffusers_peft(sdxl_folder, tmp_path):
   np.testing.assert_array_equal(np.stack(ids, axis=1)[~drop], tokens[~drop])  # the same tokenization
   assert abs(float(loss) - want) <= 1e-5 * abs(want), (float(loss), want)
   assert abs(float(plain) - want) > 1e-3 * abs(want)  # the adapter matters at this tolerance
+
+
+def test_sdxl_task_batches_and_data(sdxl_folder, image_folder):
+  """Without compiling: the task reads the loader's micro-conditioning, the frozen text is both encoders',
+  a data section without a crop gets a center crop, and the loader's batches hold what the task reads
+  (both tokenizers' ids, as diffusers' tokenizers give them)."""
+  import transformers
+
+  base = lora_train.load_base(str(sdxl_folder))
+  config = _config(sdxl_folder)
+  config.data.caption_key = "text"
+  scales, init_params = lora_train.build(config, base)
+  task = lora_train.make_task(config, base, scales, init_params)
+  assert set(task.batch_keys) == BATCH_KEYS and len(task.frozen["text"]) == 2
+  assert task.frozen["null_tokens"].shape == (1, 2, 20)
+  data = lora_train.data_config(config, base, str(image_folder))
+  assert data.crop == "center" and data.image_size == SIZE and data.channels == 3
+  batch = next(lora_train.make_loader(data, base, batch_size=3))
+  assert BATCH_KEYS <= set(batch) and batch["tokens"].shape == (3, 2, 20)
+  captions = ["a photo of object number 1", ""]
+  for i, sub in enumerate(("tokenizer", "tokenizer_2")):
+    tok = transformers.CLIPTokenizer.from_pretrained(sdxl_folder / sub)
+    want = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+    np.testing.assert_array_equal(base.batch_tokenize(captions)[:, i], np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(task.frozen["null_tokens"])[0, i], np.asarray(want[1]))
 
 
 def test_sdxl_refiner_base_is_one_line(sdxl_folder, tmp_path):
