@@ -198,3 +198,30 @@ def test_corrupt_images_met_in_training_are_replaced_and_counted(tmp_path, data_
   rc = _vae([*argv, "--config.data.max_bad_fraction=0.01"], tmp_path / "w2", data_dir)
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and len([ln for ln in err if ln.startswith("error:")]) == 1
+
+
+@pytest.mark.slow  # one epoch of a 2,000-image folder through the tiny VAE: ~1-2 min of CPU
+def test_two_thousand_images_with_one_percent_corrupt(tmp_path, data_dir, capsys):
+  """Issue 22's scale: 2,000 images, 20 of them cut off half-way (their headers still read, so the cheap
+  build-time check passes them). One epoch (40 steps of 50) trains to the end and the step lines report
+  the 20 replaced examples; with the limit at 0.5% of the epoch the run stops with one line naming it."""
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  bad = set(rng.choice(2000, size=20, replace=False).tolist())
+  for i in range(2000):
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), mode="L").save(folder / f"{i:04d}.png")
+  for i in bad:
+    whole = (folder / f"{i:04d}.png").read_bytes()
+    (folder / f"{i:04d}.png").write_bytes(whole[: len(whole) // 2])
+  argv = ["--config.data.kind=folder", f"--config.data.path={folder}", "--config.data.channels=1",
+          "--config.data.verify=header", "--config.train.steps=40", "--config.train.batch_size=50",
+          "--config.train.log_every=10", "--config.train.checkpoint_every=40", "--config.train.sample_every=0"]
+  rc = _vae([*argv, "--config.data.max_bad_fraction=0.01"], tmp_path / "w", data_dir)
+  captured = capsys.readouterr()
+  assert rc == 0, captured.err
+  steps = [ln for ln in captured.out.splitlines() if ln.startswith("[vae] step ")]
+  assert steps[-1].startswith("[vae] step 40/40") and steps[-1].endswith("replaced examples 20"), steps
+  rc = _vae([*argv, "--config.data.max_bad_fraction=0.005"], tmp_path / "w2", data_dir)
+  err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error:")]
+  assert rc == 2 and len(err) == 1 and "max_bad_fraction=0.005" in err[0], err

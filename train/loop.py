@@ -205,6 +205,8 @@ class ProgressLogger:
     self.writer.add_scalar(f"{self.name}/steps_per_sec", rate, step)
     extra = "".join(f" {k} {scalars[k]:.4g}" for k in ("grad_norm",) if k in scalars)
     bad = f" skipped {int(scalars['skipped_steps'])}" if scalars.get("skipped_steps") else ""
+    if scalars.get("data/bad_examples"):
+      bad += f" replaced examples {int(scalars['data/bad_examples'])}"
     print(f"[{self.name}] step {step}/{self.total} loss {scalars.get('loss', float('nan')):.4f}{extra}"
           f" {rate:.2f} steps/s ETA {_fmt_time(eta)}{bad}", file=self.stream, flush=True)
 
