@@ -33,7 +33,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   base = dict(steps=1000, learning_rate=1e-3, warmup_steps=50, lr_schedule="cosine", clip_norm=1.0,
               weight_decay=0.0, ema_decay=0.999, ema_warmup=True, max_bad_steps=10, log_every=50,
               checkpoint_every=500, sample_every=0, keep_checkpoints=2, fsdp=1, stop_at=0,
-              batch_size=0, grad_accum=1)  # batch_size 0: data.batch_size; grad_accum: micro-batches
+              batch_size=0, grad_accum=1,  # batch_size 0: data.batch_size; grad_accum: micro-batches
+              # memory options: Adam moment dtypes ("" = the parameters' float32, or "bfloat16"), the sampling
+              # EMA on/off and its dtype, attention ("" = XLA's, "cudnn", or "chunked": no whole score matrix)
+              mu_dtype="", nu_dtype="", ema=True, ema_dtype="", attention="")
   base.update(overrides)
   return ml_collections.ConfigDict(base)
 

@@ -175,3 +175,59 @@ def test_chunked_attention_does_not_hold_the_score_matrix():
   full, chunked = temp(None), temp("chunked")
   assert full >= 2 * scores
   assert chunked < scores and chunked <= full / 5, (chunked, full)
+
+
+def test_memory_options_in_the_train_section_are_validated():
+  """The train section's memory keys: named one-line errors for bad values; absent keys (configs written
+  before they existed) still validate."""
+  import ml_collections
+  import pytest
+
+  from configs import vae_digits
+  from train import loop
+
+  loop.validate_config(vae_digits.train_config(mu_dtype="bfloat16", nu_dtype="bfloat16", ema=False,
+                                               ema_dtype="", attention="chunked"))
+  old = vae_digits.train_config()
+  for k in ("mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention"):
+    del old[k]
+  loop.validate_config(old)
+  for k, v in (("mu_dtype", "float16"), ("ema_dtype", "int8"), ("attention", "flash"), ("ema", "no")):
+    bad = vae_digits.train_config(**{k: v})
+    with pytest.raises(ValueError, match=rf"^config key train\.{k} must be") as e:
+      loop.validate_config(ml_collections.ConfigDict(bad))
+    assert "\n" not in str(e.value)
+
+
+def test_memory_options_reach_the_state_and_the_traced_step(tmp_path, monkeypatch):
+  """``python -m train.vae`` with bfloat16 moments, no EMA and chunked attention: the checkpointed state
+  holds bfloat16 Adam moments and no EMA, and the step is built under the chosen attention."""
+  import os
+
+  from jdiff import checkpoint
+  from jdiff.models import layers
+  from train import vae as vae_train
+
+  seen = []
+  make = training.make_train_step
+
+  def recording(*args, **kwargs):
+    seen.append(layers._attention_impl[0])
+    return make(*args, **kwargs)
+
+  monkeypatch.setattr(training, "make_train_step", recording)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "vae"
+  rc = vae_train.main(["prog", "--config", os.path.join(root, "configs", "vae_tiny.py"), "--workdir", str(workdir),
+                       f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.steps=1",
+                       "--config.train.mu_dtype=bfloat16", "--config.train.nu_dtype=bfloat16",
+                       "--config.train.ema=False", "--config.train.attention=chunked"])
+  assert rc == 0 and seen == ["chunked"] and layers._attention_impl[0] is None
+  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
+  try:
+    saved = ckpt.saved_shapes()
+  finally:
+    ckpt.close()
+  assert saved.get("ema_params") is None
+  dtypes = {str(m.dtype) for m in jax.tree.leaves(saved["opt_state"]) if len(getattr(m, "shape", ())) > 1}
+  assert dtypes == {"bfloat16"}, dtypes

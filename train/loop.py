@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 
 from jdiff import checkpoint, parallel, training
+from jdiff.models import layers
 
 __all__ = ["Task", "train", "save_grid", "make_grid", "main_wrapper", "load_config", "apply_overrides",
            "ProgressLogger", "Preempted", "EXIT_PREEMPTED", "EXIT_USAGE", "accumulate_gradients",
@@ -286,7 +287,9 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
 
   ``cfg`` is a train section: steps, learning_rate, warmup_steps, lr_schedule, clip_norm,
   weight_decay, ema_decay, ema_warmup, max_bad_steps, (optional: mu_dtype, nu_dtype: Adam moment storage
-  dtypes, e.g. "bfloat16"; ema: false drops the sampling EMA; ema_dtype), log_every, checkpoint_every, sample_every,
+  dtypes, e.g. "bfloat16"; ema: false drops the sampling EMA; ema_dtype; attention: the
+  :func:`jdiff.models.layers.attention_implementation` the step and sample grids are traced under, e.g.
+  "chunked"), log_every, checkpoint_every, sample_every,
   keep_checkpoints, fsdp (mesh size of the "fsdp" axis, 1 = replicated params), stop_at (stop
   after this step as if killed; 0 = no), grad_accum (micro-batches per step; optional, default 1).
 
@@ -300,7 +303,8 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
   validate_config(cfg)
   _GUARD.install()
   try:
-    return _train(cfg, task, loader, workdir, seed=seed, stream=stream)
+    with layers.attention_implementation(cfg.get("attention") or None):  # read when the steps are traced
+      return _train(cfg, task, loader, workdir, seed=seed, stream=stream)
   finally:
     _GUARD.uninstall()
 
@@ -426,6 +430,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   return mod.get_config() if arg is None else mod.get_config(arg)
 
 
+_STATE_DTYPES = ("", None, "float32", "bfloat16")
 _TRAIN_KEYS = {
     # key: (types, check, what it must be)
     "steps": ((int,), lambda v: v >= 1, "an integer >= 1"),
@@ -446,8 +451,14 @@ _TRAIN_KEYS = {
     "stop_at": ((int,), lambda v: v >= 0, "an integer >= 0"),
     "batch_size": ((int,), lambda v: v >= 0, "an integer >= 0 (0: data.batch_size)"),
     "grad_accum": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "mu_dtype": ((str, type(None)), lambda v: v in _STATE_DTYPES, "'', 'float32' or 'bfloat16'"),
+    "nu_dtype": ((str, type(None)), lambda v: v in _STATE_DTYPES, "'', 'float32' or 'bfloat16'"),
+    "ema": ((bool,), lambda v: True, "true or false"),
+    "ema_dtype": ((str, type(None)), lambda v: v in _STATE_DTYPES, "'', 'float32' or 'bfloat16'"),
+    "attention": ((str, type(None)), lambda v: v in ("", None, "xla", "cudnn", "chunked"),
+                  "'', 'xla', 'cudnn' or 'chunked'"),
 }
-_OPTIONAL_TRAIN_KEYS = ("batch_size", "grad_accum")
+_OPTIONAL_TRAIN_KEYS = ("batch_size", "grad_accum", "mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention")
 
 
 def validate_config(cfg: ml_collections.ConfigDict, *, prefix: str = "train") -> None:
