@@ -55,17 +55,25 @@ def sd_v_folder(sd_folder, tmp_path_factory):
   return folder
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-  """Six captioned images of several sizes, captions in diffusers' metadata.jsonl."""
-  folder = tmp_path_factory.mktemp("photos")
+PHOTO_SIZES = [(40, 36), (32, 32), (48, 64), (36, 40), (33, 50), (64, 40)]  # (h, w) of the folder's images
+
+
+def write_captioned_images(folder):
+  """Six random RGB images of the sizes :data:`PHOTO_SIZES` in ``folder``, captions in diffusers'
+  metadata.jsonl; returns ``folder``."""
   rng = np.random.default_rng(0)
   rows = []
-  for i, (h, w) in enumerate([(40, 36), (32, 32), (48, 64), (36, 40), (33, 50), (64, 40)]):
+  for i, (h, w) in enumerate(PHOTO_SIZES):
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
     rows.append({"file_name": f"img{i}.png", "text": f"a photo of object number {i}"})
   (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """Six captioned images of several sizes (:func:`write_captioned_images`)."""
+  return write_captioned_images(tmp_path_factory.mktemp("photos"))
 
 
 def _config(pretrained, **diffusion):

@@ -18,7 +18,6 @@ fine-tune test does (float32 rounding, epsilon 1.2e-7, grown by ~1e2 through the
 from __future__ import annotations
 
 import filecmp
-import json
 import os
 import shutil
 
@@ -26,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -35,6 +33,8 @@ from jdiff import ldm  # noqa: E402
 from jdiff.pipelines import StableDiffusion  # noqa: E402
 from jdiff.sdxl import StableDiffusionXL  # noqa: E402
 from tests.parity.test_sdxl_models import build_tiny_sdxl  # noqa: E402
+from tests.test_finetune import PHOTO_SIZES as SIZES  # noqa: E402
+from tests.test_finetune import write_captioned_images  # noqa: E402
 from train import ldm as train_ldm  # noqa: E402
 from train import loop  # noqa: E402
 from train import vae as vae_train  # noqa: E402
@@ -42,7 +42,6 @@ from train import vae as vae_train  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "sd_finetune.py")
 SIZE = 32  # pixels: 16 x 16 latents with the tiny 2-level VAE
-SIZES = [(40, 36), (32, 32), (48, 64), (36, 40), (33, 50), (64, 40)]  # (h, w) of the folder's images
 FROZEN = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
@@ -55,15 +54,18 @@ def sdxl_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-  """Six captioned images of several sizes, captions in diffusers' metadata.jsonl."""
-  folder = tmp_path_factory.mktemp("sdxl_photos")
-  rng = np.random.default_rng(0)
-  rows = []
-  for i, (h, w) in enumerate(SIZES):
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    rows.append({"file_name": f"img{i}.png", "text": f"a photo of object number {i}"})
-  (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  return folder
+  """Six captioned images of several sizes (:func:`tests.test_finetune.write_captioned_images`)."""
+  return write_captioned_images(tmp_path_factory.mktemp("sdxl_photos"))
+
+
+def unet_probe():
+  """Fixed inputs of the tiny SDXL UNet ``(x, t, context, pooled text, time ids)`` for comparing outputs."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
+  ctx = rng.standard_normal((2, 20, 80)).astype(np.float32)
+  pooled = rng.standard_normal((2, 40)).astype(np.float32)
+  ids = np.array([[40, 36, 4, 0, 32, 32], [48, 64, 0, 10, 32, 32]], np.float32)
+  return x, np.array([10, 700]), ctx, pooled, ids
 
 
 def _config(pretrained, **diffusion):
@@ -233,12 +235,7 @@ def test_cli_sdxl_fine_tune_exports_a_folder_diffusers_runs(finetuned, sdxl_fold
                                                               jax.tree.leaves(start.unet_params)))
   assert moved > 1e-4
   # diffusers' UNet from the export computes what jdiff's trained parameters compute
-  rng = np.random.default_rng(3)
-  x = rng.standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
-  ctx = rng.standard_normal((2, 20, 80)).astype(np.float32)
-  pooled = rng.standard_normal((2, 40)).astype(np.float32)
-  ids = np.array([[40, 36, 4, 0, 32, 32], [48, 64, 0, 10, 32, 32]], np.float32)
-  t = np.array([10, 700])
+  x, t, ctx, pooled, ids = unet_probe()
   mine = np.asarray(ours.unet.apply({"params": state["params"]}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx),
                                     text_embeds=jnp.asarray(pooled), time_ids=jnp.asarray(ids)))
   with torch.no_grad():

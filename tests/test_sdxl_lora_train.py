@@ -177,12 +177,7 @@ def test_cli_sdxl_lora_adapter_loads_in_diffusers(trained, sdxl_folder):
   assert len(written) == len(adapter.factors)
   wrapped = {"unet." + name for name, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
   assert wrapped == written  # every module of the file became a PEFT layer, and nothing else
-  rng = np.random.default_rng(3)
-  x = rng.standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
-  ctx = rng.standard_normal((2, 20, 80)).astype(np.float32)
-  pooled = rng.standard_normal((2, 40)).astype(np.float32)
-  ids = np.array([[40, 36, 4, 0, 32, 32], [48, 64, 0, 10, 32, 32]], np.float32)
-  t = np.array([10, 700])
+  x, t, ctx, pooled, ids = sdxl_ft.unet_probe()
   merged = lora.merge(base.unet_params, adapter)
   mine = np.asarray(base.unet.apply({"params": merged}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx),
                                     text_embeds=jnp.asarray(pooled), time_ids=jnp.asarray(ids)))
