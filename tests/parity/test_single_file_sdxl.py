@@ -26,6 +26,7 @@ from jdiff.pipelines import StableDiffusion  # noqa: E402
 from jdiff.sdxl import StableDiffusionXL  # noqa: E402
 from tests.parity.test_sdxl_models import PROJ, WIDTH_1, WIDTH_2  # noqa: E402
 from tests.parity.test_sdxl_pipeline import PROMPTS, folders  # noqa: E402,F401  (module fixture)
+from tests.parity.test_single_file import _state_dicts_equal  # noqa: E402
 
 CLASSES = {"base": "StableDiffusionXLPipeline", "refiner": "StableDiffusionXLImg2ImgPipeline"}
 
@@ -39,14 +40,6 @@ def written(folders, tmp_path_factory):  # noqa: F811
     ours = StableDiffusionXL.from_diffusers(folder)
     cases[which] = (folder, ours, ours.save_single_file(out / f"{which}.safetensors"))
   return cases
-
-
-def _state_dicts_equal(want: torch.nn.Module, got: torch.nn.Module, part: str) -> None:
-  a, b = want.state_dict(), got.state_dict()
-  assert sorted(a) == sorted(b), part
-  for name in a:
-    assert b[name].device.type != "meta", f"{part}.{name} was not loaded"
-    assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), f"{part}.{name}"
 
 
 @pytest.mark.parametrize("which", ["base", "refiner"])
