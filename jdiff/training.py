@@ -270,8 +270,7 @@ def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTr
 
   start = None if callable(init_fn) else jax.tree.map(jnp.asarray, init_fn)
 
-  def init(k_init, rng, start):
-    params = init_fn(k_init) if start is None else start
+  def from_params(params, rng):
     extra = {name: params for name in names} if names else None
     ema_params = None
     if ema:
@@ -279,9 +278,14 @@ def create_train_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTr
     return TrainState(step=_zero_int(), params=params, ema_params=ema_params, opt_state=tx.init(params),
                       rng=rng, bad_steps=_zero_int(), skipped_steps=_zero_int(), extra_ema=extra)
 
-  abstract = jax.eval_shape(init, k_init, rng, start)
+  abstract = jax.eval_shape(lambda k, r: from_params(init_fn(k) if start is None else start, r), k_init, rng)
   shardings = state_shardings(abstract, mesh, fsdp=fsdp, min_size=min_size)
-  return jax.jit(init, out_shardings=shardings)(k_init, rng, start)
+  if start is not None:
+    return jax.jit(from_params, out_shardings=shardings)(start, rng)
+  # Generated parameters come from a program of their own, so the random generation's temporaries are gone
+  # before the moments and EMAs exist; the state program then takes the parameters over (donated).
+  params = jax.jit(init_fn, out_shardings=shardings.params)(k_init)
+  return jax.jit(from_params, out_shardings=shardings, donate_argnums=0)(params, rng)
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
