@@ -163,11 +163,13 @@ class DiTPipeline:
     return [self.labels[n] for n in names]
 
   def model_fn(self, transformer_params: Any, class_labels: jax.Array, *,
-               guidance_scale: float | jax.Array | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+               guidance_scale: float | jax.Array | None = None,
+               guidance_rescale: float | jax.Array = 0.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The epsilon model ``model_fn(x_t [B, h, w, C], t [B]) -> eps [B, h, w, C]`` for labels [B].
 
     With ``guidance_scale`` it is classifier-free guided against the null class
-    (:func:`jdiff.guidance.cfg`, one doubled batch) on the epsilon channels.
+    (:func:`jdiff.guidance.cfg`, one doubled batch) on the epsilon channels, with ``guidance_rescale``
+    (0: off) blending toward the conditional output's standard deviation.
 
     Example:
       >>> fn = pipe.model_fn(pipe.transformer_params, jnp.array([207]), guidance_scale=4.0)  # doctest: +SKIP
@@ -184,7 +186,7 @@ class DiTPipeline:
     if guidance_scale is None:
       return lambda x, t: apply(x, t, labels)
     null = jnp.full(labels.shape, cfg.null_class, jnp.int32)
-    return guidance.cfg(apply, labels, null, guidance_scale)
+    return guidance.cfg(apply, labels, null, guidance_scale, guidance_rescale=guidance_rescale)
 
   def decode(self, vae_params: Any, latents: jax.Array) -> jax.Array:
     """Latents [B, h, w, C] (as the transformer sees them) -> float32 images [B, H, W, 3] in [0, 1]."""
@@ -193,7 +195,8 @@ class DiTPipeline:
 
   def sample(self, transformer_params: Any, class_labels: jax.Array, noise: jax.Array, *,
              key: jax.Array | None = None, guidance_scale: float | jax.Array | None = None,
-             sampler: str | None = None, num_steps: int = 50, vae_params: Any = None, **options: Any) -> jax.Array:
+             guidance_rescale: float | jax.Array = 0.0, sampler: str | None = None, num_steps: int = 50,
+             vae_params: Any = None, **options: Any) -> jax.Array:
     """Pure generation (jit it): labels [B] and x_T [B, h, w, C] -> images [B, H, W, 3] in [0, 1].
 
     ``guidance_scale`` None samples the conditional model alone; any value guides (see :meth:`generate`
@@ -201,7 +204,8 @@ class DiTPipeline:
     """
     sampler = sampler or self.sampler
     vae_params = self.vae_params if vae_params is None else vae_params
-    fn = self.model_fn(transformer_params, class_labels, guidance_scale=guidance_scale)
+    fn = self.model_fn(transformer_params, class_labels, guidance_scale=guidance_scale,
+                       guidance_rescale=guidance_rescale)
     z0 = samplers.sample(sampler, fn, self.schedule, noise, num_steps=num_steps, key=key, prediction=self.prediction,
                          **{**self._defaults(sampler), **options})
     return self.decode(vae_params, z0)
@@ -213,8 +217,8 @@ class DiTPipeline:
   # ---- generation ----
 
   def generate(self, class_labels: Sequence[int] | jax.Array, *, key: jax.Array, num_steps: int = 50,
-               guidance_scale: float = 4.0, latents: jax.Array | None = None, sampler: str | None = None,
-               **sampler_options: Any) -> jax.Array:
+               guidance_scale: float = 4.0, guidance_rescale: float = 0.0, latents: jax.Array | None = None,
+               sampler: str | None = None, **sampler_options: Any) -> jax.Array:
     """Generates one image per class label, as diffusers' ``DiTPipeline.__call__``.
 
     Args:
@@ -222,6 +226,7 @@ class DiTPipeline:
       key: PRNG key for the initial latents (when ``latents`` is None) and stochastic samplers.
       num_steps: sampler steps.
       guidance_scale: classifier-free guidance weight; guidance runs only when it is > 1 (diffusers).
+      guidance_rescale: guidance-rescale weight in [0, 1] (0: off) when guiding.
       latents: initial noise [B, h, w, C] (NHWC, unit variance) instead of drawing it from ``key``.
       sampler: a registered sampler name; default the scheduler config's (:attr:`sampler`).
       **sampler_options: override the scheduler-config options (``eta``, ``order``, ...).
@@ -256,13 +261,14 @@ class DiTPipeline:
     guided = float(guidance_scale) > 1.0
     program = self._program(sampler, int(num_steps), guided, options)
     return program(self.transformer_params, self.vae_params, self.schedule, jnp.asarray(labels, jnp.int32), latents,
-                   jnp.float32(guidance_scale), sample_key)
+                   jnp.float32(guidance_scale), jnp.float32(guidance_rescale), sample_key)
 
   def _program(self, method: str, num_steps: int, guided: bool, options: dict[str, Any]) -> Callable[..., jax.Array]:
     cache_key = (method, num_steps, guided, static_key(options))
     if cache_key not in self._programs:
-      def run(transformer_params, vae_params, schedule, labels, latents, scale, key):
-        fn = self.model_fn(transformer_params, labels, guidance_scale=scale if guided else None)
+      def run(transformer_params, vae_params, schedule, labels, latents, scale, rescale, key):
+        fn = self.model_fn(transformer_params, labels, guidance_scale=scale if guided else None,
+                           guidance_rescale=rescale)
         z0 = samplers.sample(method, fn, schedule, latents, num_steps=num_steps, key=key, prediction=self.prediction,
                              **options)
         return self.decode(vae_params, z0)

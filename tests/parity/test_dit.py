@@ -288,6 +288,27 @@ def test_dit_pipeline_matches_diffusers(dit_pipelines, name):
   assert rel_err(got, want) <= RTOL
 
 
+def test_dit_guidance_rescale_is_diffusers_rescale_noise_cfg(dit_pipelines):
+  """``guidance_rescale`` on the DiT's guided epsilon equals diffusers' ``rescale_noise_cfg`` of the guided
+  and conditional epsilons (DiTPipeline has no such option; the SD pipelines' function is the reference),
+  and generate() runs it."""
+  from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+  jp = DiTPipeline.from_diffusers(dit_pipelines["ddim_cfg"][1])
+  labels = jnp.array([3, 999])
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  t = jnp.array([500, 20])
+  guided = np.asarray(jp.model_fn(jp.transformer_params, labels, guidance_scale=4.0)(x, t))
+  cond = np.asarray(jp.model_fn(jp.transformer_params, labels)(x, t))
+  got = np.asarray(jp.model_fn(jp.transformer_params, labels, guidance_scale=4.0, guidance_rescale=0.7)(x, t))
+  want = rescale_noise_cfg(torch.from_numpy(guided).permute(0, 3, 1, 2), torch.from_numpy(cond).permute(0, 3, 1, 2),
+                           guidance_rescale=0.7).permute(0, 2, 3, 1).numpy()
+  assert rel_err(got, want) <= RTOL and rel_err(got, guided) > 1e-3
+  images = jp.generate([3, 999], key=jax.random.key(1), num_steps=2, guidance_scale=4.0, guidance_rescale=0.7)
+  assert images.shape == (2, 16, 16, 3) and bool(jnp.all(jnp.isfinite(images)))
+
+
 # ---- bad input ----
 
 
