@@ -44,7 +44,7 @@ def lower_step(variant: str) -> dict:
   ids = jnp.zeros((1, 77), jnp.int32)
   encoders = bundle.encoders if variant == "sdxl" else [bundle.text_encoder]
   texts = tuple(jax.eval_shape(lambda k, e=e: e.init(k, ids)["params"], key) for e in encoders)
-  n = len(encoders)  # SDXL: both tokenizers' ids stacked per example (train.ldm.tokenize_fn)
+  n = len(encoders)  # SDXL: both tokenizers' ids stacked per example (the bundle's batch_tokenize)
   tokens = (n, 77) if variant == "sdxl" else (77,)
   frozen = {"vae": jax.eval_shape(lambda k: bundle.vae.init(k, img)["params"], key),
             "text": texts if variant == "sdxl" else texts[0], "null_tokens": jax.ShapeDtypeStruct((1,) + tokens, jnp.int32)}

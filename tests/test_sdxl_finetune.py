@@ -124,7 +124,7 @@ def test_sdxl_objective_equals_diffusers_recipe(sdxl_folder, cond_drop):
   images = np.random.default_rng(1).uniform(-1, 1, (b, SIZE, SIZE, 3)).astype(np.float32)
   original = np.array([[40, 36], [64, 48], [33, 50], [32, 32]], np.int32)
   crops = np.array([[4, 0], [0, 8], [0, 9], [0, 0]], np.int32)
-  tokens = train_ldm.tokenize_fn(bundle)(captions)  # [B, 2, L]
+  tokens = bundle.batch_tokenize(captions)  # [B, 2, L]
   batch = {"image": jnp.asarray(images), "tokens": jnp.asarray(tokens), "original_size": jnp.asarray(original),
            "crops_coords_top_left": jnp.asarray(crops)}
   assert set(task.batch_keys) == set(batch)
@@ -170,7 +170,7 @@ def test_sdxl_batches_carry_original_size_and_crop(sdxl_folder, image_folder):
   config.data.path = str(image_folder)
   config.data.crop, config.data.flip = "random", True
   bundle = ldm.finetune_bundle(config)
-  batch = next(vae_train.make_loader(config, tokenize=train_ldm.tokenize_fn(bundle), batch_size=len(SIZES)))
+  batch = next(vae_train.make_loader(config, tokenize=bundle.batch_tokenize, batch_size=len(SIZES)))
   assert batch["tokens"].shape == (len(SIZES), 2, 20) and batch["tokens"].dtype == np.int32
   assert sorted(map(tuple, batch["original_size"].tolist())) == sorted(SIZES)  # one epoch: every image once
   for (hh, ww), (top, left) in zip(batch["original_size"], batch["crops_coords_top_left"]):

@@ -43,7 +43,7 @@ from jdiff.tokenizers import ByteTokenizer
 from train import loop
 from train import vae as vae_train
 
-__all__ = ["byte_tokenize", "BYTE_VOCAB", "build", "init_params", "split_params", "tokenize_fn", "null_tokens",
+__all__ = ["byte_tokenize", "BYTE_VOCAB", "build", "init_params", "split_params",
            "make_loss", "make_task", "train_ldm", "main"]
 
 BOS, EOS, PAD = ByteTokenizer.bos_token_id, ByteTokenizer.eos_token_id, ByteTokenizer.pad_token_id
@@ -80,17 +80,6 @@ def split_params(config: ml_collections.ConfigDict, params: Any, text_params: An
   if _text_trainable(config):
     return params["unet"], params["text"]
   return params, text_params
-
-
-def tokenize_fn(bundle: StableDiffusion):
-  """``caption(s) -> token ids`` as a batch holds them (the bundle's ``batch_tokenize``): ``[L]`` (``[B, L]``
-  for a list), or for SDXL each tokenizer's ids stacked, ``[2, L]`` (``[B, 2, L]``)."""
-  return bundle.batch_tokenize
-
-
-def null_tokens(bundle: StableDiffusion) -> jax.Array:
-  """The empty prompt's token ids ``[1, L]`` (SDXL: ``[1, 2, L]``), the bundle's ``batch_null_tokens``."""
-  return bundle.batch_null_tokens()
 
 
 def make_loss(config: ml_collections.ConfigDict, bundle: StableDiffusion):
@@ -154,14 +143,12 @@ def make_task(config: ml_collections.ConfigDict, bundle: StableDiffusion) -> loo
   prompts = [p for p in str(s.get("prompts", "") or "").split("|") if p]
   if not prompts:
     prompts, _ = digit_prompts(max(1, min(int(s.per_prompt), 4)))
-  is_sdxl = isinstance(bundle, StableDiffusionXL)
-  tokens = jnp.asarray(bundle.tokenize(prompts))  # [B, L] (SDXL: [2, B, L], one row per tokenizer)
+  ids = jax.tree.map(jnp.asarray, bundle.tokenize(prompts))  # [B, L] (SDXL: one [B, L] per tokenizer)
 
   @jax.jit
   def sample_fn(ema, key):
     unet_params, text_params = split_params(config, ema, bundle.text_params)
     noise = jax.random.normal(key, (len(prompts),) + bundle.latent_shape, jnp.float32)
-    ids = tuple(tokens) if is_sdxl else tokens
     return bundle.sample(unet_params, ids, noise, text_params=text_params, sampler=s.sampler,
                          num_steps=s.num_steps, guidance_scale=s.guidance_scale)
 
