@@ -4,16 +4,18 @@
 The VAE is a finished ``train.vae`` workdir or the one a ``train.ldm`` run trained (default
 ``workdir/ldm_digits``, whose VAE lies in ``workdir/ldm_digits/vae``); the byte-level text encoder and
 the UNet are those of ``configs/ldm_digits.py``, trained from scratch together. The loss is
-:func:`jdiff.consistency.training_loss` on the skipping-step grid of N(k) - 1 intervals, N(k) and the
-target network's EMA decay mu(k) following the discretisation curriculum of Song et al. (2023)
-(``ct.curriculum="ct"``; s0 = 2, s1 = 200, mu0 = 0.95 are their ImageNet-64 settings, and 200 divides
-the 1000 training timesteps, so the final grid ends at t = 999, where one-step sampling starts). The
-network predicts v (``diffusion.prediction="v"``), wrapped in the boundary-condition scalings: its
-x0 = alpha_t x_t - sigma_t v is Song et al.'s skip parameterisation with sigma_data = 1 (the latents
-have unit variance), so f(x_t, t) -> x_t as t -> 0 whatever the UNet outputs, which is how the data
-reach the loss without a teacher (with "sample" and LCM's c_skip, which vanishes from t = 1 on, only
-the pairs ending exactly at t = 0 see the data; :func:`train.ct.check_anchored`). Samples use the
-LCM sampler, unguided.
+:func:`jdiff.consistency.training_loss` with the "ect" curriculum (``ct.curriculum``): t uniform in
+[1, T - 1], the target at s = t - ceil(t / D(k)), the divisor D(k) doubling from s0 = 1 (the denoising
+loss f(x_t, t) ~ x_0 at every t: the first stage is a one-step denoiser) to s1 = 16 in five equal stages,
+the target the stop-gradient online network (Geng et al., 2024, on the discrete schedule). "ct" (Song et
+al., 2023: the skipping-step grid of N(k) - 1 intervals growing to s1 = 200, target EMA decay mu(k)) and
+"ict" (doubling grid, target decay 0) remain options ("ct" did not learn the digits in 3000 steps:
+docs/RESULTS.md). The network predicts v (``diffusion.prediction="v"``), wrapped in the
+boundary-condition scalings: its x0 = alpha_t x_t - sigma_t v is Song et al.'s skip parameterisation with
+sigma_data = 1 (the latents have unit variance), so f(x_t, t) -> x_t as t -> 0 whatever the UNet outputs
+(with "sample" and LCM's c_skip, which vanishes from t = 1 on, a model is not tied to its input there;
+:func:`train.ct.check_anchored`). Samples use the LCM sampler, unguided, on every training timestep (one
+step starts at t = 999).
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.ct = ml_collections.ConfigDict(dict(
-      curriculum="ct",              # "ct" (Song et al. 2023) or "ict" (doubling N, target decay 0)
-      s0=2, s1=200,                 # intervals of the grid at the first / last step (s1 <= num_timesteps)
-      mu0=0.95,                     # target EMA decay at N = s0 ("ct"); mu(k) = exp(s0 log(mu0) / N(k))
+      curriculum="ect",             # "ect" (proportional gaps), "ct" (Song et al. 2023) or "ict" (doubling grid)
+      s0=1, s1=16,                  # first / last gap divisor ("ect") or grid intervals ("ct", "ict"; s1 <= 1000)
+      mu0=0.95,                     # target EMA decay at N = s0 ("ct" only); mu(k) = exp(s0 log(mu0) / N(k))
       loss_type="huber",            # "huber" (pseudo-Huber) or "l2"
       huber_c=0.00864,              # 0.00054 sqrt(d), d = 8 * 8 * 4 latent dimensions (iCT's rule)
       timestep_scaling=10.0,        # boundary-condition scaling (c_skip, c_out), as the LCM sampler uses

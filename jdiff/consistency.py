@@ -56,6 +56,7 @@ __all__ = [
     "guided_teacher",
     "skipping_timesteps",
     "skipping_pairs",
+    "proportional_pairs",
     "ddim_step",
     "dpm_solver_2_step",
     "teacher_step",
@@ -66,11 +67,14 @@ __all__ = [
     "training_loss",
     "CURRICULA",
     "ct_curriculum",
+    "curriculum_spacing",
+    "curriculum_sampling_grid",
 ]
 
 SIGMA_DATA = 0.5
 SOLVERS = ("ddim", "dpm_solver_2")
 DISTANCES = ("huber", "l2")
+SPACINGS = ("grid", "proportional")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 GuidedFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -232,6 +236,19 @@ def skipping_pairs(num_train_timesteps: int, num_ddim_timesteps: int | jax.Array
   k = jnp.int32(num_train_timesteps) // jnp.asarray(num_ddim_timesteps, jnp.int32)
   t_start = (jnp.asarray(index, jnp.int32) + 1) * k - 1
   return t_start, jnp.maximum(t_start - k, 0)
+
+
+def proportional_pairs(num_train_timesteps: int, num_intervals: int | jax.Array,
+                       t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(t, s) with s = t - ceil(t / num_intervals) for timesteps t in [1, T - 1] [B]: the pair whose gap is
+  the fraction 1 / num_intervals of t (at least one timestep). With one interval s = 0 for every t (the
+  consistency loss is then the denoising loss f(x_t, t) ~ x_0); each doubling halves the gap (the
+  continuous-time curriculum of Geng et al., 2024, "Consistency Models Made Easy", on a discrete
+  schedule). ``num_intervals`` may be a traced int32 scalar."""
+  del num_train_timesteps  # t is drawn by the caller; kept for the signature of skipping_pairs
+  t = jnp.asarray(t, jnp.int32)
+  d = jnp.asarray(num_intervals, jnp.int32)
+  return t, t - (t + d - 1) // d
 
 
 # ----------------------------------------------------------------------------- teacher ODE steps
@@ -453,8 +470,10 @@ def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, *, key
                   target_fn: ModelFn | None = None, num_ddim_timesteps: int = 50, loss_type: str = "huber",
                   huber_c: float = 0.001, prediction: str = "epsilon", timestep_scaling: float = 10.0,
                   sigma_data: float = SIGMA_DATA, index: jax.Array | None = None,
-                  noise: jax.Array | None = None, reduce: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Consistency training without a teacher (Song et al., 2023) on the skipping-step grid.
+                  noise: jax.Array | None = None, reduce: bool = True,
+                  spacing: str = "grid") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Consistency training without a teacher (Song et al., 2023), on the skipping-step grid or with
+  proportional gaps.
 
   The teacher's ODE step is replaced by the exact-score-free estimate: with one noise draw z,
   x_t = alpha_t x0 + sigma_t z and x_s = alpha_s x0 + sigma_s z, which is the DDIM step from x_t
@@ -468,9 +487,13 @@ def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, *, key
     key: PRNG key (index and noise).
     target_fn: the target network (default: the student, under stop_gradient).
     num_ddim_timesteps: the grid size; an int, or a traced int32 scalar (the curriculum's N(k) - 1
-      intervals, :func:`ct_curriculum`).
-    loss_type, huber_c, prediction, timestep_scaling, sigma_data, index, noise,
+      intervals, :func:`ct_curriculum`). With ``spacing="proportional"``: the divisor of t in the gap.
+    loss_type, huber_c, prediction, timestep_scaling, sigma_data, noise,
     reduce: as in :func:`distillation_loss`.
+    index: grid indices [B] ("grid"), or the timesteps t in [1, T - 1] ("proportional"); drawn
+      uniformly from ``key`` when None.
+    spacing: "grid" (pairs (t_{n+k}, t_n) of :func:`skipping_pairs`) or "proportional" (t uniform in
+      [1, T - 1], s = t - ceil(t / num_ddim_timesteps): :func:`proportional_pairs`).
 
   Returns:
     (loss, metrics) with the mean ``t`` sampled.
@@ -479,8 +502,20 @@ def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, *, key
     >>> loss, _ = consistency.training_loss(lambda x, t: unet.apply(p, x, t, c), sched, x0, key=key)
   """
   prediction = diffusion.check_prediction(prediction)
+  if spacing not in SPACINGS:
+    raise ValueError(f"spacing={spacing!r}: expected one of {SPACINGS}")
   k_idx, k_noise = jax.random.split(key)
-  x0, t, s, noise = _draw_pair(k_idx, k_noise, schedule, x0, num_ddim_timesteps, index, noise)
+  if spacing == "grid":
+    x0, t, s, noise = _draw_pair(k_idx, k_noise, schedule, x0, num_ddim_timesteps, index, noise)
+  else:
+    big_t = schedule.num_timesteps
+    if index is None:
+      index = jax.random.randint(k_idx, (x0.shape[0],), 1, big_t, dtype=jnp.int32)
+    elif jnp.shape(index) != (x0.shape[0],):
+      raise ValueError(f"index must have shape [{x0.shape[0]}], got {jnp.shape(index)}")
+    t, s = proportional_pairs(big_t, num_ddim_timesteps, index)
+    x0 = x0.astype(jnp.float32)
+    noise = (jax.random.normal(k_noise, x0.shape, jnp.float32) if noise is None else noise).astype(jnp.float32)
   x_t = diffusion.q_sample(schedule, x0, t, noise)
   x_s = diffusion.q_sample(schedule, x0, s, noise)
   scal = dict(timestep_scaling=timestep_scaling, sigma_data=sigma_data)
@@ -494,7 +529,7 @@ def training_loss(student_fn: ModelFn, schedule: Schedule, x0: jax.Array, *, key
 
 # ----------------------------------------------------------------------------- consistency training curriculum
 
-CURRICULA = ("ct", "ict")
+CURRICULA = ("ct", "ict", "ect")
 
 
 def ct_curriculum(total_steps: int, *, kind: str = "ct", s0: int = 2, s1: int = 200,
@@ -508,13 +543,17 @@ def ct_curriculum(total_steps: int, *, kind: str = "ct", s0: int = 2, s1: int = 
     + s0^2) - 1) + 1 and mu(k) = exp(s0 log(mu0) / N(k)) (the target network's EMA decay);
   * ``"ict"`` (Song & Dhariwal, 2023, "Improved Techniques for Training Consistency Models"):
     N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2(floor(s1 / s0)) + 1)), and
-    mu(k) = 0 (the target is the stop-gradient online network).
+    mu(k) = 0 (the target is the stop-gradient online network);
+  * ``"ect"``: the same doubling N(k) and mu(k) = 0, read as the divisor of the proportional gaps
+    (``training_loss(..., spacing="proportional")``, :func:`proportional_pairs`): with s0 = 1 the
+    first stage is the denoising loss at every t, and each later stage halves the gap (Geng et al.,
+    2024, "Consistency Models Made Easy").
 
   Computed on the host in float64 / exact integers; a train step reads them by its step.
 
   Args:
     total_steps: K, the training steps the curriculum spans.
-    kind: "ct" or "ict".
+    kind: "ct", "ict" or "ect".
     s0, s1: the initial and final number of intervals (s0 >= 1, s1 >= s0).
     mu0: the target decay at N = s0 ("ct" only), in [0, 1).
 
@@ -547,8 +586,21 @@ def ct_curriculum(total_steps: int, *, kind: str = "ct", s0: int = 2, s1: int = 
     m = np.where(m * m * big_k < kx, m + 1, m)
     n = m  # ceil(sqrt(x) - 1) + 1 = ceil(sqrt(x))
     mu = np.exp(s0 * np.log(float(mu0)) / n) if mu0 > 0 else np.zeros(big_k)
-  else:
+  else:  # "ict" and "ect"
     k_prime = max(1, int(np.floor(big_k / (np.log2(s1 // s0) + 1.0))))
     n = np.minimum(s0 * 2 ** (k // k_prime), s1) + 1
     mu = np.zeros(big_k)
   return n.astype(np.int32), mu.astype(np.float64)
+
+
+def curriculum_spacing(kind: str) -> str:
+  """The ``training_loss`` spacing a curriculum is read with: "proportional" for "ect", else "grid"."""
+  if kind not in CURRICULA:
+    raise ValueError(f"curriculum {kind!r}: expected one of {CURRICULA}")
+  return "proportional" if kind == "ect" else "grid"
+
+
+def curriculum_sampling_grid(kind: str, s1: int, num_train_timesteps: int) -> int:
+  """The skipping-step grid a consistency-trained model samples on: its final training grid (s1
+  points) for "ct" / "ict"; every timestep for "ect", whose pairs start anywhere in [1, T - 1]."""
+  return int(num_train_timesteps) if curriculum_spacing(kind) == "proportional" else int(s1)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jdiff import checkpoint, lora, parallel, schedules
+from jdiff import checkpoint, consistency, lora, parallel, schedules
 from jdiff.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from jdiff.models.text import CLIPTextConfig, CLIPTextModel
 from jdiff.tokenizers import ByteTokenizer
@@ -645,7 +645,8 @@ def _load_lcm(workdir: str, config):
 def _load_ct(workdir: str, config):
   bundle = _load_ldm(workdir, config)  # the VAE of vae.pretrained, the config's text encoder and UNet, EMA weights
   c = config.ct
-  model = lcm_student(bundle, w_dim=None, num_ddim_timesteps=int(c.s1), timestep_scaling=float(c.timestep_scaling),
+  grid = consistency.curriculum_sampling_grid(c.get("curriculum", "ct"), int(c.s1), bundle.schedule.num_timesteps)
+  model = lcm_student(bundle, w_dim=None, num_ddim_timesteps=grid, timestep_scaling=float(c.timestep_scaling),
                       unet_params=bundle.unet_params)
   s = config.get("sample", None) or {}
   defaults = {**dict(model.defaults), **{k: s[k] for k in ("num_steps", "guidance_scale") if k in s}}

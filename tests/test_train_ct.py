@@ -51,6 +51,65 @@ def test_ict_curriculum_closed_form(big_k, s0, s1):
   assert np.all(mu == 0.0)
 
 
+@pytest.mark.parametrize("big_k,s0,s1", [(3000, 1, 16), (100, 1, 8), (9, 2, 64)])
+def test_ect_curriculum_doubles_the_divisor(big_k, s0, s1):
+  """"ect" reads the doubling N(k) of iCT as the divisor of the gap; its target is the online network."""
+  n, mu = consistency.ct_curriculum(big_k, kind="ect", s0=s0, s1=s1)
+  np.testing.assert_array_equal(n, [ict_n(k, big_k, s0, s1) for k in range(big_k)])
+  assert np.all(mu == 0.0)
+  assert consistency.curriculum_spacing("ect") == "proportional"
+  assert consistency.curriculum_spacing("ct") == consistency.curriculum_spacing("ict") == "grid"
+  assert consistency.curriculum_sampling_grid("ect", s1, 1000) == 1000
+  assert consistency.curriculum_sampling_grid("ict", s1, 1000) == s1
+
+
+def test_proportional_pairs_closed_form():
+  """s = t - ceil(t / d) in exact integers (at least one timestep apart, s = 0 for d = 1), traced d."""
+  t = np.arange(1, 1000)
+  pairs = jax.jit(lambda d, tt: consistency.proportional_pairs(1000, d, tt))
+  for d in (1, 2, 3, 16, 999):
+    tt, s = pairs(jnp.int32(d), jnp.asarray(t, jnp.int32))
+    want = t - np.array([-(-v // d) for v in t])
+    np.testing.assert_array_equal(tt, t)
+    np.testing.assert_array_equal(s, want)
+    assert np.all(np.asarray(s) < t) and np.all(np.asarray(s) >= 0)
+  np.testing.assert_array_equal(pairs(jnp.int32(1), jnp.asarray(t, jnp.int32))[1], 0)
+
+
+def test_proportional_loss_with_one_interval_is_the_denoising_loss():
+  """With divisor 1 every pair ends at s = 0, where f(x, 0) = x: the loss is d(f(x_t, t), x_s) with x_s the
+  data noised to t = 0 (sigma_0 = sqrt(beta_0)), recomputed in float64 from the closed form of the
+  boundary scalings and the v parameterisation."""
+  from jdiff import schedules
+  sched = schedules.make("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
+  abar = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))
+  rng = np.random.default_rng(0)
+  x0 = rng.normal(size=(6, 4, 4, 2))
+  z = rng.normal(size=x0.shape)
+  t = np.array([1, 7, 250, 500, 998, 999])
+  w = rng.normal(size=(1, 4, 4, 2)) * 0.3
+
+  def model(x, tt):  # any deterministic function of (x, t)
+    return jnp.tanh(x * jnp.asarray(w, jnp.float32)) + (tt.astype(jnp.float32) / 1000.0)[:, None, None, None]
+
+  loss, _ = consistency.training_loss(model, sched, jnp.asarray(x0, jnp.float32), key=jax.random.key(0),
+                                      num_ddim_timesteps=1, loss_type="l2", prediction="v", spacing="proportional",
+                                      index=jnp.asarray(t, jnp.int32), noise=jnp.asarray(z, jnp.float32),
+                                      reduce=False)
+  a, s = np.sqrt(abar[t])[:, None, None, None], np.sqrt(1.0 - abar[t])[:, None, None, None]
+  x_t = a * x0 + s * z
+  v = np.tanh(x_t * w) + (t / 1000.0)[:, None, None, None]
+  x0_hat = a * x_t - s * v
+  c = (t * 10.0)[:, None, None, None]
+  f = 0.25 / (c * c + 0.25) * x_t + c / np.sqrt(c * c + 0.25) * x0_hat
+  x_s = np.sqrt(abar[0]) * x0 + np.sqrt(1.0 - abar[0]) * z  # f(x_s, 0) = x_s
+  want = np.mean((f - x_s) ** 2, axis=(1, 2, 3))
+  tol = 1e-5 * (np.mean(f ** 2, axis=(1, 2, 3)) + 1.0)  # float32 rounding of terms of size |f|^2
+  np.testing.assert_allclose(np.asarray(loss, np.float64), want, rtol=0, atol=float(np.max(tol)))
+  with pytest.raises(ValueError, match="spacing='log'"):
+    consistency.training_loss(model, sched, jnp.asarray(x0, jnp.float32), key=jax.random.key(0), spacing="log")
+
+
 def test_curriculum_bad_values_are_named():
   with pytest.raises(ValueError, match="curriculum"):
     consistency.ct_curriculum(10, kind="edm")
@@ -81,13 +140,17 @@ def _tiny_bundle(config):
   return ldm.from_config(config, vae, vae_params)
 
 
-@pytest.mark.slow  # many jitted loss evaluations: ~1.5 min of CPU
-def test_loss_follows_the_curriculum_and_the_target():
-  """At step k the loss is the library's training loss on the grid of N(k) - 1 intervals (N from the
-  closed form) with the target network of the state; gradients reach the online parameters only."""
+@pytest.mark.slow  # many jitted loss evaluations: ~1.5 min of CPU per curriculum
+@pytest.mark.parametrize("kind", ["ct", "ect"])
+def test_loss_follows_the_curriculum_and_the_target(kind):
+  """At step k the loss is the library's training loss on the grid of N(k) - 1 intervals ("ct"), or
+  with proportional gaps of divisor N(k) - 1 ("ect"), N from the closed form, with the target network
+  of the state; gradients reach the online parameters only."""
   config = ct_tiny.get_config()
   config.train.steps = 20
-  config.ct.update(dict(s0=2, s1=10, loss_type="l2"))
+  config.ct.update(dict(curriculum=kind, s0=2, s1=10, loss_type="l2"))
+  closed_n = song_n if kind == "ct" else ict_n
+  spacing = "grid" if kind == "ct" else "proportional"
   bundle = _tiny_bundle(config)
   task = ct.make_task(config, bundle)
   params = task.init_params(jax.random.key(1))
@@ -111,11 +174,11 @@ def test_loss_follows_the_curriculum_and_the_target():
     fn = lambda q: bundle.model_fn(q["unet"], bundle.encode_text(q["text"], batch["tokens"]))  # noqa: E731
     return consistency.training_loss(fn(p), bundle.schedule, z, key=k_loss, target_fn=fn(tg), num_ddim_timesteps=n,
                                      loss_type="l2", prediction=config.diffusion.prediction,
-                                     timestep_scaling=10.0)[0]
+                                     timestep_scaling=10.0, spacing=spacing)[0]
 
   seen = set()
   for k in (0, 3, 11, 19, 25):
-    n = song_n(min(k, 19), 20, 2, 10)
+    n = closed_n(min(k, 19), 20, 2, 10)
     (loss, aux), (g_online, g_target) = run(params, target, jnp.int32(k))
     assert int(aux["num_scales"]) == n
     np.testing.assert_allclose(float(loss), float(reference(params, target, n - 1)), rtol=1e-5)
@@ -123,11 +186,11 @@ def test_loss_follows_the_curriculum_and_the_target():
     assert sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(g_online)) > 0.0
     seen.add(n)
   assert len(seen) >= 3  # the grid grew
-  # The target network's decay is mu(N(k)) at the state's step.
+  # The target network's decay is mu(N(k)) at the state's step ("ct"), 0 ("ect": the online network).
   decay = task.extra_ema["target"]
   for k in (0, 11, 19):
-    n = song_n(k, 20, 2, 10)
-    np.testing.assert_allclose(float(decay(jnp.int32(k))), math.exp(2 * math.log(0.95) / n), rtol=1e-6)
+    want = math.exp(2 * math.log(0.95) / song_n(k, 20, 2, 10)) if kind == "ct" else 0.0
+    np.testing.assert_allclose(float(decay(jnp.int32(k))), want, rtol=1e-6)
 
 
 def test_digits_config_ties_f_to_its_input_near_t0():
@@ -183,8 +246,8 @@ def vae_workdir(tmp_path_factory):
 
 @pytest.mark.slow  # a VAE stage, a CT run and an evaluation: ~1.5 min of CPU
 def test_end_to_end_trains_loads_and_evaluates(vae_workdir, tmp_path, capsys):
-  """Two steps of the tiny config; the run loads with from_workdir (LCM sampler on the final grid,
-  unguided) and sample.evaluate scores it at one step."""
+  """Two steps of the tiny config; the run loads with from_workdir (LCM sampler, unguided, on the
+  curriculum's sampling grid) and sample.evaluate scores it at one step."""
   config = ct_tiny.get_config()
   config.vae.source = vae_workdir
   config.train.steps = 2
@@ -196,7 +259,8 @@ def test_end_to_end_trains_loads_and_evaluates(vae_workdir, tmp_path, capsys):
   assert json.load(open(os.path.join(workdir, "config.json")))["vae"]["pretrained"] == os.path.abspath(vae_workdir)
   pipe = StableDiffusion.from_workdir(workdir)
   assert pipe.defaults["sampler"] == "lcm" and not pipe.cfg and pipe.prediction == "v"
-  assert pipe.sampler_options["original_inference_steps"] == 10
+  assert config.ct.curriculum == "ect"  # the default: samples on every training timestep, not on a final grid
+  assert pipe.sampler_options["original_inference_steps"] == 1000
   from sample import evaluate as ev
   capsys.readouterr()
   assert ev.main(["--workdir", workdir, "--per_digit", "1", "--num_steps", "1"]) == 0

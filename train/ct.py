@@ -4,13 +4,16 @@ A text-conditioned latent consistency model learned from data alone: the frozen 
 ``train.vae`` workdir or of a ``train.ldm`` run (``--vae``, default ``workdir/ldm_digits``), the byte
 text encoder and UNet of the config trained from scratch (the bundle of :func:`jdiff.ldm.from_config`).
 
-One step (:func:`jdiff.consistency.training_loss`): encode images to latents, draw a grid index n and
-one noise z, and regress f(x_{t_{n+1}}, t_{n+1}) on stopgrad f_target(x_{t_n}, t_n), both noised with
-the same z, through the LCM boundary-condition scalings. The grid has N(k) - 1 intervals at step k and
-the target network is an EMA of the trained parameters with decay mu(k), both from the discretisation
-curriculum (:func:`jdiff.consistency.ct_curriculum`, read by the step from the train state's step);
-the target lives in the train state beside the sampling EMA (``train.ema_decay``), so a resumed run
-continues bit-for-bit. Training, checkpoints and resume are those of ``train.loop``; sample grids
+One step (:func:`jdiff.consistency.training_loss`): encode images to latents, draw a pair of
+timesteps t > s and one noise z, and regress f(x_t, t) on stopgrad f_target(x_s, s), both noised with
+the same z, through the LCM boundary-condition scalings. The pair comes from the discretisation
+curriculum (:func:`jdiff.consistency.ct_curriculum`, read by the step from the train state's step):
+for ``ct.curriculum="ct"`` / ``"ict"`` it is a neighbouring pair (t_{n+1}, t_n) of a grid of N(k) - 1
+intervals; for ``"ect"`` t is uniform in [1, T - 1] and s = t - ceil(t / (N(k) - 1)) (the gap a
+fraction of t, halved at each stage; :func:`jdiff.consistency.proportional_pairs`). The target
+network is an EMA of the trained parameters with decay mu(k) (0 for "ict" / "ect": the stop-gradient
+online network); it lives in the train state beside the sampling EMA (``train.ema_decay``), so a
+resumed run continues bit-for-bit. Training, checkpoints and resume are those of ``train.loop``; sample grids
 use the LCM sampler on the EMA weights. A finished run loads with ``StableDiffusion.from_workdir``
 and is scored by ``sample.evaluate``.
 
@@ -106,7 +109,7 @@ def make_task(config: ml_collections.ConfigDict, bundle: StableDiffusion) -> loo
   n_table, mu_table = curriculum(config)
   last = len(n_table) - 1
   opts = dict(loss_type=c.loss_type, huber_c=float(c.huber_c), prediction=bundle.prediction,
-              timestep_scaling=float(c.timestep_scaling))
+              timestep_scaling=float(c.timestep_scaling), spacing=consistency.curriculum_spacing(c.curriculum))
 
   def split(params, text_params):
     return (params["unet"], params["text"]) if trainable else (params, text_params)
@@ -126,8 +129,8 @@ def make_task(config: ml_collections.ConfigDict, bundle: StableDiffusion) -> loo
                                           num_ddim_timesteps=n - 1, **opts)
     return loss, {**aux, "num_scales": n.astype(jnp.float32)}
 
-  sampling = ldm.lcm_student(bundle, w_dim=None, num_ddim_timesteps=int(c.s1),
-                             timestep_scaling=float(c.timestep_scaling))
+  grid = consistency.curriculum_sampling_grid(c.curriculum, int(c.s1), bundle.schedule.num_timesteps)
+  sampling = ldm.lcm_student(bundle, w_dim=None, num_ddim_timesteps=grid, timestep_scaling=float(c.timestep_scaling))
   s = config.sample
   prompts, _ = digit_prompts(max(1, min(int(s.per_prompt), 4)))
   tokens = jnp.asarray(bundle.tokenize(prompts))
