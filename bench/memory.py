@@ -12,7 +12,9 @@ Each case runs in a SEPARATE subprocess (so one case's allocator, compilation ca
 memory never count toward another's), which reports:
 
 * jdiff: XLA's compiled memory analysis of the jitted, donated step (argument, output, alias and
-  temporary bytes), compile seconds, seconds per step;
+  temporary bytes), compile seconds, seconds per step; the state is built, then the step compiled
+  ahead of time, with freed C-heap pages returned to the OS after each, as ``train.loop`` does
+  (``--no-trim`` keeps them; ``--compile-first`` compiles before the state exists);
 * both sides: the process's peak resident set from start to after the last step (``VmHWM`` of
   ``/proc/self/status``, and ``ru_maxrss``): model init and compilation included, as a user's
   process must survive them too.
@@ -29,6 +31,7 @@ pushes ``MemAvailable`` under ``--reserve-gib`` (recorded as killed, with the RS
     python -m bench.memory [--batch 1] [--cases f32,f32-remat,bf16,bf16-remat,torch,torch-ckpt]
                            [--steps 3] [--size 64] [--compile-only] [--out bench_memory.json]
     python -m bench.memory --batch 4
+    python -m bench.memory --cases f32-chunked --compilation-cache /tmp/jax_cache   # twice: warm compile
 """
 
 from __future__ import annotations
@@ -148,6 +151,8 @@ def _peak_rss() -> dict[str, int]:
       for line in fh:
         if line.startswith("VmHWM:"):
           out["vmhwm_bytes"] = int(line.split()[1]) * 1024
+        elif line.startswith("VmRSS:"):
+          out["rss_now_bytes"] = int(line.split()[1]) * 1024
   except OSError:
     pass
   out["peak_rss_bytes"] = out.get("vmhwm_bytes", out["ru_maxrss_bytes"])
@@ -170,6 +175,8 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
   from jdiff.models import UNet, layers
 
   case = CASES[spec["case"]]
+  if spec.get("cache"):
+    parallel.enable_compilation_cache(spec["cache"], min_compile_seconds=0.0)
   cfg = unet_config(spec["model"], spec["size"], case.remat)
   unet = UNet(cfg)
   sched = schedules.make("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
@@ -206,23 +213,45 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
   out["state_bytes"] = int(sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(abstract)))
   _stage("imported")
   state = None
-  if not spec["compile_only"]:
-    state = make_state(jax.random.key(0))
-    jax.block_until_ready(state)
-    out["init_s"] = time.perf_counter() - t0
-    out["rss_after_init"] = _peak_rss()["peak_rss_bytes"]
-    _stage("initialised")
   batch = jax.device_put({k: jnp.asarray(v) for k, v in host.items()}, parallel.batch_sharding(mesh))
-  t0 = time.perf_counter()
-  with layers.attention_implementation(case.attention):
-    compiled = step.jitted.lower(state if state is not None else abstract, batch, step.frozen).compile()
-  out["compile_s"] = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    out["xla"] = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-                  ("argument", "output", "alias", "temp", "generated_code")}
-  out["rss_after_compile"] = _peak_rss()["peak_rss_bytes"]
-  _stage("compiled", xla=out.get("xla"), compile_s=out["compile_s"])
+
+  def init():
+    t0 = time.perf_counter()
+    st = make_state(jax.random.key(0))
+    jax.block_until_ready(st)
+    out["init_s"] = time.perf_counter() - t0
+    if spec.get("trim"):
+      out["trimmed_after_init"] = training.release_host_memory()
+    rss = _peak_rss()
+    out["rss_after_init"], out["rss_now_after_init"] = rss["peak_rss_bytes"], rss.get("rss_now_bytes")
+    _stage("initialised")
+    return st
+
+  def compile_step():
+    t0 = time.perf_counter()
+    with layers.attention_implementation(case.attention):
+      # Lowered against the abstract state: the same program as for the concrete one (shapes, dtypes,
+      # shardings), so it may be compiled before the state exists.
+      compiled = step.jitted.lower(abstract, batch, step.frozen).compile()
+    out["compile_s"] = time.perf_counter() - t0
+    if spec.get("trim"):
+      out["trimmed_after_compile"] = training.release_host_memory()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      out["xla"] = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
+                    ("argument", "output", "alias", "temp", "generated_code")}
+    rss = _peak_rss()
+    out["rss_after_compile"], out["rss_now_after_compile"] = rss["peak_rss_bytes"], rss.get("rss_now_bytes")
+    _stage("compiled", xla=out.get("xla"), compile_s=out["compile_s"])
+    return compiled
+
+  if spec.get("compile_first", False) or spec["compile_only"]:
+    compiled = compile_step()
+    state = None if spec["compile_only"] else init()
+  else:
+    state = init()
+    compiled = compile_step()
+  out["order"] = "compile-first" if spec.get("compile_first") else "init-first"
   if state is not None:
     times, losses = [], []
     for _ in range(spec["steps"]):
@@ -308,7 +337,8 @@ def _rss_of(pid: int) -> int:
 
 def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compile_only: bool = False,
              n_params: int, need_bytes: int | None = None, reserve_bytes: int = GIB,
-             timeout_s: float = 3600.0) -> dict[str, Any]:
+             timeout_s: float = 3600.0, compile_first: bool = False, trim: bool = True,
+             cache: str | None = None) -> dict[str, Any]:
   """Runs ``case`` in a subprocess (``python -m bench.memory --worker ...``) and watches its memory.
 
   The case is skipped (``status: "skipped"``) when ``MemAvailable`` is under ``need_bytes`` (default:
@@ -334,7 +364,7 @@ def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compi
     return {**res, "status": "skipped",
             "reason": f"{avail / GIB:.1f} GiB available < {need_bytes / GIB:.1f} GiB needed"}
   spec = {"case": case.name, "model": model, "batch": batch, "size": size, "steps": steps,
-          "compile_only": compile_only}
+          "compile_only": compile_only, "compile_first": compile_first, "trim": trim, "cache": cache}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
   if case.side == "jdiff":
@@ -421,6 +451,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--size", type=int, default=64, help="latent height = width (64: 512 px images)")
   p.add_argument("--steps", type=int, default=3, help="train steps per case (peak RSS is read after the last)")
   p.add_argument("--compile-only", action="store_true", help="jdiff: compiled memory analysis only, no state")
+  p.add_argument("--compile-first", action="store_true",
+                 help="jdiff: compile the step against the abstract state before creating the state")
+  p.add_argument("--no-trim", action="store_true",
+                 help="jdiff: keep freed C-heap pages after init and compile (train.loop returns them to the OS)")
+  p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                 help="jdiff: JAX's persistent compilation cache in DIR (a second run loads the compiled step)")
   p.add_argument("--need-gib", type=float, default=None,
                  help="skip a case unless this much memory is available (default: 1.1x its floor + 1.5 GiB)")
   p.add_argument("--reserve-gib", type=float, default=1.0,
@@ -450,7 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   for name in names:
     r = run_case(CASES[name], model=args.model, batch=args.batch, size=args.size, steps=args.steps,
                  compile_only=args.compile_only, n_params=n_params, need_bytes=need,
-                 reserve_bytes=int(args.reserve_gib * GIB), timeout_s=args.timeout)
+                 reserve_bytes=int(args.reserve_gib * GIB), timeout_s=args.timeout,
+                 compile_first=args.compile_first, trim=not args.no_trim, cache=args.compilation_cache)
     results.append(r)
     print(markdown(table_rows([r]), COLUMNS).splitlines()[-1], flush=True)
   payload = {"benchmark": "train_step_memory", "model": args.model, "params": n_params, "batch": args.batch,

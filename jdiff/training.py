@@ -50,6 +50,7 @@ __all__ = [
     "make_train_step",
     "TrainStep",
     "check_finite",
+    "release_host_memory",
 ]
 
 # loss_fn(params, batch, key, frozen[, state]) -> (scalar loss, dict of scalar metrics)
@@ -352,7 +353,8 @@ def _fused_adamw(spec: AdamWSpec, grads, grad_norm, opt_state, params, emas, dec
   """:func:`make_optimizer`'s update, the non-finite guard and the EMAs, leaf by leaf, in place.
 
   The step applies when the loss and the gradient norm are finite (``finite``). Each state buffer is
-  written once, from values already selected by ``finite``: ``mu, nu <- where(finite, new, old)``,
+  written once, from values already selected by ``finite``: ``mu, nu <- where(finite, new, old)``
+  (selected in float32, then rounded to the stored dtype: one fusion per moment, also in bfloat16),
   then the parameter update from those stored moments, ``params <- where(finite, params + update,
   params)``, then ``ema <- where(finite, ema step, ema)``. Each old value has a single reader, the
   fusion that writes its new value, and every later read (the update norm, the EMA step) reads the
@@ -375,8 +377,13 @@ def _fused_adamw(spec: AdamWSpec, grads, grad_norm, opt_state, params, emas, dec
   else:
     scale = jnp.where(grad_norm < spec.clip_norm, 1.0, spec.clip_norm / grad_norm).astype(f32)
 
-  def moments(g, m, v):
-    return _adam_moments(g.astype(f32) * scale, m, v, spec.b1, spec.b2)
+  ok = finite
+
+  def moments(g, m, v):  # the stored moments, or the old ones on a skipped step, in the stored dtypes
+    gs = g.astype(f32) * scale
+    m1 = jnp.where(ok, (1 - spec.b1) * gs + spec.b1 * m.astype(f32), m.astype(f32))
+    v1 = jnp.where(ok, (1 - spec.b2) * (gs * gs) + spec.b2 * v.astype(f32), v.astype(f32))
+    return m1.astype(m.dtype), v1.astype(v.dtype)
 
   def update(m, v, p):
     d = _adam_direction(m, v, c1, c2, spec.eps)
@@ -387,12 +394,10 @@ def _fused_adamw(spec: AdamWSpec, grads, grad_norm, opt_state, params, emas, dec
   leaves, treedef = jax.tree.flatten(params)
   g_l, m_l, v_l = (treedef.flatten_up_to(t) for t in (grads, adam.mu, adam.nu))
   e_ls = [treedef.flatten_up_to(e) for e in emas]
-  ok = finite
   new_p, new_m, new_v, new_e = [], [], [], [[] for _ in emas]
   sq = jnp.zeros((), f32)
   for i, (g, m, v, p) in enumerate(zip(g_l, m_l, v_l, leaves)):
     m1, v1 = moments(g, m, v)
-    m1, v1 = jnp.where(ok, m1, m), jnp.where(ok, v1, v)
     p1 = jnp.where(ok, (p.astype(f32) + update(m1, v1, p)).astype(p.dtype), p)
     new_m.append(m1)
     new_v.append(v1)
@@ -402,8 +407,15 @@ def _fused_adamw(spec: AdamWSpec, grads, grad_norm, opt_state, params, emas, dec
     # The applied update from the written buffers only (p1 = p + u, so u = step (d + wd p1) / (1 + step wd)):
     d = m1.astype(f32) / (c1 * (jnp.sqrt(v1.astype(f32) / c2) + spec.eps))
     if spec.weight_decay:
-      d = (d + spec.weight_decay * p1.astype(f32)) / (1.0 + step_size * spec.weight_decay)
-    sq = sq + jnp.sum(jnp.square(d))
+      # |d + wd p1|^2 / (1 + step wd)^2, expanded so that every reduction reads arrays only: with a
+      # scalar factor inside, XLA:CPU materialises that scalar broadcast to the leaf's shape, once per
+      # shape, and keeps it live through the whole step.
+      q = p1.astype(f32)
+      wd = spec.weight_decay
+      parts = jnp.sum(d * d) + 2.0 * wd * jnp.sum(d * q) + wd * wd * jnp.sum(q * q)
+      sq = sq + parts / jnp.square(1.0 + step_size * wd)
+    else:
+      sq = sq + jnp.sum(jnp.square(d))
   update_norm = jnp.where(ok, jnp.abs(step_size) * jnp.sqrt(sq), 0.0)
   new_adam = optax.ScaleByAdamState(count=jnp.where(ok, count, adam.count), mu=treedef.unflatten(new_m),
                                     nu=treedef.unflatten(new_v))
@@ -426,8 +438,24 @@ class TrainStep:
     self.jitted = jitted
     self.frozen = frozen
     self.max_bad_steps = max_bad_steps
+    self._compiled: tuple[Any, Any] | None = None  # (batch signature, executable) of :meth:`compile`
+
+  def compile(self, state: Any, batch: Any) -> Any:
+    """Compiles the step ahead of time for ``state`` and ``batch`` (arrays, or ``jax.ShapeDtypeStruct``s
+    with their shardings) and returns XLA's memory analysis (or None).
+
+    Later calls whose batch has the same structure, shapes and dtypes run this executable; any other
+    batch goes through ``jitted`` (traced and compiled on first use, as without this call). Compiling
+    apart from the first call lets a caller release the compiler's freed host memory
+    (:func:`release_host_memory`) before the step's own buffers are allocated.
+    """
+    executable = self.jitted.lower(state, batch, self.frozen).compile()
+    self._compiled = (_signature(batch), executable)
+    return executable.memory_analysis()
 
   def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    if self._compiled is not None and self._compiled[0] == _signature(batch):
+      return self._compiled[1](state, batch, self.frozen)
     return self.jitted(state, batch, self.frozen)
 
   def raise_if_diverged(self, metrics: dict[str, Any]) -> None:
@@ -437,6 +465,25 @@ class TrainStep:
       raise NonFiniteError(f"{bad} consecutive training steps had non-finite loss or gradients "
                            f"(last finite params kept; {int(metrics['skipped_steps'])} skipped in total); "
                            "lower the learning rate or check the data")
+
+
+def _signature(tree: Any) -> tuple[Any, tuple[tuple[tuple[int, ...], Any], ...]]:
+  return jax.tree.structure(tree), tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in jax.tree.leaves(tree))
+
+
+def release_host_memory() -> bool:
+  """Returns the C heap's free pages to the operating system (glibc's ``malloc_trim(0)``).
+
+  Host buffers freed by initialisation or by the compiler stay in the process's resident set until
+  the allocator returns them; on the CPU backend the train step's buffers are host memory too, so a
+  process that trims after building its state and after compiling peaks lower. Returns False where
+  the C library has no ``malloc_trim`` (not glibc).
+  """
+  import ctypes
+  try:
+    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+  except (OSError, AttributeError):
+    return False
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
