@@ -77,6 +77,7 @@ class Case:
   moments: str = "float32"
   ema: str | None = "float32"
   attention: str | None = None
+  conv: str | None = None
 
 
 CASES: dict[str, Case] = {c.name: c for c in [
@@ -90,6 +91,9 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("f32-remat-chunked", "jdiff", True, attention="chunked"),
     Case("bf16-chunked", "jdiff", False, "bfloat16", "bfloat16", attention="chunked"),
     Case("bf16-noema-chunked", "jdiff", False, "bfloat16", None, attention="chunked"),
+    Case("f32-lean", "jdiff", False, attention="chunked", conv="late"),
+    Case("f32-remat-lean", "jdiff", True, attention="chunked", conv="late"),
+    Case("bf16-noema-lean", "jdiff", False, "bfloat16", None, attention="chunked", conv="late"),
     Case("torch", "diffusers", False),
     Case("torch-ckpt", "diffusers", True),
 ]}
@@ -229,7 +233,7 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
   def compile_step():
     t0 = time.perf_counter()
-    with layers.attention_implementation(case.attention):
+    with layers.attention_implementation(case.attention), layers.convolution_backward(case.conv):
       # Lowered against the abstract state: the same program as for the concrete one (shapes, dtypes,
       # shardings), so it may be compiled before the state exists.
       compiled = step.jitted.lower(abstract, batch, step.frozen).compile()

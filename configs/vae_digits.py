@@ -35,8 +35,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
               checkpoint_every=500, sample_every=0, keep_checkpoints=2, fsdp=1, stop_at=0,
               batch_size=0, grad_accum=1,  # batch_size 0: data.batch_size; grad_accum: micro-batches
               # memory options: Adam moment dtypes ("" = the parameters' float32, or "bfloat16"), the sampling
-              # EMA on/off and its dtype, attention ("" = XLA's, "cudnn", or "chunked": no whole score matrix)
-              mu_dtype="", nu_dtype="", ema=True, ema_dtype="", attention="")
+              # EMA on/off and its dtype, attention ("" = XLA's, "cudnn", or "chunked": no whole score matrix),
+              # conv_backward ("" = autodiff, or "late": the kernels' backward copies made when needed)
+              mu_dtype="", nu_dtype="", ema=True, ema_dtype="", attention="", conv_backward="")
   base.update(overrides)
   return ml_collections.ConfigDict(base)
 

@@ -164,6 +164,21 @@ def test_chunked_attention_matches_full_attention():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
 
 
+def test_chunked_attention_on_short_bfloat16_sequences_takes_the_default_path():
+  """A sequence of at most one chunk under "chunked" is the default attention, in bfloat16 too (bf16
+  compute, as the digits memory-options run uses): the same values bit for bit."""
+  from jdiff.models import layers
+
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 16)), jnp.bfloat16) for _ in range(3))
+  attend = jax.jit(lambda q, k, v: layers.attend(q, k, v, heads=2))
+  want = attend(q, k, v)
+  with layers.attention_implementation("chunked"):
+    got = jax.jit(lambda q, k, v: layers.attend(q, k, v, heads=2))(q, k, v)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_chunked_attention_does_not_hold_the_score_matrix():
   """SD1.5's 64x64 self-attention (4096 tokens, 8 heads of 40): the default path's gradient holds several
   512 MiB [8, 4096, 4096] score-sized buffers (1.5 GiB of temporaries here); chunked (512 queries: 64 MiB
@@ -193,12 +208,13 @@ def test_memory_options_in_the_train_section_are_validated():
   from train import loop
 
   loop.validate_config(vae_digits.train_config(mu_dtype="bfloat16", nu_dtype="bfloat16", ema=False,
-                                               ema_dtype="", attention="chunked"))
+                                               ema_dtype="", attention="chunked", conv_backward="late"))
   old = vae_digits.train_config()
-  for k in ("mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention"):
+  for k in ("mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention", "conv_backward"):
     del old[k]
   loop.validate_config(old)
-  for k, v in (("mu_dtype", "float16"), ("ema_dtype", "int8"), ("attention", "flash"), ("ema", "no")):
+  for k, v in (("mu_dtype", "float16"), ("ema_dtype", "int8"), ("attention", "flash"), ("ema", "no"),
+               ("conv_backward", "early")):
     bad = vae_digits.train_config(**{k: v})
     with pytest.raises(ValueError, match=rf"^config key train\.{k} must be") as e:
       loop.validate_config(ml_collections.ConfigDict(bad))
@@ -206,8 +222,9 @@ def test_memory_options_in_the_train_section_are_validated():
 
 
 def test_memory_options_reach_the_state_and_the_traced_step(tmp_path, monkeypatch):
-  """``python -m train.vae`` with bfloat16 moments, no EMA and chunked attention: the checkpointed state
-  holds bfloat16 Adam moments and no EMA, and the step is built under the chosen attention."""
+  """``python -m train.vae`` with bfloat16 moments, no EMA, chunked attention and the late convolution
+  backward: the checkpointed state holds bfloat16 Adam moments and no EMA, and the step is built under
+  the chosen attention and convolution backward."""
   import os
 
   from jdiff import checkpoint
@@ -218,7 +235,7 @@ def test_memory_options_reach_the_state_and_the_traced_step(tmp_path, monkeypatc
   make = training.make_train_step
 
   def recording(*args, **kwargs):
-    seen.append(layers._attention_impl[0])
+    seen.append((layers._attention_impl[0], layers._conv_backward[0]))
     return make(*args, **kwargs)
 
   monkeypatch.setattr(training, "make_train_step", recording)
@@ -227,8 +244,10 @@ def test_memory_options_reach_the_state_and_the_traced_step(tmp_path, monkeypatc
   rc = vae_train.main(["prog", "--config", os.path.join(root, "configs", "vae_tiny.py"), "--workdir", str(workdir),
                        f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.steps=1",
                        "--config.train.mu_dtype=bfloat16", "--config.train.nu_dtype=bfloat16",
-                       "--config.train.ema=False", "--config.train.attention=chunked"])
-  assert rc == 0 and seen == ["chunked"] and layers._attention_impl[0] is None
+                       "--config.train.ema=False", "--config.train.attention=chunked",
+                       "--config.train.conv_backward=late"])
+  assert rc == 0 and seen == [("chunked", "late")]
+  assert layers._attention_impl[0] is None and layers._conv_backward[0] is None
   ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
   try:
     saved = ckpt.saved_shapes()
@@ -347,3 +366,33 @@ def test_update_norm_with_weight_decay_equals_the_optimizer_update():
   # float32 recomputation of each update element from the stored moments: a few ulps relative
   np.testing.assert_allclose(float(m["update_norm"]), ref, rtol=1e-5)
 
+
+
+def test_late_convolution_backward_is_the_autodiff_derivative():
+  """convolution_backward("late"): a tiny UNet's forward and parameter / input gradients are bit-equal to
+  JAX's own derivative (the same operations, the kernel multiplied by an exact 1); forward mode is
+  refused; an unknown mode raises."""
+  from jdiff.models import UNet, UNetConfig, layers
+
+  cfg = UNetConfig.tiny(sample_size=8)
+  unet = UNet(cfg)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, cfg.in_channels)), jnp.float32)
+  t = jnp.asarray([3, 700], jnp.int32)
+  ctx = jnp.asarray(rng.normal(size=(2, 5, cfg.per_block("cross_attention_dim")[0])), jnp.float32)
+  params = unet.init(jax.random.key(0), x, t, ctx)["params"]
+
+  def loss(p, xx):
+    return jnp.sum(jnp.sin(unet.apply({"params": p}, xx, t, ctx)))
+
+  runs = []
+  for mode in (None, "late"):
+    with layers.convolution_backward(mode):
+      runs.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x))
+  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with layers.convolution_backward("late"), pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(lambda xx: loss(params, xx), (x,), (x,))
+  with pytest.raises(ValueError, match="convolution backward 'early'"):
+    with layers.convolution_backward("early"):
+      pass

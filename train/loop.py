@@ -289,7 +289,7 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
   weight_decay, ema_decay, ema_warmup, max_bad_steps, (optional: mu_dtype, nu_dtype: Adam moment storage
   dtypes, e.g. "bfloat16"; ema: false drops the sampling EMA; ema_dtype; attention: the
   :func:`jdiff.models.layers.attention_implementation` the step and sample grids are traced under, e.g.
-  "chunked"), log_every, checkpoint_every, sample_every,
+  "chunked"; conv_backward: the :func:`jdiff.models.layers.convolution_backward`, e.g. "late"), log_every, checkpoint_every, sample_every,
   keep_checkpoints, fsdp (mesh size of the "fsdp" axis, 1 = replicated params), stop_at (stop
   after this step as if killed; 0 = no), grad_accum (micro-batches per step; optional, default 1).
 
@@ -303,7 +303,9 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
   validate_config(cfg)
   _GUARD.install()
   try:
-    with layers.attention_implementation(cfg.get("attention") or None):  # read when the steps are traced
+    # both read when the step and the sample grids are traced
+    with layers.attention_implementation(cfg.get("attention") or None), \
+        layers.convolution_backward(cfg.get("conv_backward") or None):
       return _train(cfg, task, loader, workdir, seed=seed, stream=stream)
   finally:
     _GUARD.uninstall()
@@ -461,8 +463,10 @@ _TRAIN_KEYS = {
     "ema_dtype": ((str, type(None)), lambda v: v in _STATE_DTYPES, "'', 'float32' or 'bfloat16'"),
     "attention": ((str, type(None)), lambda v: v in ("", None, "xla", "cudnn", "chunked"),
                   "'', 'xla', 'cudnn' or 'chunked'"),
+    "conv_backward": ((str, type(None)), lambda v: v in ("", None, "autodiff", "late"), "'', 'autodiff' or 'late'"),
 }
-_OPTIONAL_TRAIN_KEYS = ("batch_size", "grad_accum", "mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention")
+_OPTIONAL_TRAIN_KEYS = ("batch_size", "grad_accum", "mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention",
+                        "conv_backward")
 
 
 def validate_config(cfg: ml_collections.ConfigDict, *, prefix: str = "train") -> None:

@@ -22,6 +22,7 @@ from jdiff.models.configs import check_remat
 
 __all__ = [
     "attention_implementation",
+    "convolution_backward",
     "attend",
     "Conv2D",
     "timestep_embedding",
@@ -103,6 +104,57 @@ def _conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int,
   return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
 
 
+CONVOLUTION_BACKWARDS = (None, "autodiff", "late")
+_conv_backward: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def convolution_backward(mode: str | None) -> Iterator[None]:
+  """Chooses how :class:`Conv2D`'s k x k convolutions are differentiated, for modules TRACED inside.
+
+  ``None`` / ``"autodiff"`` (default): JAX's own derivative. ``"late"``: the same derivative (same
+  operations, same values), with the kernel made data-dependent on the output's cotangent in the
+  backward pass (multiplied by an exact 1 computed from it), so the kernel's rearranged copy that
+  the input gradient uses (XLA:CPU transposes it) is made when that cotangent exists rather than
+  at the start of the program, where every layer's copy would be live at once. A "late"
+  convolution has no forward-mode derivative (``jax.jvp`` raises): use it for training steps, not
+  for forward-mode research code. Read when a function is traced.
+
+  Example:
+    >>> with convolution_backward("late"):  # doctest: +SKIP
+    ...   compiled = jax.jit(train_step).lower(state, batch).compile()
+  """
+  if mode not in CONVOLUTION_BACKWARDS:
+    raise ValueError(f"convolution backward {mode!r} is not one of {CONVOLUTION_BACKWARDS}")
+  previous = _conv_backward[0]
+  _conv_backward[0] = mode
+  try:
+    yield
+  finally:
+    _conv_backward[0] = previous
+
+
+def _conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_late_fwd(x, kernel, stride, padding):
+  return _conv_nhwc(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv_late_bwd(stride, padding, residuals, g):
+  x, kernel = residuals
+  # 1 + 0 * g[0, 0, 0, 0] is exactly 1 (NaN where g is not finite, as the gradients then are): the
+  # kernel read by the backward convolutions now depends on g, so nothing is derived from it earlier.
+  one = 1.0 + 0.0 * g[(0,) * g.ndim].astype(kernel.dtype)
+  _, vjp = jax.vjp(lambda a, b: _conv_nhwc(a, b, stride, padding), x, kernel * one)
+  return vjp(g)
+
+
+_conv_late = jax.custom_vjp(_conv_nhwc, nondiff_argnums=(2, 3))  # the convolution of convolution_backward("late")
+_conv_late.defvjp(_conv_late_fwd, _conv_late_bwd)
+
+
 class Conv2D(nn.Module):
   """Square-kernel NHWC convolution with ``flax.linen.Conv``'s parameters (``kernel`` [k, k, C_in, C],
   ``bias`` [C]), initialisation and numerics.
@@ -137,9 +189,10 @@ class Conv2D(nn.Module):
       y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])  # a 1x1 convolution is a matmul over C
     elif x.shape[1] < k or x.shape[2] < k:
       y = _conv_as_matmul(x, kernel, self.stride, padding)
+    elif _conv_backward[0] == "late":
+      y = _conv_late(x, kernel, self.stride, padding)
     else:
-      y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), padding,
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = _conv_nhwc(x, kernel, self.stride, padding)
     return y + bias[None, None, None, :]  # [B, H', W', features]
 
 
@@ -283,7 +336,10 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, upcast: boo
     impl = "xla"  # outside cuDNN's fused-attention envelope
   if impl == "chunked" and tq > ATTENTION_CHUNK and tq % ATTENTION_CHUNK == 0:
     out = _attend_chunked(q, k, v, 1.0 / math.sqrt(d), ATTENTION_CHUNK)
-  elif impl != "cudnn" and q.dtype == jnp.float32:
+    return out.astype(dtype).reshape(b, tq, inner)
+  if impl == "chunked":
+    impl = None  # at most one chunk, or not a multiple of it: the default path
+  if impl != "cudnn" and q.dtype == jnp.float32:
     out = _attend_heads_major(q, k, v, 1.0 / math.sqrt(d))
   else:
     out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d), implementation=impl)  # [B, T, heads, d]
