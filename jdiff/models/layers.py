@@ -126,12 +126,19 @@ def convolution_backward(mode: str | None) -> Iterator[None]:
   """
   if mode not in CONVOLUTION_BACKWARDS:
     raise ValueError(f"convolution backward {mode!r} is not one of {CONVOLUTION_BACKWARDS}")
-  previous = _conv_backward[0]
-  _conv_backward[0] = mode
+  with _holding(_conv_backward, mode):
+    yield
+
+
+@contextlib.contextmanager
+def _holding(slot: list, value: Any) -> Iterator[None]:
+  """Sets ``slot[0]`` to ``value`` inside the block (a trace-time setting), restoring it after."""
+  previous = slot[0]
+  slot[0] = value
   try:
     yield
   finally:
-    _conv_backward[0] = previous
+    slot[0] = previous
 
 
 def _conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple) -> jax.Array:
@@ -313,12 +320,8 @@ def attention_implementation(implementation: str | None) -> Iterator[None]:
   """
   if implementation not in _ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of {_ATTENTION_IMPLEMENTATIONS}")
-  previous = _attention_impl[0]
-  _attention_impl[0] = implementation
-  try:
+  with _holding(_attention_impl, implementation):
     yield
-  finally:
-    _attention_impl[0] = previous
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, upcast: bool) -> jax.Array:
