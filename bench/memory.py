@@ -28,7 +28,7 @@ count and the storage dtypes of the case. On a shared machine the parent skips a
 available memory (``MemAvailable``) is under the case's estimate, and kills a case whose process
 pushes ``MemAvailable`` under ``--reserve-gib`` (recorded as killed, with the RSS reached).
 
-    python -m bench.memory [--batch 1] [--cases f32,f32-remat,bf16,bf16-remat,torch,torch-ckpt]
+    python -m bench.memory [--batch 1] [--cases f32-lean,f32-remat-lean,bf16-noema-lean,torch,torch-ckpt]
                            [--steps 3] [--size 64] [--compile-only] [--out bench_memory.json]
     python -m bench.memory --batch 4
     python -m bench.memory --cases f32-chunked --compilation-cache /tmp/jax_cache   # twice: warm compile
@@ -70,6 +70,8 @@ class Case:
     ema: storage dtype of the EMA ("float32", "bfloat16"), or None for no EMA.
     attention: jdiff's attention implementation while the step is traced (None: the default;
       "chunked": :func:`jdiff.models.layers.attention_implementation` ``"chunked"``).
+    conv: jdiff's convolution backward while the step is traced (None: autodiff; "late":
+      :func:`jdiff.models.layers.convolution_backward` ``"late"``).
   """
   name: str
   side: str
@@ -97,7 +99,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("torch", "diffusers", False),
     Case("torch-ckpt", "diffusers", True),
 ]}
-DEFAULT_CASES = "f32,f32-remat,bf16,bf16-remat,bf16-noema-remat,torch,torch-ckpt"
+DEFAULT_CASES = "f32-lean,f32-remat-lean,bf16-noema-lean,torch,torch-ckpt"
 
 
 def floor_bytes(n_params: int, case: Case) -> int:
@@ -356,7 +358,7 @@ def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compi
   """
   floor = floor_bytes(n_params, case)
   res: dict[str, Any] = {"case": case.name, "side": case.side, "remat": case.remat, "moments": case.moments,
-                         "ema": case.ema, "attention": case.attention, "batch": batch, "latent": [size, size], "floor_bytes": floor,
+                         "ema": case.ema, "attention": case.attention, "conv": case.conv, "batch": batch, "latent": [size, size], "floor_bytes": floor,
                          "compile_only": compile_only}
   if case.side == "diffusers" and compile_only:
     return {**res, "status": "skipped", "reason": "diffusers has no compile-only mode"}
@@ -404,7 +406,7 @@ def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compi
   return {**res, **json.loads(lines[-1][len("RESULT"):]), "status": "ok"}
 
 
-COLUMNS = ["case", "side", "batch", "remat", "moments", "EMA", "attention", "floor GiB", "XLA args GiB", "XLA temp GiB",
+COLUMNS = ["case", "side", "batch", "remat", "moments", "EMA", "attention", "conv bwd", "floor GiB", "XLA args GiB", "XLA temp GiB",
            "peak RSS GiB", "peak/floor", "compile s", "s/step", "status"]
 
 
@@ -423,7 +425,9 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       status += f" at {r['watched_peak_rss_bytes'] / GIB:.2f} GiB RSS"
     rows.append({"case": r["case"], "side": r["side"], "batch": r["batch"], "remat": r["remat"],
                  "moments": r["moments"], "EMA": r["ema"] or "none",
-                 "attention": r.get("attention") or ("sdpa" if r["side"] == "diffusers" else "full"), "floor GiB": r["floor_bytes"] / GIB,
+                 "attention": r.get("attention") or ("sdpa" if r["side"] == "diffusers" else "full"),
+                 "conv bwd": r.get("conv") or ("-" if r["side"] == "diffusers" else "autodiff"),
+                 "floor GiB": r["floor_bytes"] / GIB,
                  "XLA args GiB": xla["argument"] / GIB if xla else None,
                  "XLA temp GiB": xla["temp"] / GIB if xla else None,
                  "peak RSS GiB": peak / GIB if peak else None,
