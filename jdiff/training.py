@@ -136,11 +136,18 @@ def _bias_corrections(b1: float, b2: float, count: jax.Array) -> tuple[jax.Array
   return 1 - b1 ** count, 1 - b2 ** count  # float32 scalars (weak-typed base, int32 count)
 
 
-def _adam_moments(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: float, b2: float) -> tuple[jax.Array, jax.Array]:
-  """Adam's moment updates in float32, returned in the stored dtypes (``mu.dtype``, ``nu.dtype``)."""
+def _adam_moments(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: float, b2: float,
+                  ok: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Adam's moment updates in float32, returned in the stored dtypes (``mu.dtype``, ``nu.dtype``).
+
+  With ``ok`` (a boolean scalar) the old moments are kept where it is false, selected in float32
+  before the rounding, so a bfloat16 moment is written by one fusion (no second copy of it)."""
   g = g.astype(jnp.float32)
-  new_mu = (1 - b1) * g + b1 * mu.astype(jnp.float32)
-  new_nu = (1 - b2) * (g * g) + b2 * nu.astype(jnp.float32)
+  old_mu, old_nu = mu.astype(jnp.float32), nu.astype(jnp.float32)
+  new_mu = (1 - b1) * g + b1 * old_mu
+  new_nu = (1 - b2) * (g * g) + b2 * old_nu
+  if ok is not None:
+    new_mu, new_nu = jnp.where(ok, new_mu, old_mu), jnp.where(ok, new_nu, old_nu)
   return new_mu.astype(mu.dtype), new_nu.astype(nu.dtype)
 
 
@@ -379,11 +386,8 @@ def _fused_adamw(spec: AdamWSpec, grads, grad_norm, opt_state, params, emas, dec
 
   ok = finite
 
-  def moments(g, m, v):  # the stored moments, or the old ones on a skipped step, in the stored dtypes
-    gs = g.astype(f32) * scale
-    m1 = jnp.where(ok, (1 - spec.b1) * gs + spec.b1 * m.astype(f32), m.astype(f32))
-    v1 = jnp.where(ok, (1 - spec.b2) * (gs * gs) + spec.b2 * v.astype(f32), v.astype(f32))
-    return m1.astype(m.dtype), v1.astype(v.dtype)
+  def moments(g, m, v):  # the stored moments, or the old ones on a skipped step
+    return _adam_moments(g.astype(f32) * scale, m, v, spec.b1, spec.b2, ok)
 
   def update(m, v, p):
     d = _adam_direction(m, v, c1, c2, spec.eps)

@@ -337,12 +337,11 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *, upcast: boo
   impl = _attention_impl[0]
   if impl == "cudnn" and not (q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128):
     impl = "xla"  # outside cuDNN's fused-attention envelope
-  if impl == "chunked" and tq > ATTENTION_CHUNK and tq % ATTENTION_CHUNK == 0:
-    out = _attend_chunked(q, k, v, 1.0 / math.sqrt(d), ATTENTION_CHUNK)
-    return out.astype(dtype).reshape(b, tq, inner)
-  if impl == "chunked":
+  if impl == "chunked" and not (tq > ATTENTION_CHUNK and tq % ATTENTION_CHUNK == 0):
     impl = None  # at most one chunk, or not a multiple of it: the default path
-  if impl != "cudnn" and q.dtype == jnp.float32:
+  if impl == "chunked":
+    out = _attend_chunked(q, k, v, 1.0 / math.sqrt(d), ATTENTION_CHUNK)
+  elif impl != "cudnn" and q.dtype == jnp.float32:
     out = _attend_heads_major(q, k, v, 1.0 / math.sqrt(d))
   else:
     out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d), implementation=impl)  # [B, T, heads, d]
