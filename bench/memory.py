@@ -72,6 +72,10 @@ class Case:
       "chunked": :func:`jdiff.models.layers.attention_implementation` ``"chunked"``).
     conv: jdiff's convolution backward while the step is traced (None: autodiff; "late":
       :func:`jdiff.models.layers.convolution_backward` ``"late"``).
+    remat_bwd: jdiff's recomputation of rematerialised blocks (None: ``nn.remat``; "late":
+      :func:`jdiff.models.layers.remat_backward` ``"late"``).
+    scheduler: XLA:CPU's scheduler for the step (:func:`jdiff.training.cpu_scheduler_options`; None:
+      XLA's default).
   """
   name: str
   side: str
@@ -80,6 +84,8 @@ class Case:
   ema: str | None = "float32"
   attention: str | None = None
   conv: str | None = None
+  remat_bwd: str | None = None
+  scheduler: str | None = None
 
 
 CASES: dict[str, Case] = {c.name: c for c in [
@@ -93,9 +99,13 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("f32-remat-chunked", "jdiff", True, attention="chunked"),
     Case("bf16-chunked", "jdiff", False, "bfloat16", "bfloat16", attention="chunked"),
     Case("bf16-noema-chunked", "jdiff", False, "bfloat16", None, attention="chunked"),
-    Case("f32-lean", "jdiff", False, attention="chunked", conv="late"),
-    Case("f32-remat-lean", "jdiff", True, attention="chunked", conv="late"),
-    Case("bf16-noema-lean", "jdiff", False, "bfloat16", None, attention="chunked", conv="late"),
+    Case("f32-late", "jdiff", False, attention="chunked", conv="late"),
+    Case("f32-remat-late", "jdiff", True, attention="chunked", conv="late"),
+    Case("bf16-noema-late", "jdiff", False, "bfloat16", None, attention="chunked", conv="late"),
+    Case("f32-lean", "jdiff", False, attention="chunked", conv="late", scheduler="memory"),
+    Case("f32-remat-lean", "jdiff", True, attention="chunked", conv="late", remat_bwd="late"),
+    Case("bf16-noema-lean", "jdiff", False, "bfloat16", None, attention="chunked", conv="late",
+         scheduler="memory"),
     Case("torch", "diffusers", False),
     Case("torch-ckpt", "diffusers", True),
 ]}
@@ -214,7 +224,8 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
   abstract = jax.eval_shape(make_state, jax.random.key(0))
   shardings = training.state_shardings(abstract, mesh)
   step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings, ema_decay=EMA_DECAY,
-                                  ema_warmup=True)
+                                  ema_warmup=True,
+                                  compiler_options=training.cpu_scheduler_options(case.scheduler or ""))
   out["params"] = int(sum(np.size(p) for p in jax.tree.leaves(abstract.params)))
   out["state_bytes"] = int(sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(abstract)))
   _stage("imported")
@@ -235,7 +246,8 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
   def compile_step():
     t0 = time.perf_counter()
-    with layers.attention_implementation(case.attention), layers.convolution_backward(case.conv):
+    with layers.attention_implementation(case.attention), layers.convolution_backward(case.conv), \
+        layers.remat_backward(case.remat_bwd):
       # Lowered against the abstract state: the same program as for the concrete one (shapes, dtypes,
       # shardings), so it may be compiled before the state exists.
       compiled = step.jitted.lower(abstract, batch, step.frozen).compile()
@@ -358,7 +370,8 @@ def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compi
   """
   floor = floor_bytes(n_params, case)
   res: dict[str, Any] = {"case": case.name, "side": case.side, "remat": case.remat, "moments": case.moments,
-                         "ema": case.ema, "attention": case.attention, "conv": case.conv, "batch": batch, "latent": [size, size], "floor_bytes": floor,
+                         "ema": case.ema, "attention": case.attention, "conv": case.conv,
+                         "remat_bwd": case.remat_bwd, "scheduler": case.scheduler, "batch": batch, "latent": [size, size], "floor_bytes": floor,
                          "compile_only": compile_only}
   if case.side == "diffusers" and compile_only:
     return {**res, "status": "skipped", "reason": "diffusers has no compile-only mode"}
@@ -406,8 +419,8 @@ def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compi
   return {**res, **json.loads(lines[-1][len("RESULT"):]), "status": "ok"}
 
 
-COLUMNS = ["case", "side", "batch", "remat", "moments", "EMA", "attention", "conv bwd", "floor GiB", "XLA args GiB", "XLA temp GiB",
-           "peak RSS GiB", "peak/floor", "compile s", "s/step", "status"]
+COLUMNS = ["case", "side", "batch", "remat", "moments", "EMA", "attention", "conv bwd", "scheduler", "floor GiB",
+           "XLA args GiB", "XLA temp GiB", "peak RSS GiB", "peak/floor", "compile s", "s/step", "status"]
 
 
 def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -423,10 +436,12 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       status = "compile only (peak RSS: compilation, no state)"
     if r["status"] == "killed":
       status += f" at {r['watched_peak_rss_bytes'] / GIB:.2f} GiB RSS"
-    rows.append({"case": r["case"], "side": r["side"], "batch": r["batch"], "remat": r["remat"],
+    remat = "late" if r["remat"] and r.get("remat_bwd") == "late" else r["remat"]
+    rows.append({"case": r["case"], "side": r["side"], "batch": r["batch"], "remat": remat,
                  "moments": r["moments"], "EMA": r["ema"] or "none",
                  "attention": r.get("attention") or ("sdpa" if r["side"] == "diffusers" else "full"),
                  "conv bwd": r.get("conv") or ("-" if r["side"] == "diffusers" else "autodiff"),
+                 "scheduler": r.get("scheduler") or ("-" if r["side"] == "diffusers" else "default"),
                  "floor GiB": r["floor_bytes"] / GIB,
                  "XLA args GiB": xla["argument"] / GIB if xla else None,
                  "XLA temp GiB": xla["temp"] / GIB if xla else None,

@@ -10,7 +10,8 @@ target (epsilon or v) is the checkpoint scheduler's ``prediction_type``. The dat
 captions in diffusers' ``metadata.jsonl`` (``file_name`` + ``text``), ``captions.jsonl`` or ``.txt``
 sidecars, resized to ``data.image_size`` on the shorter side and center- (or randomly) cropped, optionally
 flipped. Compute runs in bfloat16 with float32 parameters, AdamW moments and EMA; blocks are
-rematerialised and the convolutions' backward reads their kernels late (``train.conv_backward``); ``train.fsdp`` shards parameters, optimizer state and EMA over that many devices. At the
+rematerialised, each within its own step of the backward pass (``train.remat_backward``), and the
+convolutions' backward reads their kernels late (``train.conv_backward``); ``train.fsdp`` shards parameters, optimizer state and EMA over that many devices. At the
 end the run writes a diffusers folder (``export.dir``, default ``WORKDIR/diffusers``) that
 ``StableDiffusionPipeline.from_pretrained`` loads; ``python -m train.export`` writes one from any
 checkpoint.
@@ -81,7 +82,9 @@ def get_config(variant: str = "sd15") -> ml_collections.ConfigDict:
   config.train = vae_digits.train_config(steps=10000, learning_rate=1e-5, warmup_steps=500, lr_schedule="constant",
                                          weight_decay=1e-2, ema_decay=0.9999, checkpoint_every=1000,
                                          sample_every=1000, log_every=50,
-                                         conv_backward="late")  # same gradients, kernels' copies made late
+                                         # same gradients: kernels' copies made late, each remat'd block
+                                         # recomputed within its own backward step
+                                         conv_backward="late", remat_backward="late")
   config.export = ml_collections.ConfigDict(dict(dir="", ema=True))  # dir "": WORKDIR/diffusers
 
   config.sample = ml_collections.ConfigDict(dict(

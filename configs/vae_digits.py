@@ -36,8 +36,11 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
               batch_size=0, grad_accum=1,  # batch_size 0: data.batch_size; grad_accum: micro-batches
               # memory options: Adam moment dtypes ("" = the parameters' float32, or "bfloat16"), the sampling
               # EMA on/off and its dtype, attention ("" = XLA's, "cudnn", or "chunked": no whole score matrix),
-              # conv_backward ("" = autodiff, or "late": the kernels' backward copies made when needed)
-              mu_dtype="", nu_dtype="", ema=True, ema_dtype="", attention="", conv_backward="")
+              # conv_backward ("" = autodiff, or "late": the kernels' backward copies made when needed),
+              # remat_backward ("" = nn.remat, or "late": each remat'd block recomputed within its own backward
+              # step), cpu_scheduler (XLA:CPU's step schedule: "" = XLA's default, "memory" or "concurrency")
+              mu_dtype="", nu_dtype="", ema=True, ema_dtype="", attention="", conv_backward="", remat_backward="",
+              cpu_scheduler="")
   base.update(overrides)
   return ml_collections.ConfigDict(base)
 

@@ -48,6 +48,7 @@ __all__ = [
     "ema_decay_at",
     "extra_ema_decay",
     "make_train_step",
+    "cpu_scheduler_options",
     "TrainStep",
     "check_finite",
     "release_host_memory",
@@ -476,14 +477,19 @@ def _signature(tree: Any) -> tuple[Any, tuple[tuple[tuple[int, ...], Any], ...]]
 
 
 def release_host_memory() -> bool:
-  """Returns the C heap's free pages to the operating system (glibc's ``malloc_trim(0)``).
+  """Frees unreachable Python objects (``gc.collect()``), then returns the C heap's free pages to the
+  operating system (glibc's ``malloc_trim(0)``).
 
-  Host buffers freed by initialisation or by the compiler stay in the process's resident set until
-  the allocator returns them; on the CPU backend the train step's buffers are host memory too, so a
-  process that trims after building its state and after compiling peaks lower. Returns False where
-  the C library has no ``malloc_trim`` (not glibc).
+  Tracing and lowering a large step leave reference cycles (traced functions, lowered modules) that
+  hold host memory until the cycle collector runs, and host buffers freed by initialisation or by the
+  compiler stay in the process's resident set until the allocator returns them; on the CPU backend the
+  train step's buffers are host memory too, so a process that releases after building its state and
+  after compiling peaks lower. Returns False where the C library has no ``malloc_trim`` (not glibc).
   """
   import ctypes
+  import gc
+
+  gc.collect()
   try:
     return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
   except (OSError, AttributeError):
@@ -493,7 +499,8 @@ def release_host_memory() -> bool:
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
                     state_sharding: TrainState, frozen: Any = None, frozen_sharding: Any = None,
                     ema_decay: float = 0.999, ema_warmup: bool = True, max_bad_steps: int = 10,
-                    donate: bool = True, extra_ema: Mapping[str, Decay] | None = None) -> TrainStep:
+                    donate: bool = True, extra_ema: Mapping[str, Decay] | None = None,
+                    compiler_options: Mapping[str, Any] | None = None) -> TrainStep:
   """Builds the jitted train step.
 
   Args:
@@ -519,6 +526,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
       number of updates before this one. After the optimizer update, ``extra_ema[name] <- decay
       * extra_ema[name] + (1 - decay) * new params`` (no warmup); skipped with the update on a
       non-finite step.
+    compiler_options: XLA options for compiling the step (``jax.jit``'s ``compiler_options``), e.g.
+      :func:`cpu_scheduler_options` ``("memory")``.
 
   Returns:
     A :class:`TrainStep`; metrics include ``loss``, ``grad_norm``, ``param_norm`` (after the step),
@@ -578,5 +587,32 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
   jitted = jax.jit(step_fn,
                    in_shardings=(state_sharding, parallel.batch_sharding(mesh), frozen_sharding),
                    out_shardings=(state_sharding, parallel.replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (),
+                   compiler_options=dict(compiler_options) if compiler_options else None)
   return TrainStep(jitted, frozen, max_bad_steps)
+
+
+CPU_SCHEDULERS = {"": None, "default": None, "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+                  "concurrency": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
+
+
+def cpu_scheduler_options(scheduler: str, backend: str | None = None) -> dict[str, Any]:
+  """Compiler options choosing XLA:CPU's instruction scheduler, for ``make_train_step(compiler_options=...)``.
+
+  ``"memory"`` orders the step's operations to lower its peak of live buffers; ``"concurrency"`` to let
+  independent operations run in parallel (more buffers live at once); ``""`` / ``"default"``: XLA's
+  choice. Empty (no option) unless ``backend`` (default: ``jax.default_backend()``) is ``"cpu"``, since
+  the option means nothing to other compilers.
+
+  Example:
+    >>> cpu_scheduler_options("memory", backend="cpu")
+    {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+    >>> cpu_scheduler_options("memory", backend="gpu")
+    {}
+  """
+  if scheduler not in CPU_SCHEDULERS:
+    raise ValueError(f"CPU scheduler {scheduler!r} is not one of {sorted(CPU_SCHEDULERS)}")
+  kind = CPU_SCHEDULERS[scheduler]
+  if kind is None or (backend or jax.default_backend()) != "cpu":
+    return {}
+  return {"xla_cpu_scheduler_type": kind}

@@ -208,13 +208,15 @@ def test_memory_options_in_the_train_section_are_validated():
   from train import loop
 
   loop.validate_config(vae_digits.train_config(mu_dtype="bfloat16", nu_dtype="bfloat16", ema=False,
-                                               ema_dtype="", attention="chunked", conv_backward="late"))
+                                               ema_dtype="", attention="chunked", conv_backward="late",
+                                               remat_backward="late", cpu_scheduler="memory"))
   old = vae_digits.train_config()
-  for k in ("mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention", "conv_backward"):
+  for k in ("mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention", "conv_backward", "remat_backward",
+            "cpu_scheduler"):
     del old[k]
   loop.validate_config(old)
   for k, v in (("mu_dtype", "float16"), ("ema_dtype", "int8"), ("attention", "flash"), ("ema", "no"),
-               ("conv_backward", "early")):
+               ("conv_backward", "early"), ("remat_backward", "early"), ("cpu_scheduler", "fast")):
     bad = vae_digits.train_config(**{k: v})
     with pytest.raises(ValueError, match=rf"^config key train\.{k} must be") as e:
       loop.validate_config(ml_collections.ConfigDict(bad))
@@ -222,9 +224,10 @@ def test_memory_options_in_the_train_section_are_validated():
 
 
 def test_memory_options_reach_the_state_and_the_traced_step(tmp_path, monkeypatch):
-  """``python -m train.vae`` with bfloat16 moments, no EMA, chunked attention and the late convolution
-  backward: the checkpointed state holds bfloat16 Adam moments and no EMA, and the step is built under
-  the chosen attention and convolution backward."""
+  """``python -m train.vae`` with bfloat16 moments, no EMA, chunked attention, the late convolution
+  backward and the memory-optimised CPU schedule: the checkpointed state holds bfloat16 Adam moments and no
+  EMA, and the step is built under the chosen attention and convolution backward with the scheduler's
+  compiler options."""
   import os
 
   from jdiff import checkpoint
@@ -235,7 +238,8 @@ def test_memory_options_reach_the_state_and_the_traced_step(tmp_path, monkeypatc
   make = training.make_train_step
 
   def recording(*args, **kwargs):
-    seen.append((layers._attention_impl[0], layers._conv_backward[0]))
+    seen.append((layers._attention_impl[0], layers._conv_backward[0], layers._remat_backward[0],
+                 kwargs.get("compiler_options")))
     return make(*args, **kwargs)
 
   monkeypatch.setattr(training, "make_train_step", recording)
@@ -245,9 +249,10 @@ def test_memory_options_reach_the_state_and_the_traced_step(tmp_path, monkeypatc
                        f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.steps=1",
                        "--config.train.mu_dtype=bfloat16", "--config.train.nu_dtype=bfloat16",
                        "--config.train.ema=False", "--config.train.attention=chunked",
-                       "--config.train.conv_backward=late"])
-  assert rc == 0 and seen == [("chunked", "late")]
-  assert layers._attention_impl[0] is None and layers._conv_backward[0] is None
+                       "--config.train.conv_backward=late", "--config.train.remat_backward=late",
+                       "--config.train.cpu_scheduler=memory"])
+  assert rc == 0 and seen == [("chunked", "late", "late", training.cpu_scheduler_options("memory"))]
+  assert layers._attention_impl[0] is None and layers._conv_backward[0] is None and layers._remat_backward[0] is None
   ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
   try:
     saved = ckpt.saved_shapes()
@@ -350,6 +355,62 @@ def test_ahead_of_time_compiled_step_equals_the_jitted_step():
     np.testing.assert_array_equal(a, b)
 
 
+def test_memory_scheduled_step_equals_the_default_step():
+  """make_train_step(compiler_options=cpu_scheduler_options("memory")): the options reach XLA (an unknown
+  option is refused when the step compiles) and reordering the step's operations changes no value:
+  three steps equal the default-scheduled step's bit for bit."""
+  tx = training.make_optimizer(learning_rate=1e-2, clip_norm=1.0, weight_decay=0.01)
+  mesh = parallel.make_mesh()
+  init = lambda k: MODEL.init(k, X)["params"]  # noqa: E731
+  rng = np.random.default_rng(2)
+  batches = [parallel.host_to_global({"x": rng.normal(size=X.shape).astype(np.float32)}, mesh) for _ in range(3)]
+  results = []
+  for scheduler in ("", "memory", "concurrency"):
+    options = training.cpu_scheduler_options(scheduler)
+    assert bool(options) == (scheduler != "" and jax.default_backend() == "cpu")
+    st = training.create_train_state(init, tx, key=jax.random.key(3), mesh=mesh)
+    step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=jax.tree.map(lambda a: a.sharding, st),
+                                    compiler_options=options)
+    for b in batches:
+      st, m = step(st, b)
+    results.append(jax.tree.map(np.asarray, (st, m)))
+  for other in results[1:]:
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other), strict=True):
+      np.testing.assert_array_equal(a, b)
+  st = training.create_train_state(init, tx, key=jax.random.key(3), mesh=mesh)
+  bogus = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=jax.tree.map(lambda a: a.sharding, st),
+                                   compiler_options={"xla_no_such_option": 1})
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    bogus.compile(st, batches[0])
+  assert training.cpu_scheduler_options("memory", backend="gpu") == {}
+  with pytest.raises(ValueError, match="CPU scheduler 'fast'"):
+    training.cpu_scheduler_options("fast")
+
+
+def test_release_host_memory_collects_reference_cycles():
+  """release_host_memory runs the cycle collector: an unreachable cycle holding an array is freed by the
+  call itself (automatic collection is off during the test)."""
+  import gc
+  import weakref
+
+  class Node:
+    pass
+
+  node = Node()
+  node.self, node.data = node, np.ones(1 << 20)
+  ref = weakref.ref(node)
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    del node
+    assert ref() is not None  # a cycle: reference counting alone does not free it
+    assert isinstance(training.release_host_memory(), bool)
+    assert ref() is None
+  finally:
+    if enabled:
+      gc.enable()
+
+
 def test_update_norm_with_weight_decay_equals_the_optimizer_update():
   """The fused step's update_norm (recovered from the written buffers, the weight-decay term expanded)
   equals the global norm of the optimizer's own update on the same gradients, float64."""
@@ -395,4 +456,45 @@ def test_late_convolution_backward_is_the_autodiff_derivative():
     jax.jvp(lambda xx: loss(params, xx), (x,), (x,))
   with pytest.raises(ValueError, match="convolution backward 'early'"):
     with layers.convolution_backward("early"):
+      pass
+
+
+def test_late_remat_is_the_remat_derivative():
+  """remat_backward("late"): a tiny UNet with remat=True has nn.remat's parameters, loss and gradients (the
+  same float32 operations; XLA may fuse the recomputation differently, so sums may associate differently:
+  within 2^-16 of each leaf's largest magnitude, about 500 float32 ulps), and forward mode, saving
+  policies, dropout while training and an unknown mode are refused."""
+  from jdiff.models import UNet, UNetConfig, layers
+
+  cfg = UNetConfig.tiny(sample_size=8, remat=True)
+  unet = UNet(cfg)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, cfg.in_channels)), jnp.float32)
+  t = jnp.asarray([3, 700], jnp.int32)
+  ctx = jnp.asarray(rng.normal(size=(2, 5, cfg.per_block("cross_attention_dim")[0])), jnp.float32)
+  params = unet.init(jax.random.key(0), x, t, ctx)["params"]
+
+  def loss(p, xx, cc):
+    return jnp.sum(jnp.sin(unet.apply({"params": p}, xx, t, cc)))
+
+  runs = []
+  for mode in (None, "late"):
+    with layers.remat_backward(mode):
+      shapes = jax.eval_shape(lambda: unet.init(jax.random.key(0), x, t, ctx)["params"])
+      assert jax.tree.structure(shapes) == jax.tree.structure(params)
+      runs.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, x, ctx))
+  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1]), strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(b, a, rtol=0, atol=2.0**-16 * float(np.max(np.abs(a))))
+  with layers.remat_backward("late"):
+    with pytest.raises(TypeError, match="custom_vjp"):
+      jax.jvp(lambda xx: loss(params, xx, ctx), (x,), (x,))
+    with pytest.raises(ValueError, match="recomputes whole blocks"):
+      UNet(UNetConfig.tiny(sample_size=8, remat="matmuls")).init(jax.random.key(0), x, t, ctx)
+    dropped = UNet(UNetConfig.tiny(sample_size=8, remat=True, dropout=0.1))
+    with pytest.raises(ValueError, match="dropout while training"):
+      jax.grad(lambda p: jnp.sum(dropped.apply({"params": p}, x, t, ctx, train=True,
+                                               rngs={"dropout": jax.random.key(1)})))(params)
+  with pytest.raises(ValueError, match="remat backward 'early'"):
+    with layers.remat_backward("early"):
       pass

@@ -289,7 +289,9 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
   weight_decay, ema_decay, ema_warmup, max_bad_steps, (optional: mu_dtype, nu_dtype: Adam moment storage
   dtypes, e.g. "bfloat16"; ema: false drops the sampling EMA; ema_dtype; attention: the
   :func:`jdiff.models.layers.attention_implementation` the step and sample grids are traced under, e.g.
-  "chunked"; conv_backward: the :func:`jdiff.models.layers.convolution_backward`, e.g. "late"), log_every, checkpoint_every, sample_every,
+  "chunked"; conv_backward: the :func:`jdiff.models.layers.convolution_backward`, e.g. "late"; remat_backward:
+  the :func:`jdiff.models.layers.remat_backward`, e.g. "late"; cpu_scheduler: XLA:CPU's scheduler for the
+  step, :func:`jdiff.training.cpu_scheduler_options`, e.g. "memory"), log_every, checkpoint_every, sample_every,
   keep_checkpoints, fsdp (mesh size of the "fsdp" axis, 1 = replicated params), stop_at (stop
   after this step as if killed; 0 = no), grad_accum (micro-batches per step; optional, default 1).
 
@@ -305,7 +307,8 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
   try:
     # both read when the step and the sample grids are traced
     with layers.attention_implementation(cfg.get("attention") or None), \
-        layers.convolution_backward(cfg.get("conv_backward") or None):
+        layers.convolution_backward(cfg.get("conv_backward") or None), \
+        layers.remat_backward(cfg.get("remat_backward") or None):
       return _train(cfg, task, loader, workdir, seed=seed, stream=stream)
   finally:
     _GUARD.uninstall()
@@ -348,7 +351,8 @@ def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
     step_fn = training.make_train_step(accumulate_gradients(task.loss_fn, accum), tx, mesh=mesh,
                                        state_sharding=shardings, frozen=task.frozen,
                                        ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, extra_ema=task.extra_ema,
-                                       max_bad_steps=cfg.max_bad_steps)
+                                       max_bad_steps=cfg.max_bad_steps,
+                                       compiler_options=training.cpu_scheduler_options(cfg.get("cpu_scheduler") or ""))
     start = int(state.step)
     total = int(cfg.steps)
     stop = min(total, int(cfg.stop_at)) if cfg.stop_at else total
@@ -464,9 +468,12 @@ _TRAIN_KEYS = {
     "attention": ((str, type(None)), lambda v: v in ("", None, "xla", "cudnn", "chunked"),
                   "'', 'xla', 'cudnn' or 'chunked'"),
     "conv_backward": ((str, type(None)), lambda v: v in ("", None, "autodiff", "late"), "'', 'autodiff' or 'late'"),
+    "remat_backward": ((str, type(None)), lambda v: v in ("", None, "autodiff", "late"), "'', 'autodiff' or 'late'"),
+    "cpu_scheduler": ((str, type(None)), lambda v: v in ("", None) or v in training.CPU_SCHEDULERS,
+                      "'', 'default', 'memory' or 'concurrency'"),
 }
 _OPTIONAL_TRAIN_KEYS = ("batch_size", "grad_accum", "mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention",
-                        "conv_backward")
+                        "conv_backward", "remat_backward", "cpu_scheduler")
 
 
 def validate_config(cfg: ml_collections.ConfigDict, *, prefix: str = "train") -> None:

@@ -11,6 +11,8 @@ Normalisation statistics, softmax and the sinusoidal embedding are computed in f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 from typing import Any, Iterator
 
@@ -23,6 +25,7 @@ from jdiff.models.configs import check_remat
 __all__ = [
     "attention_implementation",
     "convolution_backward",
+    "remat_backward",
     "attend",
     "Conv2D",
     "timestep_embedding",
@@ -279,13 +282,106 @@ def _save_weight_matmuls(prim, *_, **params) -> bool:
 _POLICIES = {True: None, "full": None, "matmuls": _save_matmuls, "weights": _save_weight_matmuls}
 
 
+REMAT_BACKWARDS = (None, "autodiff", "late")
+_remat_backward: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def remat_backward(mode: str | None) -> Iterator[None]:
+  """Chooses how blocks built by :func:`remat_module` with ``remat=True`` are recomputed, for modules TRACED
+  inside.
+
+  ``None`` / ``"autodiff"`` (default): ``nn.remat`` (``jax.checkpoint``). Its recomputation depends only on
+  the block's inputs, so a compiler may schedule it right after the forward pass (XLA:CPU does), and then
+  the recomputed activations of many blocks are live together. ``"late"``: the same recomputation and the
+  same derivative, made into one step of the backward pass by two data dependencies on exact 1s: the
+  block's parameters and inputs are multiplied by one computed from the output's cotangent (the block is
+  recomputed once that cotangent exists), and the input's cotangent by one computed from every parameter
+  gradient of the block (the blocks before it start their backward pass once this one's is complete).
+  A "late" block has no forward-mode derivative (``jax.jvp`` raises), takes no dropout while training
+  (its recomputation would need the forward pass's random key) and supports ``remat=True`` only (not the
+  saving policies). Read when a function is traced.
+
+  Example:
+    >>> with remat_backward("late"):  # doctest: +SKIP
+    ...   compiled = jax.jit(train_step).lower(state, batch).compile()
+  """
+  if mode not in REMAT_BACKWARDS:
+    raise ValueError(f"remat backward {mode!r} is not one of {REMAT_BACKWARDS}")
+  with _holding(_remat_backward, mode):
+    yield
+
+
+def _exact_one(tree: Any) -> jax.Array:
+  """1 + 0 * (sum of the first element of each leaf): exactly 1 (NaN where such an element is not finite,
+  as the gradients then are), computable only once every leaf exists."""
+  firsts = [leaf[(0,) * leaf.ndim].astype(jnp.float32) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return 1.0 + 0.0 * sum(firsts, jnp.float32(0.0))
+
+
+def _tied(tree: Any, one: jax.Array) -> Any:
+  return jax.tree.map(lambda a: a * one.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a, tree)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _late_remat_call(fn, params, args):
+  return fn(params, args)
+
+
+def _late_remat_fwd(fn, params, args):
+  return fn(params, args), (params, args)
+
+
+def _late_remat_bwd(fn, residuals, g):
+  params, args = residuals
+  one = _exact_one(g)
+  _, vjp = jax.vjp(fn, _tied(params, one), _tied(args, one))
+  d_params, d_args = vjp(g)
+  return d_params, _tied(d_args, _exact_one(d_params))
+
+
+_late_remat_call.defvjp(_late_remat_fwd, _late_remat_bwd)
+
+
+def _late_remat_class(cls: type[nn.Module], static_argnums: tuple[int, ...]) -> type[nn.Module]:
+  """``cls`` whose call, outside initialisation, is :func:`_late_remat_call` of its plain ``apply``."""
+  static = {i - 1 for i in static_argnums}  # positions among the call's arguments (static_argnums count self)
+
+  class LateRemat(cls):
+    def __call__(self, *args):
+      if self.is_initializing():
+        return super().__call__(*args)
+      if self.is_mutable_collection("intermediates") or (
+          getattr(self, "dropout", 0.0) and any(args[i] is True for i in static)):
+        raise ValueError(f"remat_backward('late') cannot recompute {cls.__name__} with dropout while training "
+                         "or while capturing intermediates; use remat_backward(None)")
+      plain = cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)
+                     if f.init and f.name not in ("parent", "name")}, parent=None)
+      variables = self.variables
+      others = {k: v for k, v in variables.items() if k != "params"}
+      fixed = {i: a for i, a in enumerate(args) if i in static}
+      traced = tuple(a for i, a in enumerate(args) if i not in static)
+
+      def fn(params, dyn):
+        it = iter(dyn)
+        full = [fixed[i] if i in fixed else next(it) for i in range(len(args))]
+        return plain.apply({"params": params, **others}, *full)
+
+      return _late_remat_call(fn, variables.get("params", {}), traced)
+
+  LateRemat.__name__ = LateRemat.__qualname__ = f"LateRemat{cls.__name__}"
+  return LateRemat
+
+
 def remat_module(cls: type[nn.Module], remat: bool | str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
   """``cls`` as is (``remat`` False) or wrapped in ``nn.remat`` with the policy named by ``remat``.
 
   True / "full" saves nothing inside the block (recomputes all of it in the backward pass);
   "matmuls" saves the outputs of convolutions and matmuls; "weights" saves those of convolutions and
   weight matmuls only (see :func:`jdiff.models.configs.check_remat`). The values are the same in
-  every case; only memory and recomputation differ.
+  every case; only memory and recomputation differ. Under :func:`remat_backward` ``"late"``, True /
+  "full" blocks are recomputed within their own step of the backward pass.
 
   Example:
     >>> Block = remat_module(ResnetBlock2D, "matmuls", static_argnums=(3,))
@@ -293,6 +389,10 @@ def remat_module(cls: type[nn.Module], remat: bool | str, static_argnums: tuple[
   check_remat(remat)
   if remat is False:
     return cls
+  if _remat_backward[0] == "late":
+    if _POLICIES[remat] is not None:
+      raise ValueError(f"remat_backward('late') recomputes whole blocks (remat=True); got remat={remat!r}")
+    return _late_remat_class(cls, static_argnums)
   return nn.remat(cls, static_argnums=static_argnums, policy=_POLICIES[remat])
 
 
