@@ -76,6 +76,9 @@ class Case:
       :func:`jdiff.models.layers.remat_backward` ``"late"``).
     scheduler: XLA:CPU's scheduler for the step (:func:`jdiff.training.cpu_scheduler_options`; None:
       XLA's default).
+    update: where the AdamW update is made (None: after the backward pass, from all the gradients;
+      "backward": ``make_train_step(update_in_backward=True)``, each parameter's update in a second
+      backward pass, the gradients never held together).
   """
   name: str
   side: str
@@ -86,6 +89,7 @@ class Case:
   conv: str | None = None
   remat_bwd: str | None = None
   scheduler: str | None = None
+  update: str | None = None
 
 
 CASES: dict[str, Case] = {c.name: c for c in [
@@ -106,6 +110,11 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("f32-remat-lean", "jdiff", True, attention="chunked", conv="late", remat_bwd="late"),
     Case("bf16-noema-lean", "jdiff", False, "bfloat16", None, attention="chunked", conv="late",
          scheduler="memory"),
+    Case("f32-2pass", "jdiff", False, attention="chunked", conv="late", scheduler="memory", update="backward"),
+    Case("f32-remat-2pass", "jdiff", True, attention="chunked", conv="late", remat_bwd="late",
+         update="backward"),
+    Case("bf16-noema-2pass", "jdiff", False, "bfloat16", None, attention="chunked", conv="late",
+         scheduler="memory", update="backward"),
     Case("torch", "diffusers", False),
     Case("torch-ckpt", "diffusers", True),
 ]}
@@ -225,7 +234,8 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
   shardings = training.state_shardings(abstract, mesh)
   step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings, ema_decay=EMA_DECAY,
                                   ema_warmup=True,
-                                  compiler_options=training.cpu_scheduler_options(case.scheduler or ""))
+                                  compiler_options=training.cpu_scheduler_options(case.scheduler or ""),
+                                  update_in_backward=case.update == "backward")
   out["params"] = int(sum(np.size(p) for p in jax.tree.leaves(abstract.params)))
   out["state_bytes"] = int(sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(abstract)))
   _stage("imported")
@@ -371,8 +381,8 @@ def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compi
   floor = floor_bytes(n_params, case)
   res: dict[str, Any] = {"case": case.name, "side": case.side, "remat": case.remat, "moments": case.moments,
                          "ema": case.ema, "attention": case.attention, "conv": case.conv,
-                         "remat_bwd": case.remat_bwd, "scheduler": case.scheduler, "batch": batch, "latent": [size, size], "floor_bytes": floor,
-                         "compile_only": compile_only}
+                         "remat_bwd": case.remat_bwd, "scheduler": case.scheduler, "update": case.update,
+                         "batch": batch, "latent": [size, size], "floor_bytes": floor, "compile_only": compile_only}
   if case.side == "diffusers" and compile_only:
     return {**res, "status": "skipped", "reason": "diffusers has no compile-only mode"}
   if need_bytes is None:
@@ -419,7 +429,7 @@ def run_case(case: Case, *, model: str, batch: int, size: int, steps: int, compi
   return {**res, **json.loads(lines[-1][len("RESULT"):]), "status": "ok"}
 
 
-COLUMNS = ["case", "side", "batch", "remat", "moments", "EMA", "attention", "conv bwd", "scheduler", "floor GiB",
+COLUMNS = ["case", "side", "batch", "remat", "moments", "EMA", "attention", "conv bwd", "scheduler", "update", "floor GiB",
            "XLA args GiB", "XLA temp GiB", "peak RSS GiB", "peak/floor", "compile s", "s/step", "status"]
 
 
@@ -442,6 +452,7 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                  "attention": r.get("attention") or ("sdpa" if r["side"] == "diffusers" else "full"),
                  "conv bwd": r.get("conv") or ("-" if r["side"] == "diffusers" else "autodiff"),
                  "scheduler": r.get("scheduler") or ("-" if r["side"] == "diffusers" else "default"),
+                 "update": r.get("update") or ("-" if r["side"] == "diffusers" else "after"),
                  "floor GiB": r["floor_bytes"] / GIB,
                  "XLA args GiB": xla["argument"] / GIB if xla else None,
                  "XLA temp GiB": xla["temp"] / GIB if xla else None,

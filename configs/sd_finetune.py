@@ -11,7 +11,10 @@ captions in diffusers' ``metadata.jsonl`` (``file_name`` + ``text``), ``captions
 sidecars, resized to ``data.image_size`` on the shorter side and center- (or randomly) cropped, optionally
 flipped. Compute runs in bfloat16 with float32 parameters, AdamW moments and EMA; blocks are
 rematerialised, each within its own step of the backward pass (``train.remat_backward``), and the
-convolutions' backward reads their kernels late (``train.conv_backward``); ``train.fsdp`` shards parameters, optimizer state and EMA over that many devices. At the
+convolutions' backward reads their kernels late (``train.conv_backward``); ``train.fsdp`` shards parameters,
+optimizer state and EMA over that many devices, and ``train.update_in_backward=True`` applies AdamW to each
+parameter during a second backward pass, so that the gradients are never held together (one more forward and
+backward pass per step). At the
 end the run writes a diffusers folder (``export.dir``, default ``WORKDIR/diffusers``) that
 ``StableDiffusionPipeline.from_pretrained`` loads; ``python -m train.export`` writes one from any
 checkpoint.

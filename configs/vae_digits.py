@@ -38,9 +38,11 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
               # EMA on/off and its dtype, attention ("" = XLA's, "cudnn", or "chunked": no whole score matrix),
               # conv_backward ("" = autodiff, or "late": the kernels' backward copies made when needed),
               # remat_backward ("" = nn.remat, or "late": each remat'd block recomputed within its own backward
-              # step), cpu_scheduler (XLA:CPU's step schedule: "" = XLA's default, "memory" or "concurrency")
+              # step), cpu_scheduler (XLA:CPU's step schedule: "" = XLA's default, "memory" or "concurrency"),
+              # update_in_backward (a second backward pass applies AdamW to each parameter as its gradient is
+              # made: the gradients are never held together, one more forward and backward per step)
               mu_dtype="", nu_dtype="", ema=True, ema_dtype="", attention="", conv_backward="", remat_backward="",
-              cpu_scheduler="")
+              cpu_scheduler="", update_in_backward=False)
   base.update(overrides)
   return ml_collections.ConfigDict(base)
 

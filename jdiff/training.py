@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import flax
@@ -35,6 +36,7 @@ import optax
 from jax.sharding import Mesh
 
 from jdiff import parallel
+from jdiff.models import layers
 
 __all__ = [
     "TrainState",
@@ -357,6 +359,77 @@ def _guarded_update(tx, grads, opt_state, params, emas, decays, finite):
           _global_norm(updates), finite)
 
 
+class _AdamWScalars(NamedTuple):
+  count: jax.Array         # the Adam count after this step
+  c1: jax.Array            # bias corrections
+  c2: jax.Array
+  step_size: jax.Array     # -learning rate
+  scale: jax.Array         # the clipping factor of the gradients
+  lr_state: Any            # the learning-rate schedule's state after this step
+
+
+def _adamw_scalars(spec: AdamWSpec, opt_state, grad_norm: jax.Array) -> _AdamWScalars:
+  adam, _, lr_state = opt_state[-1]
+  f32 = jnp.float32
+  count = optax.safe_increment(adam.count)
+  c1, c2 = _bias_corrections(spec.b1, spec.b2, count)
+  if callable(spec.learning_rate):
+    step_size = -jnp.asarray(spec.learning_rate(lr_state.count), f32)
+    lr_state = lr_state._replace(count=optax.safe_increment(lr_state.count))
+  else:
+    step_size = -jnp.asarray(spec.learning_rate, f32)
+  if spec.clip_norm is None:
+    scale = jnp.ones((), f32)
+  else:
+    scale = jnp.where(grad_norm < spec.clip_norm, 1.0, spec.clip_norm / grad_norm).astype(f32)
+  return _AdamWScalars(count, c1, c2, step_size, scale, lr_state)
+
+
+def _adamw_leaf(hyper, scale, step_size, c1, c2, ok, g, m, v, p, emas, decays):
+  """One leaf of the fused update: the stored moments (old ones where ``ok`` is false), the parameter,
+  the EMAs. ``hyper`` is ``(b1, b2, eps, weight_decay)``."""
+  b1, b2, eps, wd = hyper
+  f32 = jnp.float32
+  m1, v1 = _adam_moments(g.astype(f32) * scale, m, v, b1, b2, ok)
+  d = _adam_direction(m1, v1, c1, c2, eps)
+  if wd:
+    d = d + wd * p.astype(f32)
+  p1 = jnp.where(ok, (p.astype(f32) + step_size * d).astype(p.dtype), p)
+  return p1, m1, v1, tuple(jnp.where(ok, _ema_step(p1, e, dec), e) for e, dec in zip(emas, decays))
+
+
+def _applied_update_sq(hyper, step_size, c1, c2, m1, v1, p1) -> jax.Array:
+  """|applied update / step size|^2 of one leaf, from the written buffers only (p1 = p + u, so u = step
+  (d + wd p1) / (1 + step wd))."""
+  _, _, eps, wd = hyper
+  f32 = jnp.float32
+  d = m1.astype(f32) / (c1 * (jnp.sqrt(v1.astype(f32) / c2) + eps))
+  if not wd:
+    return jnp.sum(jnp.square(d))
+  # |d + wd p1|^2 / (1 + step wd)^2, expanded so that every reduction reads arrays only: with a scalar
+  # factor inside, XLA:CPU materialises that scalar broadcast to the leaf's shape, once per shape, and
+  # keeps it live through the whole step.
+  q = p1.astype(f32)
+  parts = jnp.sum(d * d) + 2.0 * wd * jnp.sum(d * q) + wd * wd * jnp.sum(q * q)
+  return parts / jnp.square(1.0 + step_size * wd)
+
+
+def _adamw_outputs(spec, sc: _AdamWScalars, opt_state, ok, treedef, new_p, new_m, new_v, new_e):
+  *head, (adam, wd_state, lr_state) = opt_state
+  hyper = (spec.b1, spec.b2, spec.eps, spec.weight_decay)
+  sq = jnp.zeros((), jnp.float32)
+  for m1, v1, p1 in zip(new_m, new_v, new_p):
+    sq = sq + _applied_update_sq(hyper, sc.step_size, sc.c1, sc.c2, m1, v1, p1)
+  update_norm = jnp.where(ok, jnp.abs(sc.step_size) * jnp.sqrt(sq), 0.0)
+  new_adam = optax.ScaleByAdamState(count=jnp.where(ok, sc.count, adam.count), mu=treedef.unflatten(new_m),
+                                    nu=treedef.unflatten(new_v))
+  new_lr_state = lr_state
+  if sc.lr_state is not lr_state:
+    new_lr_state = lr_state._replace(count=jnp.where(ok, sc.lr_state.count, lr_state.count))
+  new_opt = (*head, (new_adam, wd_state, new_lr_state))
+  return treedef.unflatten(new_p), new_opt, [treedef.unflatten(e) for e in new_e], update_norm, ok
+
+
 def _fused_adamw(spec: AdamWSpec, grads, grad_norm, opt_state, params, emas, decays, finite):
   """:func:`make_optimizer`'s update, the non-finite guard and the EMAs, leaf by leaf, in place.
 
@@ -370,64 +443,128 @@ def _fused_adamw(spec: AdamWSpec, grads, grad_norm, opt_state, params, emas, dec
   skipped step leaves every buffer bit-equal (the NaN candidates are never selected, never stored).
   The update norm is recovered from the written buffers (0 on a skipped step).
   """
-  *head, (adam, wd_state, lr_state) = opt_state
-  f32 = jnp.float32
-  count = optax.safe_increment(adam.count)
-  c1, c2 = _bias_corrections(spec.b1, spec.b2, count)
-  if callable(spec.learning_rate):
-    step_size = -jnp.asarray(spec.learning_rate(lr_state.count), f32)
-    new_lr_state = lr_state._replace(count=optax.safe_increment(lr_state.count))
-  else:
-    step_size = -jnp.asarray(spec.learning_rate, f32)
-    new_lr_state = lr_state
-  if spec.clip_norm is None:
-    scale = jnp.ones((), f32)
-  else:
-    scale = jnp.where(grad_norm < spec.clip_norm, 1.0, spec.clip_norm / grad_norm).astype(f32)
-
-  ok = finite
-
-  def moments(g, m, v):  # the stored moments, or the old ones on a skipped step
-    return _adam_moments(g.astype(f32) * scale, m, v, spec.b1, spec.b2, ok)
-
-  def update(m, v, p):
-    d = _adam_direction(m, v, c1, c2, spec.eps)
-    if spec.weight_decay:
-      d = d + spec.weight_decay * p.astype(f32)
-    return step_size * d
-
+  adam = opt_state[-1][0]
+  sc = _adamw_scalars(spec, opt_state, grad_norm)
+  hyper = (spec.b1, spec.b2, spec.eps, spec.weight_decay)
   leaves, treedef = jax.tree.flatten(params)
   g_l, m_l, v_l = (treedef.flatten_up_to(t) for t in (grads, adam.mu, adam.nu))
   e_ls = [treedef.flatten_up_to(e) for e in emas]
   new_p, new_m, new_v, new_e = [], [], [], [[] for _ in emas]
-  sq = jnp.zeros((), f32)
   for i, (g, m, v, p) in enumerate(zip(g_l, m_l, v_l, leaves)):
-    m1, v1 = moments(g, m, v)
-    p1 = jnp.where(ok, (p.astype(f32) + update(m1, v1, p)).astype(p.dtype), p)
+    p1, m1, v1, e1 = _adamw_leaf(hyper, sc.scale, sc.step_size, sc.c1, sc.c2, finite, g, m, v, p,
+                                 [e_l[i] for e_l in e_ls], decays)
+    new_p.append(p1)
     new_m.append(m1)
     new_v.append(v1)
-    new_p.append(p1)
-    for out, e_l, d in zip(new_e, e_ls, decays):
-      out.append(jnp.where(ok, _ema_step(p1, e_l[i], d), e_l[i]))
-    # The applied update from the written buffers only (p1 = p + u, so u = step (d + wd p1) / (1 + step wd)):
-    d = m1.astype(f32) / (c1 * (jnp.sqrt(v1.astype(f32) / c2) + spec.eps))
-    if spec.weight_decay:
-      # |d + wd p1|^2 / (1 + step wd)^2, expanded so that every reduction reads arrays only: with a
-      # scalar factor inside, XLA:CPU materialises that scalar broadcast to the leaf's shape, once per
-      # shape, and keeps it live through the whole step.
-      q = p1.astype(f32)
-      wd = spec.weight_decay
-      parts = jnp.sum(d * d) + 2.0 * wd * jnp.sum(d * q) + wd * wd * jnp.sum(q * q)
-      sq = sq + parts / jnp.square(1.0 + step_size * wd)
-    else:
-      sq = sq + jnp.sum(jnp.square(d))
-  update_norm = jnp.where(ok, jnp.abs(step_size) * jnp.sqrt(sq), 0.0)
-  new_adam = optax.ScaleByAdamState(count=jnp.where(ok, count, adam.count), mu=treedef.unflatten(new_m),
-                                    nu=treedef.unflatten(new_v))
-  if new_lr_state is not lr_state:
-    new_lr_state = lr_state._replace(count=jnp.where(ok, new_lr_state.count, lr_state.count))
-  new_opt = (*head, (new_adam, wd_state, new_lr_state))
-  return (treedef.unflatten(new_p), new_opt, [treedef.unflatten(e) for e in new_e], update_norm, ok)
+    for out, e in zip(new_e, e1):
+      out.append(e)
+  return _adamw_outputs(spec, sc, opt_state, finite, treedef, new_p, new_m, new_v, new_e)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _update_in_backward(hyper, p, m, v, emas, sc):
+  """The identity on ``p`` whose derivative rule returns, in place of the cotangents of ``(p, m, v,
+  emas)``, their values after this step's AdamW update with the gradient ``g`` that reaches ``p``:
+  ``jax.grad`` of a loss of hooked parameters is then the new state, made leaf by leaf as the backward
+  pass reaches each parameter. ``sc`` holds ``[scale, step_size, c1, c2, ok, *ema decays]``."""
+  del hyper, m, v, emas, sc
+  return p
+
+
+def _update_in_backward_fwd(hyper, p, m, v, emas, sc):
+  return p, (p, m, v, emas, sc)
+
+
+def _update_in_backward_bwd(hyper, res, g):
+  p, m, v, emas, sc = res
+  p1, m1, v1, e1 = _adamw_leaf(hyper, sc[0], sc[1], sc[2], sc[3], sc[4] > 0.5, g, m, v, p, emas, list(sc[5:]))
+  return p1, m1, v1, e1, jnp.zeros_like(sc)
+
+
+_update_in_backward.defvjp(_update_in_backward_fwd, _update_in_backward_bwd)
+
+
+@jax.custom_vjp
+def _square_sum_in_backward(p, z):
+  """The identity on ``p`` whose derivative rule gives ``z`` (a float32 scalar) the cotangent sum(g^2) of the
+  gradient ``g`` reaching ``p``, and ``p`` none: differentiating a loss of such parameters with respect to the
+  ``z`` leaves gives each gradient's squared norm, reduced as soon as the gradient exists."""
+  del z
+  return p
+
+
+def _square_sum_fwd(p, z):
+  del z
+  return p, None
+
+
+def _square_sum_bwd(_, g):
+  return None, jnp.sum(jnp.square(g.astype(jnp.float32)))
+
+
+_square_sum_in_backward.defvjp(_square_sum_fwd, _square_sum_bwd)
+
+
+def _loss_and_grad_norm(loss_fn, params, batch, key, frozen):
+  """``(loss, aux), norm of the gradient of loss_fn with respect to params``, without holding the gradients
+  (each is reduced to its squared norm where the backward pass makes it)."""
+  leaves, treedef = jax.tree.flatten(params)
+
+  def of_zeros(zeros):
+    hooked = [_square_sum_in_backward(p, z) for p, z in zip(leaves, zeros)]
+    return loss_fn(treedef.unflatten(hooked), batch, key, frozen)
+
+  zeros = [jnp.zeros((), jnp.float32) for _ in leaves]
+  (loss, aux), squares = jax.value_and_grad(of_zeros, has_aux=True)(zeros)
+  return (loss, aux), jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+
+
+def _tie(tree: Any, s: jax.Array) -> Any:
+  """``tree`` with every array made to depend on the scalar ``s`` without changing its finite values
+  (floats times ``1 + 0 s``, integers plus ``int(0 s)``; key data likewise)."""
+  zero = 0.0 * s.astype(jnp.float32)
+
+  def tie(a):
+    if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(tie(jax.random.key_data(a)), impl=jax.random.key_impl(a))
+    if not hasattr(a, "dtype"):
+      return a
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+      return a * (1.0 + zero).astype(a.dtype)
+    if jnp.issubdtype(a.dtype, jnp.integer):
+      return a + zero.astype(a.dtype)
+    return a
+
+  return jax.tree.map(tie, tree)
+
+
+def _adamw_in_backward(spec: AdamWSpec, loss_of, batch, key, grad_norm, opt_state, params, emas, decays,
+                       finite):
+  """:func:`_fused_adamw`'s update made during a second backward pass: ``loss_of(params, batch, key)`` is
+  differentiated again with every parameter passed through :func:`_update_in_backward`, so each leaf's
+  moments, parameter and EMAs are written as soon as its gradient exists and the gradients are never held
+  together. ``grad_norm`` and ``finite`` come from the first pass; the second pass's inputs are tied to
+  ``grad_norm`` so that XLA cannot merge it with the first."""
+  adam = opt_state[-1][0]
+  sc = _adamw_scalars(spec, opt_state, grad_norm)
+  hyper = (spec.b1, spec.b2, spec.eps, spec.weight_decay)
+  packed = jnp.stack([sc.scale, sc.step_size, sc.c1, sc.c2, finite.astype(jnp.float32),
+                      *[jnp.asarray(d, jnp.float32) for d in decays]])
+  leaves, treedef = jax.tree.flatten(params)
+  m_l, v_l = treedef.flatten_up_to(adam.mu), treedef.flatten_up_to(adam.nu)
+  e_ls = [treedef.flatten_up_to(e) for e in emas]
+  e_per_leaf = [tuple(e_l[i] for e_l in e_ls) for i in range(len(leaves))]
+  tied_batch, tied_key = _tie((batch, key), grad_norm)
+
+  def second_pass(state):
+    p_l, m_l, v_l, e_l = state
+    hooked = [_update_in_backward(hyper, *x, packed) for x in zip(p_l, m_l, v_l, e_l)]
+    with layers.gradients_after_reads():
+      return loss_of(treedef.unflatten(hooked), tied_batch, tied_key)
+
+  new_p, new_m, new_v, new_e = jax.grad(second_pass)((leaves, m_l, v_l, e_per_leaf))
+  new_e = [[e[j] for e in new_e] for j in range(len(emas))]
+  return _adamw_outputs(spec, sc, opt_state, finite, treedef, new_p, new_m, new_v, new_e)
 
 
 class TrainStep:
@@ -500,7 +637,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
                     state_sharding: TrainState, frozen: Any = None, frozen_sharding: Any = None,
                     ema_decay: float = 0.999, ema_warmup: bool = True, max_bad_steps: int = 10,
                     donate: bool = True, extra_ema: Mapping[str, Decay] | None = None,
-                    compiler_options: Mapping[str, Any] | None = None) -> TrainStep:
+                    compiler_options: Mapping[str, Any] | None = None,
+                    update_in_backward: bool = False) -> TrainStep:
   """Builds the jitted train step.
 
   Args:
@@ -528,6 +666,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
       non-finite step.
     compiler_options: XLA options for compiling the step (``jax.jit``'s ``compiler_options``), e.g.
       :func:`cpu_scheduler_options` ``("memory")``.
+    update_in_backward: differentiate the loss twice: the first pass gives the loss, the gradient norm
+      and the non-finite guard; the second applies the fused AdamW update, the guard and the EMAs to each
+      parameter as soon as the backward pass reaches it (``_update_in_backward``), so the gradients are
+      never held together (one more forward and backward pass per step, the same update up to the float32
+      rounding of recomputing the gradients). Needs ``tx`` from :func:`make_optimizer` and no
+      ``extra_ema``.
 
   Returns:
     A :class:`TrainStep`; metrics include ``loss``, ``grad_norm``, ``param_norm`` (after the step),
@@ -546,6 +690,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
 
   spec = getattr(tx, "spec", None)
   fused = isinstance(spec, AdamWSpec)
+  if update_in_backward and not fused:
+    raise ValueError("update_in_backward applies make_optimizer's AdamW in the backward pass; "
+                     f"got the optimizer {type(tx).__name__}")
+  if update_in_backward and extra:
+    raise ValueError(f"update_in_backward does not update extra EMAs (got {sorted(extra)})")
 
   def step_fn(state: TrainState, batch: Any, frozen: Any):
     have = tuple(sorted(state.extra_ema or {}))
@@ -554,8 +703,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
                        "pass the same names to create_train_state(extra_ema=...)")
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     with_state = (state,) if extra else ()
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, frozen, *with_state)
-    grad_norm = _global_norm(grads)
+    if update_in_backward:
+      grads = None
+      (loss, aux), grad_norm = _loss_and_grad_norm(loss_fn, state.params, batch, key, frozen)
+    else:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, frozen, *with_state)
+      grad_norm = _global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     extra_decays = {name: extra_ema_decay(d, state.step) for name, d in extra.items()}
     names = sorted(extra)
@@ -564,7 +717,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     if state.ema_params is not None:
       emas.append(state.ema_params)
       decays.append(ema_decay_at(state.step, ema_decay, ema_warmup))
-    if fused:
+    if update_in_backward:
+      new_params, new_opt, new_emas, update_norm, ok = _adamw_in_backward(
+          spec, lambda p, b, k: loss_fn(p, b, k, frozen)[0], batch, key, grad_norm, state.opt_state,
+          state.params, emas, decays, finite)
+    elif fused:
       new_params, new_opt, new_emas, update_norm, ok = _fused_adamw(spec, grads, grad_norm, state.opt_state,
                                                                     state.params, emas, decays, finite)
     else:

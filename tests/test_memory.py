@@ -209,14 +209,16 @@ def test_memory_options_in_the_train_section_are_validated():
 
   loop.validate_config(vae_digits.train_config(mu_dtype="bfloat16", nu_dtype="bfloat16", ema=False,
                                                ema_dtype="", attention="chunked", conv_backward="late",
-                                               remat_backward="late", cpu_scheduler="memory"))
+                                               remat_backward="late", cpu_scheduler="memory",
+                                               update_in_backward=True))
   old = vae_digits.train_config()
   for k in ("mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention", "conv_backward", "remat_backward",
-            "cpu_scheduler"):
+            "cpu_scheduler", "update_in_backward"):
     del old[k]
   loop.validate_config(old)
   for k, v in (("mu_dtype", "float16"), ("ema_dtype", "int8"), ("attention", "flash"), ("ema", "no"),
-               ("conv_backward", "early"), ("remat_backward", "early"), ("cpu_scheduler", "fast")):
+               ("conv_backward", "early"), ("remat_backward", "early"), ("cpu_scheduler", "fast"),
+               ("update_in_backward", "yes")):
     bad = vae_digits.train_config(**{k: v})
     with pytest.raises(ValueError, match=rf"^config key train\.{k} must be") as e:
       loop.validate_config(ml_collections.ConfigDict(bad))
@@ -239,7 +241,7 @@ def test_memory_options_reach_the_state_and_the_traced_step(tmp_path, monkeypatc
 
   def recording(*args, **kwargs):
     seen.append((layers._attention_impl[0], layers._conv_backward[0], layers._remat_backward[0],
-                 kwargs.get("compiler_options")))
+                 kwargs.get("compiler_options"), kwargs.get("update_in_backward")))
     return make(*args, **kwargs)
 
   monkeypatch.setattr(training, "make_train_step", recording)
@@ -250,8 +252,8 @@ def test_memory_options_reach_the_state_and_the_traced_step(tmp_path, monkeypatc
                        "--config.train.mu_dtype=bfloat16", "--config.train.nu_dtype=bfloat16",
                        "--config.train.ema=False", "--config.train.attention=chunked",
                        "--config.train.conv_backward=late", "--config.train.remat_backward=late",
-                       "--config.train.cpu_scheduler=memory"])
-  assert rc == 0 and seen == [("chunked", "late", "late", training.cpu_scheduler_options("memory"))]
+                       "--config.train.cpu_scheduler=memory", "--config.train.update_in_backward=True"])
+  assert rc == 0 and seen == [("chunked", "late", "late", training.cpu_scheduler_options("memory"), True)]
   assert layers._attention_impl[0] is None and layers._conv_backward[0] is None and layers._remat_backward[0] is None
   ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
   try:
@@ -387,6 +389,140 @@ def test_memory_scheduled_step_equals_the_default_step():
     training.cpu_scheduler_options("fast")
 
 
+def _leaf_atol(ref: np.ndarray, moments_eps: float, steps: int, lr: float) -> float:
+  """A few float32 roundings of the leaf's scale, plus, for values made from the moments, a few roundings
+  of the moments' storage dtype in each step's update (|update| <= lr * |m / sqrt(v)| ~ lr)."""
+  eps32 = float(np.finfo(np.float32).eps)
+  if ref.dtype == jnp.bfloat16:
+    return 8 * float(jnp.finfo(jnp.bfloat16).eps) * float(np.max(np.abs(ref.astype(np.float32))))
+  return 8 * eps32 * float(np.max(np.abs(ref))) + 4 * steps * lr * moments_eps
+
+
+@pytest.mark.parametrize("moments", [None, "bfloat16"])
+def test_update_in_backward_equals_the_fused_step(moments):
+  """make_train_step(update_in_backward=True): four steps, the third on a batch holding a NaN, give the
+  fused step's state and metrics within the rounding of recomputing the gradients (clipping, weight decay
+  and the EMA included); the NaN step leaves every parameter, moment and EMA buffer bit-equal; and the
+  compiled step holds no gradient tree: its temporaries are at least half the parameter bytes under the
+  fused step's."""
+  lr = 1e-2
+  tx = training.make_optimizer(learning_rate=lr, clip_norm=1.0, weight_decay=0.01, mu_dtype=moments,
+                               nu_dtype=moments)
+  moments_eps = float(jnp.finfo(jnp.dtype(moments or "float32")).eps)
+  mesh = parallel.make_mesh()
+  init = lambda k: MODEL.init(k, X)["params"]  # noqa: E731
+  rng = np.random.default_rng(5)
+  xs = [rng.normal(size=X.shape).astype(np.float32) for _ in range(4)]
+  xs[2][3, 7] = np.nan
+  batches = [parallel.host_to_global({"x": x}, mesh) for x in xs]
+  runs = []
+  for in_backward in (False, True):
+    st = training.create_train_state(init, tx, key=jax.random.key(3), mesh=mesh)
+    step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=jax.tree.map(lambda a: a.sharding, st),
+                                    update_in_backward=in_backward)
+    states, metrics = [], []
+    for b in batches:
+      st, m = step(st, b)
+      states.append(jax.tree.map(np.asarray, st))
+      metrics.append({k: float(v) for k, v in m.items()})
+    runs.append((states, metrics))
+  (ref_states, ref_metrics), (states, metrics) = runs
+  assert [m["finite"] for m in metrics] == [1.0, 1.0, 0.0, 1.0]
+  for before, after in ((states[1], states[2]),):  # the skipped step
+    for a, b in zip(jax.tree.leaves((before.params, before.ema_params, before.opt_state)),
+                    jax.tree.leaves((after.params, after.ema_params, after.opt_state)), strict=True):
+      np.testing.assert_array_equal(a, b)
+  for n, (ref, got) in enumerate(zip(ref_states, states)):
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+      if not jnp.issubdtype(a.dtype, jnp.inexact):
+        np.testing.assert_array_equal(a, b)
+        continue
+      atol = _leaf_atol(a, moments_eps, n + 1, lr)
+      np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=0, atol=atol)
+  eps32 = float(np.finfo(np.float32).eps)
+  for ref, got in zip(ref_metrics, metrics):
+    assert ref.keys() == got.keys()
+    for k in ref:
+      if np.isnan(ref[k]):
+        assert np.isnan(got[k]), k
+      else:
+        assert abs(got[k] - ref[k]) <= 1e3 * eps32 * max(1.0, abs(ref[k])), (k, ref[k], got[k])
+
+  params, abstract = _abstract_state(tx)
+  batch = {"x": jax.ShapeDtypeStruct(X.shape, X.dtype)}
+  temps = []
+  for in_backward in (False, True):
+    step = training.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=training.state_shardings(abstract, mesh),
+                                    update_in_backward=in_backward)
+    temps.append(step.jitted.lower(abstract, batch, None).compile().memory_analysis().temp_size_in_bytes)
+  param_bytes = sum(leaf.size * 4 for leaf in jax.tree.leaves(params))
+  assert temps[1] + 0.5 * param_bytes <= temps[0], (temps, param_bytes)
+
+
+def test_update_in_backward_on_a_late_remat_unet_equals_the_fused_step():
+  """update_in_backward on a tiny UNet under the SD fine-tune's settings (late convolution backward, late
+  rematerialised blocks, which then release each gradient after their reads): two steps give the fused
+  step's moments within the remat test's bound (2^-16 of each leaf's largest magnitude: the recomputed
+  gradients may be summed in another order). Adam's direction m / (sqrt(v) + eps) changes by at most
+  about |dg| / eps for a change dg of the (clipped, so |g| <= 1) gradient, so with eps = 1e-3 the
+  parameters and EMA may differ by 2^-16 of their scale plus 2 steps * lr * 2 * 2^-16 / eps (a wrong
+  update differs by about the learning rate)."""
+  from jdiff import diffusion, schedules
+  from jdiff.models import UNet, UNetConfig, layers
+
+  cfg = UNetConfig.tiny(sample_size=8, remat=True)
+  unet = UNet(cfg)
+  sched = schedules.make("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
+  rng = np.random.default_rng(4)
+  d = cfg.per_block("cross_attention_dim")[0]
+  mesh = parallel.make_mesh()
+  batches = [parallel.host_to_global({"latents": rng.normal(size=(2, 8, 8, cfg.in_channels)).astype(np.float32),
+                                      "context": rng.normal(size=(2, 5, d)).astype(np.float32)}, mesh)
+             for _ in range(2)]
+
+  def unet_loss(params, batch, key, frozen):
+    del frozen
+    model = lambda x_t, t: unet.apply({"params": params}, x_t, t, batch["context"])  # noqa: E731
+    return diffusion.loss(model, sched, batch["latents"], key=key), {}
+
+  init = lambda k: unet.init(k, jnp.zeros((1, 8, 8, cfg.in_channels)), jnp.zeros((1,), jnp.int32),  # noqa: E731
+                             jnp.zeros((1, 5, d)))["params"]
+  lr, eps = 1e-3, 1e-3
+  tx = training.make_optimizer(learning_rate=lr, clip_norm=1.0, weight_decay=0.01, eps=eps)
+  finals = []
+  for in_backward in (False, True):
+    st = training.create_train_state(init, tx, key=jax.random.key(1), mesh=mesh)
+    with layers.convolution_backward("late"), layers.remat_backward("late"):
+      step = training.make_train_step(unet_loss, tx, mesh=mesh,
+                                      state_sharding=jax.tree.map(lambda a: a.sharding, st),
+                                      update_in_backward=in_backward)
+      for b in batches:
+        st, m = step(st, b)
+    assert bool(m["finite"])
+    finals.append(jax.tree.map(np.asarray, ((st.params, st.ema_params), st.opt_state)))
+  for i, slack in ((0, 2 * lr * 2 * 2.0**-16 / eps), (1, 0.0)):  # (params, EMA), then the optimizer state
+    for a, b in zip(jax.tree.leaves(finals[0][i]), jax.tree.leaves(finals[1][i]), strict=True):
+      if np.ndim(a):
+        np.testing.assert_allclose(b, a, rtol=0, atol=2.0**-16 * float(np.max(np.abs(a))) + slack)
+      else:
+        np.testing.assert_array_equal(a, b)
+
+
+def test_update_in_backward_needs_the_fused_adamw():
+  """update_in_backward is refused (one clear error) for an optimizer other than make_optimizer's and with
+  extra EMAs, whose updates it does not make."""
+  mesh = parallel.make_mesh()
+  tx = training.make_optimizer(learning_rate=1e-3)
+  _, abstract = _abstract_state(tx)
+  shardings = training.state_shardings(abstract, mesh)
+  with pytest.raises(ValueError, match="update_in_backward applies make_optimizer's AdamW"):
+    training.make_train_step(loss_fn, optax.adam(1e-3), mesh=mesh, state_sharding=shardings,
+                             update_in_backward=True)
+  with pytest.raises(ValueError, match=r"does not update extra EMAs \(got \['target'\]\)"):
+    training.make_train_step(lambda p, b, k, f, s: loss_fn(p, b, k, f), tx, mesh=mesh, state_sharding=shardings,
+                             extra_ema={"target": 0.9}, update_in_backward=True)
+
+
 def test_release_host_memory_collects_reference_cycles():
   """release_host_memory runs the cycle collector: an unreachable cycle holding an array is freed by the
   call itself (automatic collection is off during the test)."""
@@ -450,8 +586,11 @@ def test_late_convolution_backward_is_the_autodiff_derivative():
   for mode in (None, "late"):
     with layers.convolution_backward(mode):
       runs.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x))
-  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with layers.convolution_backward("late"), layers.gradients_after_reads():
+    runs.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x))
+  for other in runs[1:]:
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(other), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with layers.convolution_backward("late"), pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(lambda xx: loss(params, xx), (x,), (x,))
   with pytest.raises(ValueError, match="convolution backward 'early'"):
@@ -483,9 +622,12 @@ def test_late_remat_is_the_remat_derivative():
       shapes = jax.eval_shape(lambda: unet.init(jax.random.key(0), x, t, ctx)["params"])
       assert jax.tree.structure(shapes) == jax.tree.structure(params)
       runs.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, x, ctx))
-  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1]), strict=True):
-    a, b = np.asarray(a), np.asarray(b)
-    np.testing.assert_allclose(b, a, rtol=0, atol=2.0**-16 * float(np.max(np.abs(a))))
+  with layers.remat_backward("late"), layers.gradients_after_reads():  # gradients released after the reads
+    runs.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, x, ctx))
+  for other in runs[1:]:
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(other), strict=True):
+      a, b = np.asarray(a), np.asarray(b)
+      np.testing.assert_allclose(b, a, rtol=0, atol=2.0**-16 * float(np.max(np.abs(a))))
   with layers.remat_backward("late"):
     with pytest.raises(TypeError, match="custom_vjp"):
       jax.jvp(lambda xx: loss(params, xx, ctx), (x,), (x,))

@@ -291,7 +291,8 @@ def train(cfg: ml_collections.ConfigDict, task: Task, loader, workdir: str, *, s
   :func:`jdiff.models.layers.attention_implementation` the step and sample grids are traced under, e.g.
   "chunked"; conv_backward: the :func:`jdiff.models.layers.convolution_backward`, e.g. "late"; remat_backward:
   the :func:`jdiff.models.layers.remat_backward`, e.g. "late"; cpu_scheduler: XLA:CPU's scheduler for the
-  step, :func:`jdiff.training.cpu_scheduler_options`, e.g. "memory"), log_every, checkpoint_every, sample_every,
+  step, :func:`jdiff.training.cpu_scheduler_options`, e.g. "memory"; update_in_backward: the AdamW update
+  made in a second backward pass, :func:`jdiff.training.make_train_step`), log_every, checkpoint_every, sample_every,
   keep_checkpoints, fsdp (mesh size of the "fsdp" axis, 1 = replicated params), stop_at (stop
   after this step as if killed; 0 = no), grad_accum (micro-batches per step; optional, default 1).
 
@@ -352,7 +353,8 @@ def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
                                        state_sharding=shardings, frozen=task.frozen,
                                        ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, extra_ema=task.extra_ema,
                                        max_bad_steps=cfg.max_bad_steps,
-                                       compiler_options=training.cpu_scheduler_options(cfg.get("cpu_scheduler") or ""))
+                                       compiler_options=training.cpu_scheduler_options(cfg.get("cpu_scheduler") or ""),
+                                       update_in_backward=bool(cfg.get("update_in_backward", False)))
     start = int(state.step)
     total = int(cfg.steps)
     stop = min(total, int(cfg.stop_at)) if cfg.stop_at else total
@@ -471,9 +473,10 @@ _TRAIN_KEYS = {
     "remat_backward": ((str, type(None)), lambda v: v in ("", None, "autodiff", "late"), "'', 'autodiff' or 'late'"),
     "cpu_scheduler": ((str, type(None)), lambda v: v in ("", None) or v in training.CPU_SCHEDULERS,
                       "'', 'default', 'memory' or 'concurrency'"),
+    "update_in_backward": ((bool,), lambda v: True, "true or false"),
 }
 _OPTIONAL_TRAIN_KEYS = ("batch_size", "grad_accum", "mu_dtype", "nu_dtype", "ema", "ema_dtype", "attention",
-                        "conv_backward", "remat_backward", "cpu_scheduler")
+                        "conv_backward", "remat_backward", "cpu_scheduler", "update_in_backward")
 
 
 def validate_config(cfg: ml_collections.ConfigDict, *, prefix: str = "train") -> None:

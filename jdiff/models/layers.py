@@ -133,6 +133,28 @@ def convolution_backward(mode: str | None) -> Iterator[None]:
     yield
 
 
+_gradients_after_reads: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def gradients_after_reads() -> Iterator[None]:
+  """For functions TRACED inside: each "late" convolution (:func:`convolution_backward`) and "late"
+  rematerialised block (:func:`remat_backward`) releases its parameters' gradients only after its
+  backward pass has read those parameters (the gradients multiplied by an exact 1 computed from the input
+  cotangent). A consumer of a parameter's gradient that overwrites the parameter's buffer in place, as
+  the train step's ``update_in_backward`` does, then comes after every read of it, and XLA needs no copy
+  of the parameter to keep for those reads. Same values; used by
+  :func:`jdiff.training.make_train_step`.
+  """
+  with _holding(_gradients_after_reads, True):
+    yield
+
+
+def _one_from(a: jax.Array) -> jax.Array:
+  """1 + 0 * a[0, ..., 0] as float32: exactly 1 (NaN where that element is not finite)."""
+  return 1.0 + 0.0 * a[(0,) * a.ndim].astype(jnp.float32)
+
+
 @contextlib.contextmanager
 def _holding(slot: list, value: Any) -> Iterator[None]:
   """Sets ``slot[0]`` to ``value`` inside the block (a trace-time setting), restoring it after."""
@@ -163,6 +185,15 @@ def _conv_late_bwd(stride, padding, residuals, g):
 
 _conv_late = jax.custom_vjp(_conv_nhwc, nondiff_argnums=(2, 3))  # the convolution of convolution_backward("late")
 _conv_late.defvjp(_conv_late_fwd, _conv_late_bwd)
+
+
+def _conv_late_tied_bwd(stride, padding, residuals, g):
+  dx, dk = _conv_late_bwd(stride, padding, residuals, g)
+  return dx, dk * _one_from(dx).astype(dk.dtype)
+
+
+_conv_late_tied = jax.custom_vjp(_conv_nhwc, nondiff_argnums=(2, 3))  # ... under gradients_after_reads()
+_conv_late_tied.defvjp(_conv_late_fwd, _conv_late_tied_bwd)
 
 
 class Conv2D(nn.Module):
@@ -200,7 +231,7 @@ class Conv2D(nn.Module):
     elif x.shape[1] < k or x.shape[2] < k:
       y = _conv_as_matmul(x, kernel, self.stride, padding)
     elif _conv_backward[0] == "late":
-      y = _conv_late(x, kernel, self.stride, padding)
+      y = (_conv_late_tied if _gradients_after_reads[0] else _conv_late)(x, kernel, self.stride, padding)
     else:
       y = _conv_nhwc(x, kernel, self.stride, padding)
     return y + bias[None, None, None, :]  # [B, H', W', features]
@@ -313,9 +344,11 @@ def remat_backward(mode: str | None) -> Iterator[None]:
 
 
 def _exact_one(tree: Any) -> jax.Array:
-  """1 + 0 * (sum of the first element of each leaf): exactly 1 (NaN where such an element is not finite,
-  as the gradients then are), computable only once every leaf exists."""
-  firsts = [leaf[(0,) * leaf.ndim].astype(jnp.float32) for leaf in jax.tree.leaves(tree)
+  """1 + 0 * (sum of the first few elements of each leaf): exactly 1 (NaN where such an element is not
+  finite, as the gradients then are), computable only once every leaf exists. The sums are reductions,
+  which XLA computes once into a scalar rather than repeating the reads in every consumer of the 1 (which
+  would keep the leaves alive as long as those consumers)."""
+  firsts = [jnp.sum(leaf.reshape(-1)[:8].astype(jnp.float32)) for leaf in jax.tree.leaves(tree)
             if jnp.issubdtype(leaf.dtype, jnp.inexact)]
   return 1.0 + 0.0 * sum(firsts, jnp.float32(0.0))
 
@@ -344,6 +377,23 @@ def _late_remat_bwd(fn, residuals, g):
 _late_remat_call.defvjp(_late_remat_fwd, _late_remat_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _late_remat_tied_call(fn, params, args):  # _late_remat_call under gradients_after_reads()
+  return fn(params, args)
+
+
+def _late_remat_tied_bwd(fn, residuals, g):
+  params, args = residuals
+  one = _exact_one(g)
+  _, vjp = jax.vjp(fn, _tied(params, one), _tied(args, one))
+  d_params, d_args = vjp(g)
+  d_params = _tied(d_params, _exact_one(d_args))
+  return d_params, _tied(d_args, _exact_one(d_params))
+
+
+_late_remat_tied_call.defvjp(_late_remat_fwd, _late_remat_tied_bwd)
+
+
 def _late_remat_class(cls: type[nn.Module], static_argnums: tuple[int, ...]) -> type[nn.Module]:
   """``cls`` whose call, outside initialisation, is :func:`_late_remat_call` of its plain ``apply``."""
   static = {i - 1 for i in static_argnums}  # positions among the call's arguments (static_argnums count self)
@@ -368,7 +418,8 @@ def _late_remat_class(cls: type[nn.Module], static_argnums: tuple[int, ...]) -> 
         full = [fixed[i] if i in fixed else next(it) for i in range(len(args))]
         return plain.apply({"params": params, **others}, *full)
 
-      return _late_remat_call(fn, variables.get("params", {}), traced)
+      call = _late_remat_tied_call if _gradients_after_reads[0] else _late_remat_call
+      return call(fn, variables.get("params", {}), traced)
 
   LateRemat.__name__ = LateRemat.__qualname__ = f"LateRemat{cls.__name__}"
   return LateRemat
