@@ -248,7 +248,7 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
     jax.block_until_ready(st)
     out["init_s"] = time.perf_counter() - t0
     if spec.get("trim"):
-      out["trimmed_after_init"] = training.release_host_memory()
+      out["trimmed_after_init"] = training.release_host_memory(clear_caches=True)
     rss = _peak_rss()
     out["rss_after_init"], out["rss_now_after_init"] = rss["peak_rss_bytes"], rss.get("rss_now_bytes")
     _stage("initialised")
@@ -263,7 +263,7 @@ def jdiff_worker(spec: dict[str, Any]) -> dict[str, Any]:
       compiled = step.jitted.lower(abstract, batch, step.frozen).compile()
     out["compile_s"] = time.perf_counter() - t0
     if spec.get("trim"):
-      out["trimmed_after_compile"] = training.release_host_memory()
+      out["trimmed_after_compile"] = training.release_host_memory(clear_caches=True)
     mem = compiled.memory_analysis()
     if mem is not None:
       out["xla"] = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in

@@ -613,9 +613,12 @@ def _signature(tree: Any) -> tuple[Any, tuple[tuple[tuple[int, ...], Any], ...]]
   return jax.tree.structure(tree), tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in jax.tree.leaves(tree))
 
 
-def release_host_memory() -> bool:
+def release_host_memory(clear_caches: bool = False) -> bool:
   """Frees unreachable Python objects (``gc.collect()``), then returns the C heap's free pages to the
-  operating system (glibc's ``malloc_trim(0)``).
+  operating system (glibc's ``malloc_trim(0)``). With ``clear_caches``, first drops JAX's caches of traced
+  and compiled functions (``jax.clear_caches()``): the executables of functions already called (the
+  state's initialiser, say) are freed, and such a function is compiled again if called again; an
+  executable the caller holds (:meth:`TrainStep.compile`'s) is kept.
 
   Tracing and lowering a large step leave reference cycles (traced functions, lowered modules) that
   hold host memory until the cycle collector runs, and host buffers freed by initialisation or by the
@@ -626,6 +629,8 @@ def release_host_memory() -> bool:
   import ctypes
   import gc
 
+  if clear_caches:
+    jax.clear_caches()
   gc.collect()
   try:
     return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))

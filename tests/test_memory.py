@@ -547,6 +547,20 @@ def test_release_host_memory_collects_reference_cycles():
       gc.enable()
 
 
+def test_release_host_memory_can_clear_jax_caches_but_keeps_a_held_executable():
+  """release_host_memory(clear_caches=True) drops JAX's compiled-function caches (a jitted function
+  compiles again when called again) while an ahead-of-time executable the caller holds still runs."""
+  f = jax.jit(lambda x: x * 2.0 + 1.0)
+  held = jax.jit(lambda x: x - 3.0).lower(jnp.float32(0)).compile()
+  assert float(f(jnp.float32(1))) == 3.0 and f._cache_size() == 1
+  training.release_host_memory()
+  assert f._cache_size() == 1
+  training.release_host_memory(clear_caches=True)
+  assert f._cache_size() == 0
+  assert float(held(jnp.float32(5))) == 2.0
+  assert float(f(jnp.float32(2))) == 5.0 and f._cache_size() == 1
+
+
 def test_update_norm_with_weight_decay_equals_the_optimizer_update():
   """The fused step's update_norm (recovered from the written buffers, the weight-decay term expanded)
   equals the global norm of the optimizer's own update on the same gradients, float64."""

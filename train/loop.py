@@ -348,7 +348,7 @@ def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
     else:
       state, data_state = restored
       loader.set_state(data_state.get("loader", {}))
-    training.release_host_memory()  # the initialiser's / reader's freed host buffers
+    training.release_host_memory(clear_caches=True)  # the initialiser's executable, freed host buffers
     step_fn = training.make_train_step(accumulate_gradients(task.loss_fn, accum), tx, mesh=mesh,
                                        state_sharding=shardings, frozen=task.frozen,
                                        ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, extra_ema=task.extra_ema,
@@ -375,7 +375,9 @@ def _train(cfg, task, loader, workdir, *, seed, stream) -> training.TrainState:
         batch = parallel.host_to_global({k: batch[k] for k in task.batch_keys}, mesh)
         if step == start + 1:
           step_fn.compile(state, batch)
-          training.release_host_memory()  # the compiler's, before the step's own buffers are allocated
+          # the compiler's buffers and JAX's caches (the step's executable is held by step_fn), before the
+          # step's own buffers are allocated
+          training.release_host_memory(clear_caches=True)
         state, metrics = step_fn(state, batch)
         if step == start + 1:
           jax.block_until_ready(metrics)
