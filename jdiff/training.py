@@ -709,7 +709,6 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     with_state = (state,) if extra else ()
     if update_in_backward:
-      grads = None
       (loss, aux), grad_norm = _loss_and_grad_norm(loss_fn, state.params, batch, key, frozen)
     else:
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, frozen, *with_state)

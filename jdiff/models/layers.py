@@ -176,9 +176,9 @@ def _conv_late_fwd(x, kernel, stride, padding):
 
 def _conv_late_bwd(stride, padding, residuals, g):
   x, kernel = residuals
-  # 1 + 0 * g[0, 0, 0, 0] is exactly 1 (NaN where g is not finite, as the gradients then are): the
-  # kernel read by the backward convolutions now depends on g, so nothing is derived from it earlier.
-  one = 1.0 + 0.0 * g[(0,) * g.ndim].astype(kernel.dtype)
+  # The kernel read by the backward convolutions now depends on g (times an exact 1 taken from it), so
+  # nothing is derived from it earlier.
+  one = _one_from(g).astype(kernel.dtype)
   _, vjp = jax.vjp(lambda a, b: _conv_nhwc(a, b, stride, padding), x, kernel * one)
   return vjp(g)
 
@@ -366,11 +366,16 @@ def _late_remat_fwd(fn, params, args):
   return fn(params, args), (params, args)
 
 
-def _late_remat_bwd(fn, residuals, g):
+def _late_remat_grads(fn, residuals, g):
+  """The block recomputed from its inputs tied to ``g``, and its parameter and input cotangents."""
   params, args = residuals
   one = _exact_one(g)
   _, vjp = jax.vjp(fn, _tied(params, one), _tied(args, one))
-  d_params, d_args = vjp(g)
+  return vjp(g)
+
+
+def _late_remat_bwd(fn, residuals, g):
+  d_params, d_args = _late_remat_grads(fn, residuals, g)
   return d_params, _tied(d_args, _exact_one(d_params))
 
 
@@ -383,10 +388,7 @@ def _late_remat_tied_call(fn, params, args):  # _late_remat_call under gradients
 
 
 def _late_remat_tied_bwd(fn, residuals, g):
-  params, args = residuals
-  one = _exact_one(g)
-  _, vjp = jax.vjp(fn, _tied(params, one), _tied(args, one))
-  d_params, d_args = vjp(g)
+  d_params, d_args = _late_remat_grads(fn, residuals, g)
   d_params = _tied(d_params, _exact_one(d_args))
   return d_params, _tied(d_args, _exact_one(d_params))
 
