@@ -555,6 +555,10 @@ def _adamw_in_backward(spec: AdamWSpec, loss_of, batch, key, grad_norm, opt_stat
   e_ls = [treedef.flatten_up_to(e) for e in emas]
   e_per_leaf = [tuple(e_l[i] for e_l in e_ls) for i in range(len(leaves))]
   tied_batch, tied_key = _tie((batch, key), grad_norm)
+  # The parameters as new values (the same buffers) that exist once grad_norm does: what the second pass
+  # derives from them (e.g. a scale broadcast to the activations' shape) is not merged with the first
+  # pass's copy, which would then stay alive from the first pass to the second.
+  leaves, _ = jax.lax.optimization_barrier((leaves, grad_norm))
 
   def second_pass(state):
     p_l, m_l, v_l, e_l = state
