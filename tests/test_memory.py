@@ -164,6 +164,27 @@ def test_chunked_attention_matches_full_attention():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
 
 
+def test_chunked_attention_bfloat16_gradient_is_within_bfloat16_rounding_of_float32():
+  """The chunked path's own backward in bfloat16 (q, k, v and the output rounded to bfloat16, scores and
+  accumulators in float32): its gradients lie within a few bfloat16 roundings (2^-8 each) of the float32
+  gradient on the same inputs, self- and cross-attention."""
+  from jdiff.models import layers
+
+  rng = np.random.default_rng(2)
+  t = 2 * layers.ATTENTION_CHUNK
+  loss = lambda q, k, v: jnp.sum(jnp.sin(layers.attend(q, k, v, heads=2).astype(jnp.float32)))
+  for s in (t, 77):
+    q = jnp.asarray(rng.standard_normal((2, t, 16)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((2, s, 16)), jnp.bfloat16) for _ in range(2))
+    with layers.attention_implementation("chunked"):
+      got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*(a.astype(jnp.float32) for a in (q, k, v)))
+    for g, w in zip(got, want):
+      assert g.dtype == jnp.bfloat16
+      w = np.asarray(w)
+      np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=0, atol=4 * 2.0**-8 * float(np.abs(w).max()))
+
+
 def test_chunked_attention_on_short_bfloat16_sequences_takes_the_default_path():
   """A sequence of at most one chunk under "chunked" is the default attention, in bfloat16 too (bf16
   compute, as the digits memory-options run uses): the same values bit for bit."""
