@@ -531,91 +531,85 @@ def _attend_heads_major(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) 
 
 
 def _chunk_logits(qi: jax.Array, k: jax.Array, scale: float) -> jax.Array:
-  """float32 scores [B, heads, c, S] of query chunk ``qi`` [B, heads, c, d] against keys [B, heads, S, d]."""
-  return jnp.einsum("bntd,bnsd->bnts", qi, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+  """float32 scores [B, heads, c, S] of query chunk ``qi`` [B, heads, c, d] against keys [B, S, heads, d]."""
+  return jnp.einsum("bntd,bsnd->bnts", qi, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
 
 
+def _query_chunk(a: jax.Array, i: jax.Array, chunk: int) -> jax.Array:
+  """Queries ``i * chunk`` onwards of ``a`` [B, T, heads, d], heads-major: [B, heads, chunk, d]."""
+  return jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1).transpose(0, 2, 1, 3)
+
+
+def _chunked_forward(q, k, v, scale, chunk):
+  """Output [B, T, heads, d] and log-sum-exp [B, heads, T] of :func:`_attend_chunked`."""
+  def body(i, carry):
+    out, lse = carry
+    logits = _chunk_logits(_query_chunk(q, i, chunk), k, scale)  # [B, heads, chunk, S]
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(logits - peak)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    oi = jnp.einsum("bnts,bsnd->btnd", (unnormalized / total).astype(v.dtype), v)
+    out = jax.lax.dynamic_update_slice_in_dim(out, oi.astype(out.dtype), i * chunk, axis=1)
+    lse = jax.lax.dynamic_update_slice_in_dim(lse, (peak + jnp.log(total))[..., 0], i * chunk, axis=2)
+    return out, lse
+
+  b, t, n, _ = q.shape
+  out = q if v.shape[-1] == q.shape[-1] and v.dtype == q.dtype else jnp.zeros((b, t, n, v.shape[-1]), v.dtype)
+  return jax.lax.fori_loop(0, t // chunk, body, (out, jnp.zeros((b, n, t), jnp.float32)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _attend_chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int) -> jax.Array:
   """Attention on [B, T, heads, d] inputs, ``chunk`` queries at a time (T a multiple of ``chunk``).
 
   The forward pass forms, soft-maxes and applies one chunk's scores [B, heads, chunk, S] at a time
   (softmax over all keys of each query: the values of :func:`_attend_heads_major`) and keeps each
   query's log-sum-exp. The backward pass (a custom VJP) recomputes one chunk's probabilities at a
-  time from q, k and the log-sum-exp, writes that chunk's dq and accumulates dk and dv. Only q, k, v,
-  the output and the log-sum-exps are saved, so the memory is one chunk's scores, not all T queries'.
-  Every loop buffer starts from data (the first chunk's gradients, a copy of an input), not from a
-  zero constant, so the compiler allocates it when its loop is reached.
+  time from q, k and the log-sum-exp, writes that chunk's dq and accumulates dk and dv. Only the
+  inputs, the output and the log-sum-exps are saved, in the callers' [B, T, heads, d] layout (no
+  transposed copies), so the memory is one chunk's scores, not all T queries'. Every loop buffer starts
+  from data (the first chunk's gradients, a copy of an input), not from a zero constant, so the
+  compiler allocates it when its loop is reached.
   """
-  return _chunked_attention(q, k, v, scale, chunk)
-
-
-def _heads_major(a: jax.Array) -> jax.Array:
-  return a.transpose(0, 2, 1, 3)  # [B, T, heads, d] <-> [B, heads, T, d]
-
-
-def _chunked_forward(q, k, v, scale, chunk):
-  qh, kh, vh = _heads_major(q), _heads_major(k), _heads_major(v)  # [B, heads, T|S, d]
-
-  def body(i, carry):
-    out, lse = carry
-    qi = jax.lax.dynamic_slice_in_dim(qh, i * chunk, chunk, axis=2)
-    logits = _chunk_logits(qi, kh, scale)  # [B, heads, chunk, S]
-    peak = jnp.max(logits, axis=-1, keepdims=True)
-    unnormalized = jnp.exp(logits - peak)
-    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    oi = jnp.einsum("bnts,bnsd->bntd", (unnormalized / total).astype(vh.dtype), vh)
-    out = jax.lax.dynamic_update_slice_in_dim(out, oi.astype(out.dtype), i * chunk, axis=2)
-    lse = jax.lax.dynamic_update_slice_in_dim(lse, (peak + jnp.log(total))[..., 0], i * chunk, axis=2)
-    return out, lse
-
-  b, n, t, _ = qh.shape
-  out = qh if vh.shape[-1] == qh.shape[-1] and vh.dtype == qh.dtype else jnp.zeros((b, n, t, vh.shape[-1]), vh.dtype)
-  out, lse = jax.lax.fori_loop(0, t // chunk, body, (out, jnp.zeros((b, n, t), jnp.float32)))
-  return _heads_major(out), lse  # [B, T, heads, d], [B, heads, T]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_attention(q, k, v, scale, chunk):
   return _chunked_forward(q, k, v, scale, chunk)[0]
 
 
-def _chunked_attention_fwd(q, k, v, scale, chunk):
+def _attend_chunked_fwd(q, k, v, scale, chunk):
   out, lse = _chunked_forward(q, k, v, scale, chunk)
   return out, (q, k, v, out, lse)
 
 
-def _chunked_attention_bwd(scale, chunk, residuals, g):
+def _attend_chunked_bwd(scale, chunk, residuals, g):
   q, k, v, out, lse = residuals
-  qh, kh, vh, gh = _heads_major(q), _heads_major(k), _heads_major(v), _heads_major(g)
   # sum_s p_s * dp_s = g . out: the softmax backward's row term, one float per query
-  row = jnp.einsum("bntd,bntd->bnt", gh, _heads_major(out), preferred_element_type=jnp.float32)
+  row = jnp.einsum("btnd,btnd->bnt", g, out, preferred_element_type=jnp.float32)
   f32 = jnp.float32
 
   def grads(i):
+    qi, gi = _query_chunk(q, i, chunk), _query_chunk(g, i, chunk)
     at = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=2)
-    qi, gi = at(qh), at(gh)
-    probs = jnp.exp(_chunk_logits(qi, kh, scale) - at(lse)[..., None])  # [B, heads, chunk, S]
-    dv = jnp.einsum("bnts,bntd->bnsd", probs.astype(vh.dtype), gi, preferred_element_type=f32)
-    dprobs = jnp.einsum("bntd,bnsd->bnts", gi, vh, preferred_element_type=f32)
-    dlogits = (probs * (dprobs - at(row)[..., None]) * f32(scale)).astype(qh.dtype)
-    dq = jnp.einsum("bnts,bnsd->bntd", dlogits, kh, preferred_element_type=f32)
-    dk = jnp.einsum("bnts,bntd->bnsd", dlogits, qi, preferred_element_type=f32)
+    probs = jnp.exp(_chunk_logits(qi, k, scale) - at(lse)[..., None])  # [B, heads, chunk, S]
+    dv = jnp.einsum("bnts,bntd->bsnd", probs.astype(v.dtype), gi, preferred_element_type=f32)
+    dprobs = jnp.einsum("bntd,bsnd->bnts", gi, v, preferred_element_type=f32)
+    dlogits = (probs * (dprobs - at(row)[..., None]) * f32(scale)).astype(q.dtype)
+    dq = jnp.einsum("bnts,bsnd->btnd", dlogits, k, preferred_element_type=f32)
+    dk = jnp.einsum("bnts,bntd->bsnd", dlogits, qi, preferred_element_type=f32)
     return dq, dk, dv
 
   def body(i, carry):
     dq_all, dk, dv = carry
     dq, dk_i, dv_i = grads(i)
-    dq_all = jax.lax.dynamic_update_slice_in_dim(dq_all, dq.astype(dq_all.dtype), i * chunk, axis=2)
+    dq_all = jax.lax.dynamic_update_slice_in_dim(dq_all, dq.astype(dq_all.dtype), i * chunk, axis=1)
     return dq_all, dk + dk_i, dv + dv_i
 
   dq0, dk, dv = grads(0)  # the first chunk outside the loop: the accumulators start from it
-  dq_all = gh if gh.shape == qh.shape and gh.dtype == qh.dtype else jnp.zeros(qh.shape, qh.dtype)
-  dq_all = jax.lax.dynamic_update_slice_in_dim(dq_all, dq0.astype(qh.dtype), 0, axis=2)
+  dq_all = g if g.shape == q.shape and g.dtype == q.dtype else jnp.zeros(q.shape, q.dtype)
+  dq_all = jax.lax.dynamic_update_slice_in_dim(dq_all, dq0.astype(q.dtype), 0, axis=1)
   dq_all, dk, dv = jax.lax.fori_loop(1, q.shape[1] // chunk, body, (dq_all, dk, dv))
-  return _heads_major(dq_all), _heads_major(dk).astype(k.dtype), _heads_major(dv).astype(v.dtype)
+  return dq_all, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
+_attend_chunked.defvjp(_attend_chunked_fwd, _attend_chunked_bwd)
 
 
 class Attention(nn.Module):
