@@ -554,13 +554,13 @@ def _chunked_forward(q, k, v, scale, chunk):
     return out, lse
 
   b, t, n, _ = q.shape
-  out = q if v.shape[-1] == q.shape[-1] and v.dtype == q.dtype else jnp.zeros((b, t, n, v.shape[-1]), v.dtype)
-  return jax.lax.fori_loop(0, t // chunk, body, (out, jnp.zeros((b, n, t), jnp.float32)))
+  return jax.lax.fori_loop(0, t // chunk, body, (q, jnp.zeros((b, n, t), jnp.float32)))  # out overwrites q's copy
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _attend_chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int) -> jax.Array:
-  """Attention on [B, T, heads, d] inputs, ``chunk`` queries at a time (T a multiple of ``chunk``).
+  """Attention on [B, T, heads, d] inputs, ``chunk`` queries at a time (T a multiple of ``chunk``; q, k, v
+  of one dtype and head size d, as :func:`_attend` gives them).
 
   The forward pass forms, soft-maxes and applies one chunk's scores [B, heads, chunk, S] at a time
   (softmax over all keys of each query: the values of :func:`_attend_heads_major`) and keeps each
@@ -603,8 +603,7 @@ def _attend_chunked_bwd(scale, chunk, residuals, g):
     return dq_all, dk + dk_i, dv + dv_i
 
   dq0, dk, dv = grads(0)  # the first chunk outside the loop: the accumulators start from it
-  dq_all = g if g.shape == q.shape and g.dtype == q.dtype else jnp.zeros(q.shape, q.dtype)
-  dq_all = jax.lax.dynamic_update_slice_in_dim(dq_all, dq0.astype(q.dtype), 0, axis=1)
+  dq_all = jax.lax.dynamic_update_slice_in_dim(g, dq0.astype(g.dtype), 0, axis=1)  # g: q's shape and dtype
   dq_all, dk, dv = jax.lax.fori_loop(1, q.shape[1] // chunk, body, (dq_all, dk, dv))
   return dq_all, dk.astype(k.dtype), dv.astype(v.dtype)
 
